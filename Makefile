@@ -1,0 +1,44 @@
+# scangate developer entry points. `make test` and `make demo` work from a fresh
+# checkout: they create the virtualenv and build the cached test binaries first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SANDBOX_DIR ?= $(CURDIR)/.sandbox
+
+.PHONY: all venv testbin lint test unit demo sandbox-up sandbox-down crds clean
+
+all: test
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+testbin:
+	hack/testbin
+
+lint: venv
+	$(BIN)/ruff check operator tests
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q -m "not sandbox"
+
+test: venv testbin lint
+	$(BIN)/pytest -v
+
+sandbox-up: venv testbin
+	hack/sandbox up --dir $(SANDBOX_DIR)
+
+sandbox-down: venv
+	hack/sandbox down --dir $(SANDBOX_DIR)
+
+demo: venv testbin
+	hack/demo
+
+clean:
+	-hack/sandbox down --dir $(SANDBOX_DIR)
+	rm -rf $(VENV) $(SANDBOX_DIR) .mypy_cache .ruff_cache .pytest_cache

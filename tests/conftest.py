@@ -1,0 +1,70 @@
+"""Shared fixtures: the sandbox control plane and a kubectl that talks to it.
+
+Set SCANGATE_SANDBOX_DIR to reuse a sandbox started with `hack/sandbox up`;
+otherwise one is started for the session and stopped at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.controlplane import Sandbox, load_env
+
+
+@pytest.fixture(scope="session")
+def sandbox_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    reuse = os.environ.get("SCANGATE_SANDBOX_DIR")
+    if reuse:
+        yield load_env(Path(reuse))
+        return
+    sandbox = Sandbox(tmp_path_factory.mktemp("sandbox"))
+    sandbox.up()
+    try:
+        yield sandbox.env
+    finally:
+        sandbox.down()
+
+
+class Kubectl:
+    """The real kubectl against the sandbox."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.binary = env["KUBECTL"]
+        self.env = {**os.environ, "KUBECONFIG": env["KUBECONFIG"]}
+
+    def run(self, *args: str, input: str | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([self.binary, *args], input=input, capture_output=True,
+                              text=True, env=self.env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
+        return proc
+
+    def __call__(self, *args: str, input: str | None = None) -> str:
+        return self.run(*args, input=input).stdout
+
+    def apply(self, manifest: str, namespace: str | None = None) -> str:
+        ns = ["-n", namespace] if namespace else []
+        return self("apply", *ns, "-f", "-", input=manifest)
+
+
+@pytest.fixture(scope="session")
+def kubectl(sandbox_env: dict[str, str]) -> Kubectl:
+    return Kubectl(sandbox_env)
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+

@@ -1,0 +1,32 @@
+"""`hack/sandbox up|down --dir DIR`: the sandbox from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sandbox.controlplane import Sandbox
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hack/sandbox", description=__doc__)
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", required=True, type=Path, help="state, logs and env go here")
+    args = parser.parse_args(argv)
+    sandbox = Sandbox(args.dir.resolve())
+    if args.command == "down":
+        sandbox.down()
+        print(f"sandbox in {sandbox.dir} stopped")
+        return 0
+    started = time.monotonic()
+    sandbox.up()
+    print(f"sandbox up in {time.monotonic() - started:.1f}s; source {sandbox.dir}/env")
+    for name, value in sandbox.env.items():
+        print(f"  {name}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

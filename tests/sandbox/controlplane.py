@@ -1,0 +1,268 @@
+"""Start and stop the sandbox: etcd, kube-apiserver, kube-controller-manager, node agent.
+
+Every process runs in its own session with its output in DIR/logs/<name>.log, and
+its pid is recorded in DIR/pids.json so that `down` stops exactly what `up` started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from sandbox.pki import CertificateAuthority, KeyPair, client_context, service_account_keys
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_NAME = "sandbox-node"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def testbin_dir() -> Path:
+    """Build (or find cached) the upstream binaries through hack/testbin."""
+    out = subprocess.run(
+        [str(REPO / "hack" / "testbin")], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def kubeconfig_yaml(server: str, ca: Path, user: KeyPair) -> str:
+    return f"""apiVersion: v1
+kind: Config
+clusters:
+- name: sandbox
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: admin
+  user:
+    client-certificate: {user.cert}
+    client-key: {user.key}
+contexts:
+- name: sandbox
+  context: {{cluster: sandbox, user: admin, namespace: default}}
+current-context: sandbox
+"""
+
+
+@dataclass
+class Sandbox:
+    """A running (or stopped) sandbox rooted at `dir`."""
+
+    dir: Path
+    bin: Path = field(default_factory=Path)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def pids_file(self) -> Path:
+        return self.dir / "pids.json"
+
+    # -- processes -----------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, **(env or {})}, cwd=self.dir,
+            )
+        pids = self._pids()
+        pids.append({"name": name, "pid": proc.pid, "argv0": argv[0]})
+        self.pids_file.write_text(json.dumps(pids, indent=1))
+
+    def _pids(self) -> list[dict[str, object]]:
+        if not self.pids_file.exists():
+            return []
+        pids: list[dict[str, object]] = json.loads(self.pids_file.read_text())
+        return pids
+
+    def _ours(self, pid: int) -> bool:
+        """Whether `pid` is still a process this sandbox started (pids are reused)."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return str(self.dir).encode() in cmdline
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def up(self, timeout: float = 120.0) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if any(self._ours(int(str(p["pid"]))) for p in self._pids()):
+            raise RuntimeError(f"a sandbox is already running in {self.dir}")
+        self.pids_file.unlink(missing_ok=True)
+        self.bin = testbin_dir()
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def _start(self, timeout: float) -> None:
+        pki = self.dir / "pki"
+        ca = CertificateAuthority(pki)
+        sa = service_account_keys(pki)
+        serving = ca.issue(
+            "apiserver", "kube-apiserver", server=True,
+            hosts=("127.0.0.1", "localhost", "kubernetes", "kubernetes.default.svc"),
+        )
+        admin = ca.issue("admin", "sandbox-admin", organizations=("system:masters",), client=True)
+        kubelet_client = ca.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+            organizations=("system:masters",), client=True,
+        )
+        node = ca.issue("node", f"system:node:{NODE_NAME}", server=True, hosts=("127.0.0.1",))
+
+        etcd_port, etcd_peer, api_port, node_port = (free_port() for _ in range(4))
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        self._spawn("etcd", [
+            str(self.bin / "etcd"), "--name", "sandbox", "--data-dir", str(self.dir / "etcd"),
+            "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster", f"sandbox=http://127.0.0.1:{etcd_peer}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+        server = f"https://127.0.0.1:{api_port}"
+        self._spawn("kube-apiserver", [
+            str(self.bin / "kube-apiserver"),
+            "--etcd-servers", etcd_url, "--etcd-prefix", f"/sandbox{self.dir}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(api_port),
+            "--tls-cert-file", str(serving.cert), "--tls-private-key-file", str(serving.key),
+            "--client-ca-file", str(ca.cert_path),
+            "--authorization-mode", "RBAC",
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(sa.cert),
+            "--service-account-signing-key-file", str(sa.key),
+            # Cluster IPs are only allocated, never routed: no proxy runs in the sandbox.
+            "--service-cluster-ip-range", "10.0.0.0/24",
+            # Loopback is not a valid Endpoints address, so skip the kubernetes Endpoints.
+            "--endpoint-reconciler-type", "none",
+            "--allow-privileged=true",
+            "--kubelet-certificate-authority", str(ca.cert_path),
+            "--kubelet-client-certificate", str(kubelet_client.cert),
+            "--kubelet-client-key", str(kubelet_client.key),
+            "--kubelet-preferred-address-types", "InternalIP",
+            "--profiling=false", "--v", "1",
+        ])
+        self.kubeconfig.write_text(kubeconfig_yaml(server, ca.cert_path, admin))
+        self._wait_ready(server, ca.cert_path, admin, timeout)
+
+        self._spawn("kube-controller-manager", [
+            str(self.bin / "kube-controller-manager"),
+            "--kubeconfig", str(self.kubeconfig),
+            "--leader-elect=false", "--secure-port", "0",
+            "--controllers", "*",
+            "--use-service-account-credentials=false",
+            "--service-account-private-key-file", str(sa.key),
+            "--root-ca-file", str(ca.cert_path),
+            "--concurrent-gc-syncs", "5", "--v", "1",
+        ])
+        self._spawn("node-agent", [
+            sys.executable, "-m", "sandbox.nodeagent",
+            "--server", server, "--ca", str(ca.cert_path),
+            "--client-cert", str(admin.cert), "--client-key", str(admin.key),
+            "--serving-cert", str(node.cert), "--serving-key", str(node.key),
+            "--port", str(node_port), "--node-name", NODE_NAME,
+            "--work-dir", str(self.dir / "node"),
+        ], env={"PYTHONPATH": str(REPO / "tests")})
+
+        self.env = {
+            "SANDBOX_DIR": str(self.dir),
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBECTL": str(self.bin / "kubectl"),
+            "HELM": str(self.bin / "helm"),
+            "SANDBOX_CA": str(ca.cert_path),
+        }
+        self._wait_controllers_and_node(server, ca.cert_path, admin, timeout)
+        (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+
+    def _client(self, ca: Path, admin: KeyPair) -> httpx.Client:
+        return httpx.Client(verify=client_context(ca, admin.cert, admin.key), timeout=5)
+
+    def _wait_ready(self, server: str, ca: Path, admin: KeyPair, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._client(ca, admin) as client:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{server}/readyz").status_code == 200:
+                        return
+                time.sleep(0.3)
+        raise TimeoutError(f"kube-apiserver not ready after {timeout}s; see {self.dir}/logs")
+
+    def _wait_controllers_and_node(
+        self, server: str, ca: Path, admin: KeyPair, timeout: float
+    ) -> None:
+        """The default ServiceAccount proves the controllers run; a Ready Node, the agent."""
+        deadline = time.monotonic() + timeout
+        with self._client(ca, admin) as client:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                sa = client.get(f"{server}/api/v1/namespaces/default/serviceaccounts/default")
+                node = client.get(f"{server}/api/v1/nodes/{NODE_NAME}")
+                if sa.status_code == 200 and node.status_code == 200:
+                    conditions = node.json().get("status", {}).get("conditions", [])
+                    if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                        return
+                time.sleep(0.3)
+        raise TimeoutError(f"controllers or node agent not ready; see {self.dir}/logs")
+
+    def _check_alive(self) -> None:
+        for p in self._pids():
+            if not self._ours(int(str(p["pid"]))):
+                raise RuntimeError(f"{p['name']} exited; see {self.dir}/logs/{p['name']}.log")
+
+    def down(self, grace: float = 10.0) -> None:
+        """Stop every process this sandbox started, newest first, and nothing else."""
+        for p in reversed(self._pids()):
+            pid = int(str(p["pid"]))
+            if not self._ours(pid):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self._ours(pid) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.1)
+            if self._ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                _reap(pid)
+        self.pids_file.unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    """Collect a child's exit status so a zombie does not look alive."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def load_env(directory: Path) -> dict[str, str]:
+    """Read DIR/env as written by `up`."""
+    env: dict[str, str] = {}
+    for line in (directory / "env").read_text().splitlines():
+        name, _, value = line.partition("=")
+        env[name] = value
+    return env
