@@ -1,6 +1,6 @@
 """Shared fixtures: the sandbox control plane and a kubectl that talks to it.
 
-Set SCANGATE_SANDBOX_DIR to reuse a sandbox started with `hack/sandbox up`;
+Set SCANGATE_SANDBOX_DIR to reuse a sandbox started with `hack/sandbox up --operator`;
 otherwise one is started for the session and stopped at its end.
 """
 
@@ -24,7 +24,7 @@ def sandbox_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield load_env(Path(reuse))
         return
     sandbox = Sandbox(tmp_path_factory.mktemp("sandbox"))
-    sandbox.up()
+    sandbox.up(operator=True)
     try:
         yield sandbox.env
     finally:

@@ -144,7 +144,7 @@ def test_rbac_is_enforced_for_a_service_account(
         "contexts": [{"name": "reader", "context": {"cluster": "c", "user": "reader"}}]}))
 
     def as_reader(*args: str) -> int:
-        return reader_run(*args).returncode
+        return int(reader_run(*args).returncode)
 
     def reader_run(*args: str) -> Any:
         return kubectl.run("--kubeconfig", str(reader), "-n", namespace, *args, check=False)

@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/sandbox", description=__doc__)
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--dir", required=True, type=Path, help="state, logs and env go here")
+    parser.add_argument("--operator", action="store_true",
+                        help="also install the CRDs and run the operator from the checkout")
     args = parser.parse_args(argv)
     sandbox = Sandbox(args.dir.resolve())
     if args.command == "down":
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandbox in {sandbox.dir} stopped")
         return 0
     started = time.monotonic()
-    sandbox.up()
+    sandbox.up(operator=args.operator)
     print(f"sandbox up in {time.monotonic() - started:.1f}s; source {sandbox.dir}/env")
     for name, value in sandbox.env.items():
         print(f"  {name}={value}")

@@ -106,7 +106,7 @@ class Sandbox:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def up(self, timeout: float = 120.0) -> None:
+    def up(self, timeout: float = 120.0, operator: bool = False) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if any(self._ours(int(str(p["pid"]))) for p in self._pids()):
             raise RuntimeError(f"a sandbox is already running in {self.dir}")
@@ -114,6 +114,8 @@ class Sandbox:
         self.bin = testbin_dir()
         try:
             self._start(timeout)
+            if operator:
+                self.start_operator(timeout)
         except BaseException:
             self.down()
             raise
@@ -197,6 +199,49 @@ class Sandbox:
         }
         self._wait_controllers_and_node(server, ca.cert_path, admin, timeout)
         (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+
+    # -- the operator from the checkout ----------------------------------------------
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        out = subprocess.run([self.env["KUBECTL"], *args], input=input, capture_output=True,
+                             text=True, env={**os.environ, "KUBECONFIG": str(self.kubeconfig)})
+        if out.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def start_operator(self, timeout: float = 60.0) -> None:
+        """Install the CRDs and run `scangate run` from the checkout with its webhooks."""
+        self.kubectl("apply", "-f", str(REPO / "crds"))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                     "-f", str(REPO / "crds"))
+        ca = CertificateAuthority(self.dir / "pki")
+        cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
+        webhook_port, metrics_port = free_port(), free_port()
+        self._spawn("operator", [
+            str(Path(sys.executable).parent / "scangate"), "run",
+            "--namespace", "scangate-system", "--log-format", "text",
+            "--webhook-host", "127.0.0.1", "--webhook-address", "127.0.0.1",
+            "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
+            "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
+            "--webhook-ca-file", str(ca.cert_path),
+        ], env={"KUBECONFIG": str(self.kubeconfig)})
+        self.env["SCANGATE_METRICS"] = f"http://127.0.0.1:{metrics_port}"
+        (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+        # Ready when the API server routes a bad object to the webhook and it refuses it.
+        probe = ('{"apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": '
+                 '{"name": "probe", "namespace": "default"}, "spec": {"registry": {"url": '
+                 '"http://probe.invalid"}, "scope": {"namespaces": ["probe"]}, '
+                 '"tagFilter": "("}}')
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                self.kubectl("create", "--dry-run=server", "-f", "-", input=probe)
+            except RuntimeError as e:
+                if "spec.tagFilter" in str(e):
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"operator webhook not serving; see {self.dir}/logs/operator.log")
 
     def _client(self, ca: Path, admin: KeyPair) -> httpx.Client:
         return httpx.Client(verify=client_context(ca, admin.cert, admin.key), timeout=5)

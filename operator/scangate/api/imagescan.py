@@ -1,0 +1,158 @@
+"""ImageScan: one image's scan and its result."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from scangate.api.common import (
+    Duration,
+    LocalObjectReference,
+    Model,
+    Severity,
+    SeverityCounts,
+    StatusBase,
+    cel,
+)
+from scangate.api.scanrule import Scanner
+
+
+class Trigger(StrEnum):
+    """What asked for a scan."""
+
+    MANUAL = "Manual"
+    PUSH = "Push"
+    SCHEDULE = "Schedule"
+    ADMISSION = "Admission"
+
+
+class Phase(StrEnum):
+    """Where a scan is: Pending -> Queued -> Scanning -> Completed | Failed."""
+
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    SCANNING = "Scanning"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+
+
+class ImageScanSpec(Model):
+    """The image to scan and how."""
+
+    image: str = Field(min_length=1, max_length=1024,
+                       pattern=r"^[a-z0-9]([a-zA-Z0-9._/:@-]*[a-zA-Z0-9])?$")
+    """An image reference with a tag and/or a digest, e.g.
+    registry.example.com/team-a/api:1.4.2 or ...@sha256:<hex>."""
+    rule_ref: LocalObjectReference | None = None
+    """The ScanRule that created this scan, if any."""
+    trigger: Trigger = Trigger.MANUAL
+    """What asked for the scan."""
+    scanners: list[Scanner] | None = Field(default=None, min_length=1, max_length=3)
+    """Override of the scanners (default: vuln)."""
+    ignore_unfixed: bool | None = None
+    """Override: leave out vulnerabilities without a fixed version."""
+    timeout: Duration | None = None
+    """Override of the scan timeout, e.g. 90s, 10m, 1h (default from the operator's
+    configuration)."""
+    platform: str | None = Field(default=None, max_length=64,
+                                 pattern=r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
+    """Override of the platform picked out of an image index (default linux/amd64)."""
+
+
+class ScannerInfo(Model):
+    """The scanner that produced the result."""
+
+    name: str = "trivy"
+    """Scanner name."""
+    version: str | None = None
+    """Scanner version."""
+    db_updated_at: datetime | None = None
+    """When the vulnerability database was built."""
+
+
+class OSInfo(Model):
+    """The image's operating system as the scanner detected it."""
+
+    family: str | None = None
+    """OS family, e.g. debian, alpine, ubuntu."""
+    name: str | None = None
+    """OS version, e.g. 12.5."""
+    eosl: bool | None = None
+    """Whether the OS version is past its end of service life."""
+
+
+class Finding(Model):
+    """One finding, compact."""
+
+    id: str = Field(max_length=128)
+    """Vulnerability ID, e.g. CVE-2023-4863 or GHSA-...."""
+    severity: Severity
+    """Severity as the scanner reports it."""
+    package: str = Field(max_length=256)
+    """Affected package name."""
+    installed_version: str | None = Field(default=None, max_length=128)
+    """Installed version of the package."""
+    fixed_version: str | None = Field(default=None, max_length=256)
+    """First version with a fix; empty when there is none yet."""
+    class_: str | None = Field(default=None, alias="class", max_length=64)
+    """Result class: os-pkgs, lang-pkgs, secret, config."""
+    target: str | None = Field(default=None, max_length=512)
+    """Where it was found: the OS, or a lock file or package directory."""
+
+
+class ImageScanStatus(StatusBase):
+    """The scan's progress and result."""
+
+    phase: Phase | None = None
+    """Pending, Queued, Scanning, Completed or Failed."""
+    digest: str | None = Field(default=None, max_length=128)
+    """The manifest digest that was scanned (for an index: the platform's manifest)."""
+    platform: str | None = None
+    """The platform that was scanned."""
+    queued_at: datetime | None = None
+    """When the scan entered the queue."""
+    start_time: datetime | None = None
+    """When the scan Job started."""
+    completion_time: datetime | None = None
+    """When the scan completed or failed."""
+    attempts: int | None = Field(default=None, ge=0)
+    """Scan attempts made so far."""
+    job_name: str | None = None
+    """The current or last scan Job."""
+    scanner: ScannerInfo | None = None
+    """The scanner and its database."""
+    os: OSInfo | None = None
+    """The image's operating system."""
+    reason: str | None = None
+    """A CamelCase reason for a failure."""
+    message: str | None = Field(default=None, max_length=4096)
+    """A human-readable explanation of a failure."""
+    reused_from: str | None = None
+    """The ImageScan (namespace/name) whose result of the same digest was reused."""
+    summary: SeverityCounts | None = None
+    """Counts of all findings by severity."""
+    fixable: SeverityCounts | None = None
+    """Counts of findings that have a fixed version."""
+    findings: list[Finding] | None = None
+    """The findings, most severe first, bounded in size; summary counts cover all of them."""
+    findings_truncated: bool | None = None
+    """True when some findings were left out of .status.findings to bound the object's size."""
+
+
+class ImageScan(Model):
+    """One image's scan by Trivy and its result, keyed by the image's digest."""
+
+    api_version: Literal["scangate.dev/v1alpha1"] = "scangate.dev/v1alpha1"
+    kind: Literal["ImageScan"] = "ImageScan"
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: ImageScanSpec = Field(json_schema_extra={"x-kubernetes-validations": [cel(
+        "self.image == oldSelf.image",
+        "image is immutable: create a new ImageScan to scan another image",
+        ".image",
+    )]})
+    """The image to scan."""
+    status: ImageScanStatus | None = None
+    """Progress and result, written by scangate."""

@@ -1,0 +1,115 @@
+"""ScanPolicy: the cluster's blocking policy for workloads at admission."""
+
+from __future__ import annotations
+
+from datetime import date
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+from pydantic.config import JsonDict
+
+from scangate.api.common import Duration, LabelSelector, Model, StatusBase
+
+# Field-level item constraints replace pydantic's items schema, so they repeat the type.
+GLOB_LIST: JsonDict = {"items": {"type": "string", "minLength": 1, "maxLength": 512}}
+
+
+class Action(StrEnum):
+    """What happens to a workload that fails the policy."""
+
+    ENFORCE = "Enforce"
+    WARN = "Warn"
+    AUDIT = "Audit"
+
+
+class Match(Model):
+    """Which workloads and images the policy applies to; empty matches everything."""
+
+    namespace_selector: LabelSelector | None = None
+    """Namespaces whose labels match."""
+    namespaces: list[str] | None = Field(default=None, max_length=256)
+    """Namespaces by name."""
+    exclude_namespaces: list[str] | None = Field(default=None, max_length=256)
+    """Namespaces never matched."""
+    images: list[str] | None = Field(default=None, max_length=256,
+                                     json_schema_extra=GLOB_LIST)
+    """Glob patterns on the normalised image reference, e.g. "registry.example.com/prod/*"."""
+    exclude_images: list[str] | None = Field(default=None, max_length=256,
+                                             json_schema_extra=GLOB_LIST)
+    """Glob patterns of images the policy never applies to."""
+
+
+class Thresholds(Model):
+    """The largest allowed count per severity; a severity left out is unlimited."""
+
+    critical: int | None = Field(default=None, ge=0)
+    """Allowed CRITICAL findings."""
+    high: int | None = Field(default=None, ge=0)
+    """Allowed HIGH findings."""
+    medium: int | None = Field(default=None, ge=0)
+    """Allowed MEDIUM findings."""
+    low: int | None = Field(default=None, ge=0)
+    """Allowed LOW findings."""
+    unknown: int | None = Field(default=None, ge=0)
+    """Allowed UNKNOWN findings."""
+
+
+class AllowlistEntry(Model):
+    """A finding that does not count against the thresholds, until it expires."""
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    """The vulnerability ID, e.g. CVE-2023-4863."""
+    expires: date | None = None
+    """The last day the entry applies (UTC); after it the entry stops applying by itself."""
+    reason: str | None = Field(default=None, max_length=1024)
+    """Why the finding is accepted."""
+    images: list[str] | None = Field(default=None, max_length=64, json_schema_extra=GLOB_LIST)
+    """Glob patterns of images the entry applies to; all images when omitted."""
+
+
+class BreakGlass(Model):
+    """Emergency override with the annotation scangate.dev/break-glass: <reason>."""
+
+    enabled: bool = False
+    """Admit workloads carrying the annotation, leaving an Event, a metric and a notification."""
+
+
+class ScanPolicySpec(Model):
+    """The blocking policy."""
+
+    action: Action = Action.ENFORCE
+    """Enforce denies, Warn admits with warnings, Audit admits and records."""
+    match: Match = Field(default_factory=Match, json_schema_extra={"default": {}})
+    """Which workloads and images the policy applies to."""
+    thresholds: Thresholds = Field(default_factory=Thresholds, json_schema_extra={"default": {}})
+    """Largest allowed finding counts per severity."""
+    fixable_only: bool = False
+    """Count only findings that have a fixed version."""
+    allowlist: list[AllowlistEntry] | None = Field(default=None, max_length=512)
+    """Findings accepted, each until its expiry."""
+    unscanned: Literal["Deny", "Warn", "Allow"] = "Deny"
+    """What to do with an image that has no result yet (a scan is started either way)."""
+    max_scan_age: Duration | None = None
+    """Results older than this count as unscanned, e.g. 24h or 7d."""
+    failed_scan: Literal["Deny", "Allow"] = "Deny"
+    """What to do with an image whose scan failed."""
+    break_glass: BreakGlass = Field(default_factory=BreakGlass, json_schema_extra={"default": {}})
+    """Emergency override."""
+
+
+class ScanPolicyStatus(StatusBase):
+    """Observed state of a ScanPolicy."""
+
+
+class ScanPolicy(Model):
+    """A cluster-wide blocking policy: thresholds per severity, an allowlist with expiry,
+    and what to do with unscanned images; enforced by scangate's admission webhook."""
+
+    api_version: Literal["scangate.dev/v1alpha1"] = "scangate.dev/v1alpha1"
+    kind: Literal["ScanPolicy"] = "ScanPolicy"
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: ScanPolicySpec
+    """The policy."""
+    status: ScanPolicyStatus | None = None
+    """Observed state, written by scangate."""

@@ -1,0 +1,201 @@
+"""ScanRule: what to scan in a registry, when, and who hears about it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from scangate.api.common import (
+    Duration,
+    LocalObjectReference,
+    Model,
+    SecretKeyReference,
+    Severity,
+    SeverityCounts,
+    StatusBase,
+    cel,
+)
+
+SCAN_NOW_ANNOTATION = "scangate.dev/scan-now"
+
+
+class Registry(Model):
+    """Where the images live and how to reach the registry."""
+
+    url: str = Field(max_length=2048, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    """Base URL of the registry's distribution API: https://registry.example.com, or
+    http://host:port for a plain-HTTP registry."""
+    ca_bundle: str | None = Field(default=None, max_length=65536)
+    """PEM certificates to trust for the registry's TLS, in addition to the system's."""
+    insecure_skip_tls_verify: bool = Field(default=False, alias="insecureSkipTLSVerify")
+    """Skip verification of the registry's TLS certificate. Not for production."""
+    credentials_secret_ref: LocalObjectReference | None = None
+    """A Secret of type kubernetes.io/dockerconfigjson or kubernetes.io/basic-auth in the
+    rule's namespace, with credentials for the registry."""
+
+
+class Scope(Model):
+    """Which repositories of the registry the rule covers (ACR's NAMESPACE and REPO scopes)."""
+
+    namespaces: list[str] = Field(
+        min_length=1, max_length=64,
+        json_schema_extra={"items": {"type": "string", "pattern": r"^[a-z0-9]+([._/-][a-z0-9]+)*$",
+                                     "maxLength": 255}},
+    )
+    """Registry namespaces (the first path component of a repository, e.g. team-a)."""
+    repositories: list[str] | None = Field(
+        default=None, max_length=256,
+        json_schema_extra={"items": {"type": "string", "pattern": r"^[a-z0-9]+([._/-][a-z0-9]+)*$",
+                                     "maxLength": 255}},
+    )
+    """Repository names inside the one namespace listed; all repositories of the
+    namespaces when omitted."""
+
+
+class Triggers(Model):
+    """When the rule scans."""
+
+    on_push: bool = True
+    """Scan a matching image when a push event for it arrives."""
+    schedule: str | None = Field(default=None, max_length=128)
+    """A five-field cron expression (UTC), e.g. "0 3 * * *", or a macro like @daily."""
+
+
+class Scanner(StrEnum):
+    """What Trivy looks for."""
+
+    VULN = "vuln"
+    SECRET = "secret"
+    MISCONFIG = "misconfig"
+
+
+class ScanOptions(Model):
+    """How each image is scanned."""
+
+    scanners: list[Scanner] = Field(default_factory=lambda: [Scanner.VULN], min_length=1,
+                                    max_length=3, json_schema_extra={"default": ["vuln"]})
+    """Trivy scanners: vuln (default), and optionally secret and misconfig (the baseline check)."""
+    ignore_unfixed: bool = False
+    """Leave out vulnerabilities that have no fixed version yet."""
+    timeout: Duration = "10m"
+    """How long one scan may run before its Job is stopped, e.g. 90s, 10m, 1h."""
+    platform: str = Field(default="linux/amd64", max_length=64,
+                          pattern=r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
+    """The platform picked out of a multi-platform image index."""
+
+
+class NotificationType(StrEnum):
+    """Kinds of notification receivers."""
+
+    DINGTALK = "dingtalk"
+    WEBHOOK = "webhook"
+
+
+class NotificationEvent(StrEnum):
+    """Events a receiver can subscribe to."""
+
+    SCAN_COMPLETED = "ScanCompleted"
+    SCAN_FAILED = "ScanFailed"
+    BLOCKED = "Blocked"
+
+
+class Notification(Model):
+    """A receiver of scan events: a DingTalk robot or an HTTP(S) webhook."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Name of the receiver, unique within the rule."""
+    type: NotificationType
+    """dingtalk (a DingTalk robot) or webhook (JSON over HTTP or HTTPS)."""
+    url_secret_ref: SecretKeyReference
+    """The Secret key holding the receiver's URL (URLs carry tokens: never in the spec)."""
+    signing_secret_ref: SecretKeyReference | None = None
+    """The Secret key holding the signing secret: DingTalk's "SEC..." secret, or the HMAC
+    key of the X-Scangate-Signature header for webhooks."""
+    ca_bundle: str | None = Field(default=None, max_length=65536)
+    """PEM certificates to trust for an HTTPS webhook receiver."""
+    events: list[NotificationEvent] = Field(
+        default_factory=lambda: [NotificationEvent.SCAN_COMPLETED, NotificationEvent.SCAN_FAILED],
+        min_length=1, max_length=3,
+        json_schema_extra={"default": ["ScanCompleted", "ScanFailed"]},
+    )
+    """Which events are sent."""
+    min_severity: Severity | None = None
+    """Send ScanCompleted only when a finding of at least this severity exists."""
+    only_new_findings: bool = False
+    """Send ScanCompleted only when the scan found something the image's previous scan did not."""
+
+
+class ScanRuleSpec(Model):
+    """What a ScanRule scans and who hears about it."""
+
+    registry: Registry
+    """The registry to scan."""
+    scope: Scope = Field(json_schema_extra={"x-kubernetes-validations": [cel(
+        "!has(self.repositories) || size(self.repositories) == 0 || size(self.namespaces) == 1",
+        "repositories can only be listed with exactly one namespace",
+        ".repositories",
+    )]})
+    """The registry namespaces and repositories the rule covers."""
+    tag_filter: str = Field(default=".*", min_length=1, max_length=256)
+    """A regular expression that must match the whole tag, e.g. "v[0-9]+\\.[0-9]+\\.[0-9]+".
+    Patterns that could backtrack catastrophically (nested unbounded repetition such as
+    "(a+)+") are refused."""
+    triggers: Triggers = Field(default_factory=Triggers, json_schema_extra={"default": {}})
+    """When the rule scans. A manual run: kubectl annotate scanrule NAME
+    scangate.dev/scan-now=<anything new> --overwrite."""
+    scan: ScanOptions = Field(default_factory=ScanOptions, json_schema_extra={"default": {}})
+    """How each image is scanned."""
+    notifications: list[Notification] | None = Field(
+        default=None, max_length=16,
+        json_schema_extra={"x-kubernetes-validations": [cel(
+            "self.all(x, self.exists_one(y, y.name == x.name))",
+            "notification names must be unique",
+        )]},
+    )
+    """Receivers of this rule's events."""
+    suspend: bool = False
+    """Stop scheduled and push-triggered scans; manual runs still work."""
+
+
+class LastRun(Model):
+    """What the rule's most recent run did."""
+
+    time: datetime | None = None
+    """When the run started."""
+    trigger: Literal["Push", "Schedule", "Manual", "Create"] | None = None
+    """What started it."""
+    repositories: int = Field(default=0, ge=0)
+    """Repositories matched."""
+    tags: int = Field(default=0, ge=0)
+    """Tags matched by the tag filter."""
+    scans_created: int = Field(default=0, ge=0)
+    """ImageScans created (images whose digest had a fresh result were not scanned again)."""
+
+
+class ScanRuleStatus(StatusBase):
+    """Observed state of a ScanRule."""
+
+    last_run: LastRun | None = None
+    """The most recent run."""
+    images: int | None = Field(default=None, ge=0)
+    """Images (digests) whose scans the totals cover."""
+    totals: SeverityCounts | None = None
+    """Findings by severity over the rule's images."""
+    last_scan_now: str | None = Field(default=None, max_length=256)
+    """The scangate.dev/scan-now value last acted on."""
+
+
+class ScanRule(Model):
+    """Scans the images of registry namespaces and repositories whose tags match a regular
+    expression: on push, on a schedule, or by hand; and notifies receivers."""
+
+    api_version: Literal["scangate.dev/v1alpha1"] = "scangate.dev/v1alpha1"
+    kind: Literal["ScanRule"] = "ScanRule"
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: ScanRuleSpec
+    """Desired behaviour of the rule."""
+    status: ScanRuleStatus | None = None
+    """Observed state, written by scangate."""

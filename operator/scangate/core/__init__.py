@@ -1,0 +1,1 @@
+"""Pure logic with no I/O: no kopf, kubernetes or httpx imports here."""

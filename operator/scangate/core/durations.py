@@ -1,0 +1,36 @@
+"""Durations as users write them in specs: `90s`, `10m`, `1h30m`, `7d`."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a Go-style duration with an added `d` (days) unit.
+
+    >>> parse_duration("1h30m")
+    datetime.timedelta(seconds=5400)
+    """
+    if not re.fullmatch(PATTERN, text):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number and a unit, e.g. 90s, 10m, 1h30m, 7d")
+    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(text))
+    return timedelta(seconds=seconds)
+
+
+def format_duration(delta: timedelta) -> str:
+    """The shortest duration string for a whole number of seconds (`5400s` -> `1h30m`)."""
+    seconds = int(delta.total_seconds())
+    if seconds == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

@@ -1,0 +1,93 @@
+"""Image references: parsing and normalisation as the distribution reference grammar has it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_REGISTRY = "docker.io"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_PATH = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_DOMAIN = re.compile(
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?$"
+    r"|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$"
+)
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
+
+
+class InvalidReference(ValueError):
+    """An image reference that does not follow the grammar."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A parsed image reference; `registry` and `repository` are normalised."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def name(self) -> str:
+        """registry/repository, without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def namespace(self) -> str:
+        """The registry namespace: the first path component of the repository."""
+        return self.repository.split("/", 1)[0]
+
+    def __str__(self) -> str:
+        out = self.name
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+    def with_digest(self, digest: str) -> ImageRef:
+        return ImageRef(self.registry, self.repository, self.tag, digest)
+
+
+def parse_image(reference: str) -> ImageRef:
+    """Parse `[registry/]repository[:tag][@digest]`, normalising Docker Hub names.
+
+    >>> str(parse_image("nginx"))
+    'docker.io/library/nginx:latest'
+    """
+    text = reference.strip()
+    if not text or len(text) > 1024:
+        raise InvalidReference(f"invalid image reference {reference!r}: empty or too long")
+    rest, _, digest = text.partition("@")
+    if digest and not _DIGEST.match(digest):
+        raise InvalidReference(f"invalid digest {digest!r} in image reference {reference!r}")
+    tag = None
+    last_slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon > last_slash:
+        rest, tag = rest[:colon], rest[colon + 1:]
+        if not _TAG.match(tag):
+            raise InvalidReference(f"invalid tag {tag!r} in image reference {reference!r}")
+    first, _, remainder = rest.partition("/")
+    is_domain = "." in first or ":" in first or first == "localhost" or first.startswith("[")
+    if remainder and is_domain:
+        registry, repository = first, remainder
+        if not _DOMAIN.match(registry):
+            raise InvalidReference(
+                f"invalid registry {registry!r} in image reference {reference!r}")
+    else:
+        registry, repository = DEFAULT_REGISTRY, rest
+    if registry in ("index.docker.io", "registry-1.docker.io"):
+        registry = DEFAULT_REGISTRY
+    if registry == DEFAULT_REGISTRY and "/" not in repository:
+        repository = f"library/{repository}"
+    if not _PATH.match(repository):
+        raise InvalidReference(
+            f"invalid repository {repository!r} in image reference {reference!r}: "
+            "use lowercase letters, digits and separators (. _ -)"
+        )
+    if tag is None and not digest:
+        tag = "latest"
+    return ImageRef(registry, repository, tag, digest or None)

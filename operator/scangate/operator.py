@@ -1,0 +1,67 @@
+"""`scangate run`: configure kopf and run the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import kopf
+
+from scangate.config import Settings
+from scangate.logs import setup_logging
+
+log = logging.getLogger("scangate")
+
+
+class ServiceWebhookServer(kopf.WebhookServer):
+    """kopf's HTTPS server, advertised to the API server through a Service."""
+
+    def __init__(self, service: str, namespace: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service, self.service_namespace = service, namespace
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
+        async for config in super().__call__(fn):
+            config.pop("url", None)
+            config["service"] = {"name": self.service, "namespace": self.service_namespace,
+                                 "port": 443}
+            yield config
+
+
+def webhook_server(settings: Settings) -> kopf.WebhookServer:
+    tls: dict[str, Any] = {
+        "addr": settings.webhook_address, "port": settings.webhook_port,
+        "certfile": settings.webhook_cert_file, "pkeyfile": settings.webhook_key_file,
+        "cafile": settings.webhook_ca_file,
+    }
+    if settings.webhook_host:
+        return kopf.WebhookServer(host=settings.webhook_host, **tls)
+    return ServiceWebhookServer(settings.webhook_service, settings.namespace, **tls)
+
+
+def configure(config: Settings) -> None:
+    @kopf.on.startup()
+    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.admission.server = webhook_server(config)
+        if config.manage_webhook_configuration:
+            settings.admission.managed = "scangate.dev"
+        settings.peering.standalone = True
+        settings.posting.level = logging.INFO
+        settings.persistence.finalizer = "scangate.dev/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="scangate.dev")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="scangate.dev", key="last-handled-configuration")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    settings = Settings(_cli_parse_args=list(argv or []))  # type: ignore[call-arg]
+    setup_logging(settings)
+    configure(settings)
+    import scangate.handlers.validation  # noqa: F401  (registers the handlers)
+
+    log.info("starting scangate", extra={"namespace": settings.namespace})
+    liveness = f"http://0.0.0.0:{settings.metrics_port}/healthz" if settings.metrics_port else None
+    asyncio.run(kopf.operator(clusterwide=True, liveness_endpoint=liveness))
