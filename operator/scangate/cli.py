@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from scangate import __version__
+from scangate.core.trivy import DEFAULT_FINDINGS_BUDGET
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -39,6 +41,19 @@ def _run(argv: Sequence[str]) -> int:
     return 0
 
 
+def _summarize(args: argparse.Namespace) -> int:
+    from scangate.core.trivy import ReportError, parse_report, summarize
+
+    try:
+        report = parse_report(Path(args.report).read_bytes())
+    except (OSError, ReportError) as e:
+        print(f"scangate: {e}", file=sys.stderr)
+        return 2
+    json.dump(summarize(report, args.budget_bytes), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scangate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"scangate {__version__}")
@@ -47,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="print the CRDs generated from the models")
     crds.add_argument("--output-dir", help="write one file per CRD here instead of stdout")
     crds.set_defaults(func=_crds)
+
+    report = sub.add_parser("report", help="work with Trivy reports")
+    report_sub = report.add_subparsers(dest="report_command", metavar="COMMAND", required=True)
+    summarize = report_sub.add_parser(
+        "summarize", help="the summary and findings scangate would store, as JSON")
+    summarize.add_argument("report", metavar="TRIVY_JSON", help="a Trivy JSON report")
+    summarize.add_argument("--budget-bytes", type=int, default=DEFAULT_FINDINGS_BUDGET,
+                           help="size bound of the findings list (default %(default)s)")
+    summarize.set_defaults(func=_summarize)
 
     # `run` parses its own flags from the Settings model (see scangate.config).
     sub.add_parser("run", help="run the operator (flags: scangate run --help)", add_help=False)

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scangate.api.common import Duration
+
 
 class Settings(BaseSettings):
     """scangate's configuration; `scangate run --help` lists the flags."""
@@ -47,4 +49,39 @@ class Settings(BaseSettings):
     resources."""
 
     metrics_port: int = Field(default=8080, ge=0, le=65535)
-    """Port of /metrics and /healthz (0 disables)."""
+    """Port of the Prometheus /metrics endpoint (0 disables)."""
+    health_port: int = Field(default=8081, ge=0, le=65535)
+    """Port of the /healthz liveness endpoint (0 disables)."""
+
+    max_running_scans: int = Field(default=5, ge=1)
+    """Global limit of running scan Jobs; queued scans start in order as slots free up."""
+    rescan_interval: Duration = "24h"
+    """A digest's result is reused for this long, then scanned again (the DB changes daily)."""
+    scan_timeout: Duration = "10m"
+    """Default timeout of one scan (ScanRule and ImageScan can override it)."""
+    max_scan_attempts: int = Field(default=3, ge=1)
+    """Attempts per scan before it ends Failed (corrupted logs, crashes and lost pods retry)."""
+    retry_backoff: Duration = "10s"
+    """First retry delay; it doubles with each attempt."""
+    findings_budget_bytes: int = Field(default=65536, ge=1024, le=512 * 1024)
+    """Size bound of .status.findings of one ImageScan (the counts always cover everything)."""
+    reconcile_interval: float = Field(default=2.0, gt=0)
+    """Seconds between passes of the scan queue (events wake it sooner)."""
+
+    trivy_image: str = "aquasec/trivy:0.76.0"
+    """Image of the scan Jobs."""
+    trivy_mode: Literal["ClientServer", "Standalone"] = "ClientServer"
+    """ClientServer: Jobs ask a Trivy server; Standalone: each Job downloads the DB."""
+    trivy_server_url: str = "http://scangate-trivy.scangate-system:4954"
+    """The Trivy server of ClientServer mode."""
+    trivy_db_repository: str | None = None
+    """OCI repository of the vulnerability DB in Standalone mode (an air-gapped mirror)."""
+    trivy_insecure_db_repository: bool = False
+    """The DB repository is plain HTTP or has an untrusted certificate."""
+    scan_run_as_user: int = Field(default=65532, ge=1)
+    """Non-root user of the scan pods."""
+
+    insecure_registries: list[str] = Field(default_factory=list)
+    """Registries (host:port) spoken to over plain HTTP, like Docker's insecure-registries."""
+    registry_timeout: Duration = "10s"
+    """Timeout of one registry request."""

@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import kopf
+import prometheus_client
 
 from scangate.config import Settings
+from scangate.kube import Kube, load_config
 from scangate.logs import setup_logging
+from scangate.scanning.reconciler import ScanReconciler
 
 log = logging.getLogger("scangate")
 
@@ -56,12 +59,28 @@ def configure(config: Settings) -> None:
             prefix="scangate.dev", key="last-handled-configuration")
 
 
+async def main(settings: Settings) -> None:
+    import scangate.handlers.validation  # noqa: F401  (registers the handlers)
+    from scangate.handlers import imagescans
+
+    load_config()
+    reconciler = ScanReconciler(Kube(), settings)
+    imagescans.register(reconciler)
+    configure(settings)
+    if settings.metrics_port:
+        prometheus_client.start_http_server(settings.metrics_port)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    tasks = [asyncio.create_task(kopf.operator(clusterwide=True, liveness_endpoint=liveness)),
+             asyncio.create_task(reconciler.run())]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        task.result()
+
+
 def run(argv: Sequence[str] | None = None) -> None:
     settings = Settings(_cli_parse_args=list(argv or []))  # type: ignore[call-arg]
     setup_logging(settings)
-    configure(settings)
-    import scangate.handlers.validation  # noqa: F401  (registers the handlers)
-
     log.info("starting scangate", extra={"namespace": settings.namespace})
-    liveness = f"http://0.0.0.0:{settings.metrics_port}/healthz" if settings.metrics_port else None
-    asyncio.run(kopf.operator(clusterwide=True, liveness_endpoint=liveness))
+    asyncio.run(main(settings))

@@ -118,6 +118,11 @@ class ImageScanStatus(StatusBase):
     """When the scan Job started."""
     completion_time: datetime | None = None
     """When the scan completed or failed."""
+    scanned_at: datetime | None = None
+    """When the result was produced by a scan (for a reused result: by the source's scan);
+    results older than the rescan interval are refreshed."""
+    retry_after: datetime | None = None
+    """A failed attempt is retried, not before this time."""
     attempts: int | None = Field(default=None, ge=0)
     """Scan attempts made so far."""
     job_name: str | None = None

@@ -1,0 +1,73 @@
+"""How a scan result crosses the pod log: compressed, base64, framed with a checksum.
+
+Pod logs get truncated, interleaved and corrupted under load (trivy-operator's
+"illegal base64" and "bzip2 bad magic" reports). A result is only accepted when
+its frame is complete and its SHA-256 matches; anything else is a failed attempt
+to retry, never a wrong answer. The shell side (the scan Job) writes:
+
+    SCANGATE-FRAME-BEGIN name=<name> size=<bytes of the gzip> sha256=<hex of the gzip>
+    <base64 of the gzip, in lines>
+    SCANGATE-FRAME-END name=<name>
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import hashlib
+import re
+
+BEGIN = "SCANGATE-FRAME-BEGIN"
+END = "SCANGATE-FRAME-END"
+_BEGIN_LINE = re.compile(
+    rf"^{BEGIN} name=([A-Za-z0-9_.-]+) size=([0-9]+) sha256=([0-9a-f]{{64}})\s*$"
+)
+
+
+class FrameError(ValueError):
+    """The log does not hold an intact frame."""
+
+
+def encode(name: str, payload: bytes) -> str:
+    """A frame as the scan Job prints it (used by tests and `scangate` itself)."""
+    packed = gzip.compress(payload, mtime=0)
+    body = base64.encodebytes(packed).decode()
+    return (f"{BEGIN} name={name} size={len(packed)} sha256={hashlib.sha256(packed).hexdigest()}\n"
+            f"{body}{END} name={name}\n")
+
+
+def decode(log: str) -> dict[str, bytes]:
+    """Every frame in a log, by name; raises FrameError on any damage."""
+    frames: dict[str, bytes] = {}
+    lines = log.splitlines()
+    i = 0
+    while i < len(lines):
+        m = _BEGIN_LINE.match(lines[i])
+        if not m:
+            if lines[i].startswith(BEGIN):
+                raise FrameError(f"malformed frame header: {lines[i][:120]!r}")
+            i += 1
+            continue
+        name, size, digest = m.group(1), int(m.group(2)), m.group(3)
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and not lines[i].startswith(END):
+            body.append(lines[i].strip())
+            i += 1
+        if i == len(lines) or lines[i].strip() != f"{END} name={name}":
+            raise FrameError(f"frame {name!r} is truncated: no end marker")
+        try:
+            packed = base64.b64decode("".join(body), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise FrameError(f"frame {name!r} is corrupted: {e}") from None
+        if len(packed) != size:
+            raise FrameError(f"frame {name!r} is truncated: {len(packed)} of {size} bytes")
+        if hashlib.sha256(packed).hexdigest() != digest:
+            raise FrameError(f"frame {name!r} is corrupted: checksum mismatch")
+        try:
+            frames[name] = gzip.decompress(packed)
+        except (OSError, EOFError) as e:
+            raise FrameError(f"frame {name!r} does not decompress: {e}") from None
+        i += 1
+    return frames

@@ -1,0 +1,44 @@
+"""From a scan Job's log to the ImageScan status fields it yields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scangate.core.framing import BEGIN, END, decode
+from scangate.core.trivy import ReportError, VersionInfo, os_info, parse_report, summarize
+
+
+def result_from_log(log: str, budget_bytes: int) -> dict[str, Any]:
+    """Status fields for a finished scan's log; raises FrameError or ReportError."""
+    frames = decode(log)
+    if "report" not in frames:
+        raise ReportError("the scan log holds no report frame")
+    report = parse_report(frames["report"])
+    result = summarize(report, budget_bytes)
+    scanner: dict[str, Any] = {"name": "trivy"}
+    if "version" in frames:
+        version = VersionInfo.model_validate_json(frames["version"])
+        scanner["version"] = version.version
+        if version.db_updated_at:
+            scanner["dbUpdatedAt"] = version.db_updated_at
+    elif report.trivy and report.trivy.version:
+        scanner["version"] = report.trivy.version
+    result["scanner"] = scanner
+    os_ = os_info(report)
+    if os_:
+        result["os"] = os_
+    return result
+
+
+def log_tail(log: str, lines: int = 5) -> str:
+    """The last lines of a log outside result frames, for failure messages."""
+    kept: list[str] = []
+    in_frame = False
+    for line in log.splitlines():
+        if line.startswith(BEGIN):
+            in_frame = True
+        elif line.startswith(END):
+            in_frame = False
+        elif not in_frame and line.strip():
+            kept.append(line)
+    return "\n".join(kept[-lines:])

@@ -1,0 +1,150 @@
+"""Trivy's JSON report (SchemaVersion 2) and what scangate keeps of it.
+
+The summary counts every vulnerability entry of every Result, as Trivy's own
+table summary does; a severity Trivy does not define counts as UNKNOWN. The
+findings kept in status are compact, most severe first, and bounded in bytes so
+that an ImageScan never nears etcd's object size limit; the counts always cover
+every finding.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
+_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+DEFAULT_FINDINGS_BUDGET = 64 * 1024
+
+
+class _Trivy(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Vulnerability(_Trivy):
+    vulnerability_id: str = Field(alias="VulnerabilityID")
+    pkg_name: str = Field(default="", alias="PkgName")
+    installed_version: str | None = Field(default=None, alias="InstalledVersion")
+    fixed_version: str | None = Field(default=None, alias="FixedVersion")
+    severity: str = Field(default="UNKNOWN", alias="Severity")
+    title: str | None = Field(default=None, alias="Title")
+    status: str | None = Field(default=None, alias="Status")
+
+
+class Result(_Trivy):
+    target: str = Field(default="", alias="Target")
+    class_: str | None = Field(default=None, alias="Class")
+    type: str | None = Field(default=None, alias="Type")
+    vulnerabilities: list[Vulnerability] | None = Field(default=None, alias="Vulnerabilities")
+
+
+class OS(_Trivy):
+    family: str | None = Field(default=None, alias="Family")
+    name: str | None = Field(default=None, alias="Name")
+    eosl: bool | None = Field(default=None, alias="EOSL")
+
+
+class Metadata(_Trivy):
+    os: OS | None = Field(default=None, alias="OS")
+    image_id: str | None = Field(default=None, alias="ImageID")
+    repo_digests: list[str] | None = Field(default=None, alias="RepoDigests")
+
+
+class TrivyInfo(_Trivy):
+    version: str | None = Field(default=None, alias="Version")
+
+
+class Report(_Trivy):
+    """A Trivy JSON report; only SchemaVersion 2 is accepted."""
+
+    schema_version: int = Field(alias="SchemaVersion")
+    artifact_name: str | None = Field(default=None, alias="ArtifactName")
+    created_at: datetime | None = Field(default=None, alias="CreatedAt")
+    metadata: Metadata | None = Field(default=None, alias="Metadata")
+    results: list[Result] | None = Field(default=None, alias="Results")
+    trivy: TrivyInfo | None = Field(default=None, alias="Trivy")
+
+
+class VersionInfo(_Trivy):
+    """`trivy version --format json`: the scanner and its vulnerability DB."""
+
+    version: str | None = Field(default=None, alias="Version")
+    vulnerability_db: dict[str, Any] | None = Field(default=None, alias="VulnerabilityDB")
+
+    @property
+    def db_updated_at(self) -> str | None:
+        value = (self.vulnerability_db or {}).get("UpdatedAt")
+        return str(value) if value else None
+
+
+class ReportError(ValueError):
+    """A report that cannot be trusted or understood."""
+
+
+def parse_report(data: bytes | str) -> Report:
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"Trivy report is not JSON: {e}") from None
+    if not isinstance(raw, dict) or raw.get("SchemaVersion") != 2:
+        version = raw.get("SchemaVersion") if isinstance(raw, dict) else None
+        raise ReportError(f"unsupported Trivy report SchemaVersion {version!r} (want 2)")
+    return Report.model_validate(raw)
+
+
+def normalise_severity(severity: str) -> str:
+    value = severity.upper()
+    return value if value in _RANK else "UNKNOWN"
+
+
+def _counts() -> dict[str, int]:
+    return {s.lower(): 0 for s in SEVERITIES} | {"total": 0}
+
+
+def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET) -> dict[str, Any]:
+    """The summary, fixable counts and bounded findings scangate stores for a report."""
+    summary, fixable = _counts(), _counts()
+    findings: list[dict[str, Any]] = []
+    for result in report.results or []:
+        for v in result.vulnerabilities or []:
+            severity = normalise_severity(v.severity)
+            summary[severity.lower()] += 1
+            summary["total"] += 1
+            if v.fixed_version:
+                fixable[severity.lower()] += 1
+                fixable["total"] += 1
+            finding = {"id": v.vulnerability_id, "severity": severity, "package": v.pkg_name,
+                       "installedVersion": v.installed_version,
+                       "fixedVersion": v.fixed_version or None,
+                       "class": result.class_, "target": result.target or None}
+            findings.append({k: val for k, val in finding.items() if val is not None})
+    findings.sort(key=lambda f: (_RANK[f["severity"]], "fixedVersion" not in f, f["id"],
+                                 f["package"], f.get("installedVersion", "")))
+    kept, truncated = bound_findings(findings, budget_bytes)
+    return {"summary": summary, "fixable": fixable, "findings": kept,
+            "findingsTruncated": truncated}
+
+
+def bound_findings(
+    findings: list[dict[str, Any]], budget_bytes: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """The longest prefix of `findings` whose JSON fits in `budget_bytes`."""
+    size, kept = 2, list[dict[str, Any]]()  # 2: the brackets of the list
+    for finding in findings:
+        cost = len(json.dumps(finding, separators=(",", ":")).encode()) + 1
+        if size + cost > budget_bytes:
+            return kept, True
+        size += cost
+        kept.append(finding)
+    return kept, False
+
+
+def os_info(report: Report) -> dict[str, Any] | None:
+    os_ = report.metadata.os if report.metadata else None
+    if os_ is None:
+        return None
+    info = {"family": os_.family, "name": os_.name, "eosl": os_.eosl}
+    return {k: v for k, v in info.items() if v is not None}

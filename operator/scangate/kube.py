@@ -1,0 +1,134 @@
+"""The Kubernetes API as scangate uses it: plain dicts in, plain dicts out.
+
+A thin adapter over the official client, called from asyncio through threads so
+that kopf's event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from scangate.api import GROUP, VERSION
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+class Kube:
+    def __init__(self) -> None:
+        api = client.ApiClient()
+        self._api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(partial(fn, *args, **kwargs))
+
+    async def _json(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call returning the raw JSON body (no model deserialisation)."""
+        response = await self._call(fn, *args, _preload_content=False, **kwargs)
+        return json.loads(response.data)
+
+    # -- scangate resources --------------------------------------------------------
+
+    async def list_custom(self, plural: str) -> list[Obj]:
+        body = await self._json(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)
+        items: list[Obj] = body["items"]
+        return items
+
+    async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:
+        try:
+            obj: Obj = await self._json(self.custom.get_namespaced_custom_object, GROUP,
+                                        VERSION, namespace, plural, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return obj
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: Obj) -> None:
+        await self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
+                         namespace, plural, name, {"status": status},
+                         _content_type="application/merge-patch+json", _preload_content=False)
+
+    async def create_custom(self, plural: str, namespace: str, body: Obj) -> Obj:
+        obj: Obj = await self._json(self.custom.create_namespaced_custom_object, GROUP, VERSION,
+                                    namespace, plural, body)
+        return obj
+
+    # -- core ----------------------------------------------------------------------
+
+    async def get_secret(self, namespace: str, name: str) -> Obj | None:
+        try:
+            secret: Obj = await self._json(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return secret
+
+    async def list_jobs(self, label_selector: str) -> list[Obj]:
+        body = await self._json(self.batch.list_job_for_all_namespaces,
+                                label_selector=label_selector)
+        items: list[Obj] = body["items"]
+        return items
+
+    async def create_job(self, namespace: str, body: Obj) -> bool:
+        """Create a Job; False if it already exists (a restart re-creating it)."""
+        try:
+            await self._call(self.batch.create_namespaced_job, namespace, body,
+                             _preload_content=False)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    async def job_pod_log(self, namespace: str, job: str, container: str) -> tuple[str, Obj]:
+        """The log and the pod of a Job's (only) pod."""
+        pods = await self._json(self.core.list_namespaced_pod, namespace,
+                                label_selector=f"job-name={job}")
+        if not pods["items"]:
+            raise LookupError(f"no pod of Job {namespace}/{job}")
+        pod = sorted(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])[-1]
+        response = await self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
+                                    namespace, container=container, _preload_content=False)
+        return response.data.decode("utf-8", errors="replace"), pod
+
+    async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        """Record a Kubernetes Event on `obj`, for `kubectl describe`."""
+        meta = obj["metadata"]
+        stamp = now()
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                               "name": meta["name"], "namespace": meta["namespace"],
+                               "uid": meta["uid"]},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": "scangate"},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+            "reportingComponent": "scangate.dev/operator", "reportingInstance": "scangate",
+        }
+        with contextlib.suppress(ApiException):  # a courtesy: never fail the work for it
+            await self._call(self.core.create_namespaced_event, meta["namespace"], body,
+                             _preload_content=False)

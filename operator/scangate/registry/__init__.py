@@ -1,0 +1,1 @@
+"""OCI distribution API client (httpx), registry auth, push-event parsers."""

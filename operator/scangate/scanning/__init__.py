@@ -1,0 +1,1 @@
+"""ImageScan lifecycle: queue, Trivy Job spec, result collection."""

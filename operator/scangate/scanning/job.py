@@ -1,0 +1,172 @@
+"""The Trivy scan Job of one ImageScan.
+
+The pod is hardened (non-root, read-only root filesystem, no capabilities, no
+service-account token, resource limits, a deadline from the scan timeout) and
+gets registry credentials only through Secret-backed env or a mounted docker
+config, never through arguments. Its result is printed as checksummed frames
+(see scangate.core.framing) that the operator reads from the pod log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from scangate.core.framing import BEGIN, END
+
+SCAN_LABEL = "scangate.dev/imagescan"
+ATTEMPT_ANNOTATION = "scangate.dev/attempt"
+WORK = "/var/run/scangate"
+
+# POSIX sh and the tools of the Trivy image's busybox: gzip, base64, sha256sum, wc.
+_EMIT = f"""emit() {{
+  gzip -n -c "$2" > "$2.gz"
+  size=$(wc -c < "$2.gz" | tr -d ' ')
+  sum=$(sha256sum "$2.gz" | cut -d' ' -f1)
+  echo "{BEGIN} name=$1 size=$size sha256=$sum"
+  base64 "$2.gz"
+  echo "{END} name=$1"
+}}"""
+
+
+@dataclass(frozen=True)
+class ScanJobSpec:
+    """Everything that decides the Job of one scan attempt."""
+
+    scan_name: str
+    namespace: str
+    scan_uid: str
+    image: str
+    """The reference Trivy pulls: repository@digest, so that a moved tag cannot race us."""
+    attempt: int
+    timeout_seconds: int
+    scanners: tuple[str, ...] = ("vuln",)
+    ignore_unfixed: bool = False
+    platform: str = "linux/amd64"
+    insecure_registry: bool = False
+    credentials_secret: str | None = None
+    credentials_type: str | None = None
+    """kubernetes.io/basic-auth (env) or kubernetes.io/dockerconfigjson (mounted config)."""
+    ca_bundle_configmap: str | None = None
+
+
+@dataclass(frozen=True)
+class TrivySettings:
+    """Operator-wide Trivy settings (from scangate.config.Settings)."""
+
+    image: str = "aquasec/trivy:0.76.0"
+    mode: str = "ClientServer"
+    server_url: str = "http://trivy.scangate-system:4954"
+    db_repository: str | None = None
+    insecure_db_repository: bool = False
+    run_as_user: int = 65532
+    ttl_seconds_after_finished: int = 3600
+    resources: dict[str, dict[str, str]] = field(default_factory=lambda: {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
+    })
+
+
+def job_name(scan_name: str, scan_uid: str, attempt: int) -> str:
+    """Deterministic, so that a restarted operator finds the Job instead of duplicating it."""
+    suffix = hashlib.sha256(f"{scan_uid}/{attempt}".encode()).hexdigest()[:8]
+    return f"scan-{scan_name[:40].rstrip('-.')}-{suffix}"
+
+
+def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
+    args = ["trivy", "image", "--format", "json", "--output", f"{WORK}/report.json",
+            "--scanners", ",".join(spec.scanners), "--platform", spec.platform,
+            "--timeout", f"{spec.timeout_seconds}s", "--cache-dir", f"{WORK}/cache",
+            "--skip-version-check", "--no-progress"]
+    if spec.ignore_unfixed:
+        args.append("--ignore-unfixed")
+    if trivy.mode == "ClientServer":
+        args += ["--server", trivy.server_url]
+    else:
+        args += ["--skip-java-db-update"]
+        if trivy.db_repository:
+            args += ["--db-repository", trivy.db_repository]
+    args.append(spec.image)
+    version = ["trivy", "version", "--format", "json", "--cache-dir", f"{WORK}/cache"]
+    return "\n".join([
+        "set -eu", _EMIT,
+        f"mkdir -p {WORK}/tmp {WORK}/cache",
+        shlex.join(args),
+        f"{shlex.join(version)} > {WORK}/version.json",
+        f"emit version {WORK}/version.json",
+        f"emit report {WORK}/report.json",
+    ])
+
+
+def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
+    name = job_name(spec.scan_name, spec.scan_uid, spec.attempt)
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": WORK},
+                                 {"name": "TMPDIR", "value": f"{WORK}/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "work", "mountPath": WORK}]
+    if spec.insecure_registry or trivy.insecure_db_repository:
+        env.append({"name": "TRIVY_INSECURE", "value": "true"})
+    if spec.credentials_secret and spec.credentials_type == "kubernetes.io/basic-auth":
+        for var, key in (("TRIVY_USERNAME", "username"), ("TRIVY_PASSWORD", "password")):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": spec.credentials_secret, "key": key}}})
+    elif spec.credentials_secret:
+        env.append({"name": "DOCKER_CONFIG", "value": "/etc/scangate/docker"})
+        volumes.append({"name": "docker-config", "secret": {
+            "secretName": spec.credentials_secret,
+            "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}})
+        mounts.append({"name": "docker-config", "mountPath": "/etc/scangate/docker",
+                       "readOnly": True})
+    if spec.ca_bundle_configmap:
+        env.append({"name": "SSL_CERT_FILE", "value": "/etc/scangate/ca/ca.crt"})
+        volumes.append({"name": "ca", "configMap": {"name": spec.ca_bundle_configmap}})
+        mounts.append({"name": "ca", "mountPath": "/etc/scangate/ca", "readOnly": True})
+    labels = {SCAN_LABEL: spec.scan_name, "app.kubernetes.io/managed-by": "scangate"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name, "namespace": spec.namespace, "labels": labels,
+            "annotations": {ATTEMPT_ANNOTATION: str(spec.attempt)},
+            "ownerReferences": [{
+                "apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
+                "name": spec.scan_name, "uid": spec.scan_uid,
+                "controller": True, "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            # The scan's own timeout plus time to pull the DB and print the result.
+            "activeDeadlineSeconds": spec.timeout_seconds + 120,
+            "ttlSecondsAfterFinished": trivy.ttl_seconds_after_finished,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True, "runAsUser": trivy.run_as_user,
+                        "runAsGroup": trivy.run_as_user, "fsGroup": trivy.run_as_user,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [{
+                        "name": "trivy",
+                        "image": trivy.image,
+                        "command": ["sh", "-c", trivy_command(spec, trivy)],
+                        "env": env,
+                        "volumeMounts": mounts,
+                        "resources": trivy.resources,
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
