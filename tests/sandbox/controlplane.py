@@ -209,22 +209,48 @@ class Sandbox:
             raise RuntimeError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
         return out.stdout
 
+    def operator_kubeconfig(self, namespace: str = "scangate-system") -> Path:
+        """Credentials of the chart's ServiceAccount, bound by the chart's own RBAC."""
+        self.kubectl("create", "namespace", namespace)
+        rbac = subprocess.run(
+            [self.env["HELM"], "template", "scangate", str(REPO / "charts" / "scangate"),
+             "--namespace", namespace, "--show-only", "templates/rbac.yaml"],
+            check=True, capture_output=True, text=True).stdout
+        self.kubectl("apply", "-f", "-", input=rbac)
+        token = self.kubectl("create", "token", "scangate", "-n", namespace,
+                             "--duration=48h").strip()
+        server = self.kubectl("config", "view", "--minify", "-o",
+                              "jsonpath={.clusters[0].cluster.server}")
+        path = self.dir / "operator.kubeconfig"
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "scangate",
+            "clusters": [{"name": "sandbox", "cluster": {
+                "server": server, "certificate-authority": str(self.dir / "pki" / "ca.crt")}}],
+            "users": [{"name": "scangate", "user": {"token": token}}],
+            "contexts": [{"name": "scangate", "context": {
+                "cluster": "sandbox", "user": "scangate", "namespace": namespace}}]}))
+        path.chmod(0o600)
+        return path
+
     def start_operator(self, timeout: float = 60.0) -> None:
-        """Install the CRDs and run `scangate run` from the checkout with its webhooks."""
+        """Install the CRDs and run `scangate run` from the checkout with its webhooks,
+        as the chart's ServiceAccount (so the tests exercise the chart's RBAC)."""
         self.kubectl("apply", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                      "-f", str(REPO / "crds"))
+        kubeconfig = self.operator_kubeconfig()
         ca = CertificateAuthority(self.dir / "pki")
         cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
-        webhook_port, metrics_port = free_port(), free_port()
+        webhook_port, metrics_port, health_port = free_port(), free_port(), free_port()
         self._spawn("operator", [
             str(Path(sys.executable).parent / "scangate"), "run",
             "--namespace", "scangate-system", "--log-format", "text",
             "--webhook-host", "127.0.0.1", "--webhook-address", "127.0.0.1",
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
+            "--health-port", str(health_port),
             "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
             "--webhook-ca-file", str(ca.cert_path),
-        ], env={"KUBECONFIG": str(self.kubeconfig)})
+        ], env={"KUBECONFIG": str(kubeconfig)})
         self.env["SCANGATE_METRICS"] = f"http://127.0.0.1:{metrics_port}"
         (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         # Ready when the API server routes a bad object to the webhook and it refuses it.

@@ -79,3 +79,28 @@ def test_models_use_camel_case_and_defaults() -> None:
     assert dumped["spec"]["tagFilter"] == ".*"
     assert dumped["spec"]["scan"] == {"scanners": ["vuln"], "ignoreUnfixed": False,
                                       "timeout": "10m", "platform": "linux/amd64"}
+
+
+def test_chart_crds_are_up_to_date() -> None:
+    for crd in all_crds():
+        path = ROOT / "charts" / "scangate" / "crds" / f"{crd['metadata']['name']}.yaml"
+        assert path.read_text() == render_yaml(crd), (
+            f"{path} is stale: run `scangate crds --output-dir charts/scangate/crds`")
+
+
+def test_chart_values_mirror_the_settings() -> None:
+    from pydantic.alias_generators import to_camel
+
+    from scangate.config import Settings
+
+    values = yaml.safe_load((ROOT / "charts" / "scangate" / "values.yaml").read_text())
+    # Set by the chart's templates from the release, not by values.
+    derived = {"namespace", "webhook_address", "webhook_host", "webhook_service",
+               "webhook_cert_file", "webhook_key_file", "webhook_ca_file", "trivy_server_url"}
+    expected = {to_camel(name) for name in Settings.model_fields if name not in derived}
+    assert set(values["config"]) == expected
+    defaults = Settings()
+    for name in Settings.model_fields:
+        if name not in derived:
+            default = getattr(defaults, name)
+            assert values["config"][to_camel(name)] == ("" if default is None else default), name
