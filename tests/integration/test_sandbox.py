@@ -228,3 +228,22 @@ def test_apiserver_calls_a_validating_webhook_and_honours_denial(
         assert "allowed" in names and "denied" in names
     finally:
         kubectl("delete", "validatingwebhookconfiguration", name)
+
+
+def test_faults_file_truncates_the_next_matching_pod_log(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
+) -> None:
+    faults = Path(sandbox_env["SANDBOX_DIR"]) / "faults.json"
+    faults.write_text(json.dumps({"truncateLogs": [
+        {"labels": {"fault-test": namespace}, "bytes": 5, "times": 1}]}))
+    try:
+        for name in ("first", "second"):
+            manifest = json.loads(job(name, "echo 0123456789"))
+            manifest["spec"]["template"]["metadata"] = {"labels": {"fault-test": namespace}}
+            kubectl.apply(json.dumps(manifest), namespace)
+            assert wait_for(lambda n=name: job_condition(kubectl, namespace, n)) == "Complete"
+        assert kubectl("logs", "-n", namespace, "job/first") == "01234"
+        assert kubectl("logs", "-n", namespace, "job/first") == "01234"  # stays truncated
+        assert kubectl("logs", "-n", namespace, "job/second") == "0123456789\n"
+    finally:
+        faults.unlink(missing_ok=True)

@@ -187,8 +187,8 @@ class Sandbox:
             "--client-cert", str(admin.cert), "--client-key", str(admin.key),
             "--serving-cert", str(node.cert), "--serving-key", str(node.key),
             "--port", str(node_port), "--node-name", NODE_NAME,
-            "--work-dir", str(self.dir / "node"),
-        ], env={"PYTHONPATH": str(REPO / "tests")})
+            "--work-dir", str(self.dir / "node"), "--faults", str(self.dir / "faults.json"),
+        ], env={"PYTHONPATH": str(REPO / "tests"), "PATH": self._node_path()})
 
         self.env = {
             "SANDBOX_DIR": str(self.dir),
@@ -268,6 +268,10 @@ class Sandbox:
                     return
             time.sleep(0.5)
         raise TimeoutError(f"operator webhook not serving; see {self.dir}/logs/operator.log")
+
+    def _node_path(self) -> str:
+        """PATH of the node's containers: the host's, plus the virtualenv (trivy lives there)."""
+        return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
 
     def _client(self, ca: Path, admin: KeyPair) -> httpx.Client:
         return httpx.Client(verify=client_context(ca, admin.cert, admin.key), timeout=5)

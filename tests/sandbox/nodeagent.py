@@ -17,7 +17,11 @@ allowPrivilegeEscalation=false are applied with setpriv. Mount points that do no
 exist on the host are created there as empty directories.
 
 Fault injection for tests: a pod annotation `sandbox.scangate.dev/truncate-log: "N"`
-makes the log endpoint serve only the first N bytes of that pod's logs.
+makes the log endpoint serve only the first N bytes of that pod's logs. For pods
+that a controller creates, the faults file (`--faults FILE`, JSON) does the same
+without touching the pod: `{"truncateLogs": [{"labels": {"k": "v"}, "bytes": N,
+"times": T}]}` truncates the logs of the next T pods whose labels include those
+(each pod counts once, however often its log is read).
 """
 
 from __future__ import annotations
@@ -548,9 +552,9 @@ class LogHandler(BaseHTTPRequestHandler):
             self.send_error(404, f"container {parts[3]} in pod {parts[1]}/{parts[2]} not found")
             return
         limit = int(query["limitBytes"]) if "limitBytes" in query else None
-        truncate = runner.pod["metadata"].get("annotations", {}).get(TRUNCATE_ANNOTATION)
+        truncate = self.agent.truncation(runner.pod)
         if truncate is not None:
-            limit = min(limit or 2**62, int(truncate))
+            limit = min(limit or 2**62, truncate)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Transfer-Encoding", "chunked")
@@ -590,9 +594,36 @@ class NodeAgent:
             json.loads(Path(args.image_map).read_text()) if args.image_map else {}
         )
         self.args = args
+        self.faults_file = Path(args.faults) if args.faults else None
+        self.truncated: dict[str, int] = {}  # pod uid -> bytes, once a fault hit it
         self.runners: dict[str, PodRunner] = {}  # by pod uid
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+
+    def truncation(self, pod: Obj) -> int | None:
+        """Bytes to truncate this pod's log to, by annotation or the faults file."""
+        meta = pod["metadata"]
+        annotated = meta.get("annotations", {}).get(TRUNCATE_ANNOTATION)
+        if annotated is not None:
+            return int(annotated)
+        if not self.faults_file or not self.faults_file.exists():
+            return None
+        with self.lock:
+            if meta["uid"] in self.truncated:
+                return self.truncated[meta["uid"]]
+            faults = json.loads(self.faults_file.read_text() or "{}")
+            for rule in faults.get("truncateLogs", []):
+                labels = meta.get("labels", {})
+                if rule.get("times", 0) > 0 and all(
+                    labels.get(k) == v for k, v in rule.get("labels", {}).items()
+                ):
+                    rule["times"] -= 1
+                    self.faults_file.write_text(json.dumps(faults))
+                    self.truncated[meta["uid"]] = int(rule["bytes"])
+                    log.info("truncating the log of %s/%s to %s bytes",
+                             meta["namespace"], meta["name"], rule["bytes"])
+                    return int(rule["bytes"])
+        return None
 
     def entrypoint(self, image: str) -> list[str] | None:
         repository = image.split("@")[0]
@@ -777,6 +808,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--node-name", default="sandbox-node")
     p.add_argument("--image-map", help="JSON file: repository suffix -> host entrypoint")
+    p.add_argument("--faults", help="JSON file of injected faults (see the module docstring)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     NodeAgent(args).run()
