@@ -7,6 +7,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -241,7 +242,7 @@ def test_faults_file_truncates_the_next_matching_pod_log(
             manifest = json.loads(job(name, "echo 0123456789"))
             manifest["spec"]["template"]["metadata"] = {"labels": {"fault-test": namespace}}
             kubectl.apply(json.dumps(manifest), namespace)
-            assert wait_for(lambda n=name: job_condition(kubectl, namespace, n)) == "Complete"
+            assert wait_for(partial(job_condition, kubectl, namespace, name)) == "Complete"
         assert kubectl("logs", "-n", namespace, "job/first") == "01234"
         assert kubectl("logs", "-n", namespace, "job/first") == "01234"  # stays truncated
         assert kubectl("logs", "-n", namespace, "job/second") == "0123456789\n"
