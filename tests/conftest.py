@@ -14,21 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.controlplane import Sandbox, load_env
+from sandbox.controlplane import Sandbox
 
 
 @pytest.fixture(scope="session")
-def sandbox_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     reuse = os.environ.get("SCANGATE_SANDBOX_DIR")
     if reuse:
-        yield load_env(Path(reuse))
+        yield Sandbox.attach(Path(reuse))
         return
-    sandbox = Sandbox(tmp_path_factory.mktemp("sandbox"))
-    sandbox.up(operator=True)
+    started = Sandbox(tmp_path_factory.mktemp("sandbox"))
+    started.up(operator=True)
     try:
-        yield sandbox.env
+        yield started
     finally:
-        sandbox.down()
+        started.down()
+
+
+@pytest.fixture(scope="session")
+def sandbox_env(sandbox: Sandbox) -> dict[str, str]:
+    return sandbox.env
 
 
 class Kubectl:

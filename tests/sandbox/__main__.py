@@ -12,12 +12,16 @@ from sandbox.controlplane import Sandbox
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/sandbox", description=__doc__)
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "images"],
+                        help="start, stop, or list the named test images (JSON)")
     parser.add_argument("--dir", required=True, type=Path, help="state, logs and env go here")
     parser.add_argument("--operator", action="store_true",
                         help="also install the CRDs and run the operator from the checkout")
     args = parser.parse_args(argv)
     sandbox = Sandbox(args.dir.resolve())
+    if args.command == "images":
+        print((sandbox.dir / "images.json").read_text())
+        return 0
     if args.command == "down":
         sandbox.down()
         print(f"sandbox in {sandbox.dir} stopped")

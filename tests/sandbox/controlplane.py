@@ -19,6 +19,9 @@ from pathlib import Path
 
 import httpx
 
+from sandbox.advisories import build_db, expected_findings, load_images
+from sandbox.distribution import Registry
+from sandbox.images import Pusher, build_image, platforms
 from sandbox.pki import CertificateAuthority, KeyPair, client_context, service_account_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +70,12 @@ class Sandbox:
     dir: Path
     bin: Path = field(default_factory=Path)
     env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def attach(cls, directory: Path) -> Sandbox:
+        """A sandbox that `hack/sandbox up` already started."""
+        env = load_env(directory)
+        return cls(directory, Path(env["KUBECTL"]).parent, env)
 
     @property
     def kubeconfig(self) -> Path:
@@ -198,7 +207,54 @@ class Sandbox:
             "SANDBOX_CA": str(ca.cert_path),
         }
         self._wait_controllers_and_node(server, ca.cert_path, admin, timeout)
+        self._start_registry_and_trivy(timeout)
+        self._write_env()
+
+    def _write_env(self) -> None:
         (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+
+    # -- registry, Trivy DB, test images, Trivy server ---------------------------------
+
+    def _start_registry_and_trivy(self, timeout: float) -> None:
+        registry = Registry(self.dir / "registry", free_port())
+        self._spawn("registry", registry.command())
+        registry.wait_ready(timeout)
+        pusher = Pusher(registry.url)
+        archive = build_db(self.dir / "trivydb")
+        db_repository = f"{registry.host}/trivy-db:2"
+        pusher.trivy_db("trivy-db", "2", archive.read_bytes())
+        listing = []
+        for name, decl in load_images().items():
+            repository, tag = f"scangate-test/{name}", "1.0"
+            images = [build_image(d, platform) for platform, d in platforms(decl).items()]
+            if "platforms" in decl:
+                pusher.index(repository, tag, images)
+            else:
+                pusher.image(repository, tag, images[0])
+            for image, d in zip(images, platforms(decl).values(), strict=True):
+                listing.append({"name": name, "image": f"{registry.host}/{repository}:{tag}",
+                                "digest": image.digest,
+                                **({"platform": image.platform} if "platforms" in decl else {}),
+                                "expected": expected_findings(d)})
+        pusher.close()
+        (self.dir / "images.json").write_text(json.dumps(listing, indent=1))
+        trivy = str(Path(sys.executable).parent / "trivy")
+        trivy_port = free_port()
+        self._spawn("trivy-server", [
+            trivy, "server", "--listen", f"127.0.0.1:{trivy_port}", "--insecure",
+            "--db-repository", db_repository, "--cache-dir", str(self.dir / "trivy-server")])
+        trivy_url = f"http://127.0.0.1:{trivy_port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{trivy_url}/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise TimeoutError(f"trivy server not ready; see {self.dir}/logs/trivy-server.log")
+        self.env.update({"REGISTRY": registry.host, "TRIVY": trivy,
+                         "TRIVY_DB_REPOSITORY": db_repository, "TRIVY_SERVER": trivy_url})
 
     # -- the operator from the checkout ----------------------------------------------
 
@@ -211,7 +267,8 @@ class Sandbox:
 
     def operator_kubeconfig(self, namespace: str = "scangate-system") -> Path:
         """Credentials of the chart's ServiceAccount, bound by the chart's own RBAC."""
-        self.kubectl("create", "namespace", namespace)
+        self.kubectl("apply", "-f", "-", input=self.kubectl(
+            "create", "namespace", namespace, "--dry-run=client", "-o", "yaml"))
         rbac = subprocess.run(
             [self.env["HELM"], "template", "scangate", str(REPO / "charts" / "scangate"),
              "--namespace", namespace, "--show-only", "templates/rbac.yaml"],
@@ -232,7 +289,21 @@ class Sandbox:
         path.chmod(0o600)
         return path
 
-    def start_operator(self, timeout: float = 60.0) -> None:
+    def stop_operator(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the operator (SIGKILL to simulate a crash); the rest keeps running."""
+        pids = self._pids()
+        for p in pids:
+            pid = int(str(p["pid"]))
+            if p["name"] == "operator" and self._ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, sig)
+                deadline = time.monotonic() + 15
+                while self._ours(pid) and time.monotonic() < deadline:
+                    _reap(pid)
+                    time.sleep(0.1)
+        self.pids_file.write_text(json.dumps([p for p in pids if p["name"] != "operator"]))
+
+    def start_operator(self, timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> None:
         """Install the CRDs and run `scangate run` from the checkout with its webhooks,
         as the chart's ServiceAccount (so the tests exercise the chart's RBAC)."""
         self.kubectl("apply", "-f", str(REPO / "crds"))
@@ -250,9 +321,14 @@ class Sandbox:
             "--health-port", str(health_port),
             "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
             "--webhook-ca-file", str(ca.cert_path),
+            "--insecure-registries", json.dumps([self.env["REGISTRY"]]),
+            "--trivy-server-url", self.env["TRIVY_SERVER"],
+            "--trivy-db-repository", self.env["TRIVY_DB_REPOSITORY"],
+            "--trivy-insecure-db-repository", "--retry-backoff", "1s",
+            "--reconcile-interval", "1", *extra_args,
         ], env={"KUBECONFIG": str(kubeconfig)})
         self.env["SCANGATE_METRICS"] = f"http://127.0.0.1:{metrics_port}"
-        (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+        self._write_env()
         # Ready when the API server routes a bad object to the webhook and it refuses it.
         probe = ('{"apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": '
                  '{"name": "probe", "namespace": "default"}, "spec": {"registry": {"url": '

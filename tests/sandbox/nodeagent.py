@@ -510,7 +510,6 @@ class PodRunner(threading.Thread):
         status: Obj = {
             "phase": self.phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
             "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": self.start_time,
-            "qosClass": "BestEffort",
             "conditions": [cond("PodScheduled", True), cond("Initialized", initialized),
                            cond("ContainersReady", ready), cond("Ready", ready)],
             "initContainerStatuses": [c.status() for c in self.init] or None,

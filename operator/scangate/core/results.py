@@ -16,13 +16,17 @@ def result_from_log(log: str, budget_bytes: int) -> dict[str, Any]:
     report = parse_report(frames["report"])
     result = summarize(report, budget_bytes)
     scanner: dict[str, Any] = {"name": "trivy"}
-    if "version" in frames:
-        version = VersionInfo.model_validate_json(frames["version"])
-        scanner["version"] = version.version
-        if version.db_updated_at:
-            scanner["dbUpdatedAt"] = version.db_updated_at
-    elif report.trivy and report.trivy.version:
-        scanner["version"] = report.trivy.version
+    # Standalone: the Job's own DB (`trivy version`); client/server: the server's, in the report.
+    local = VersionInfo.model_validate_json(frames["version"]) if "version" in frames else None
+    server = report.trivy.server if report.trivy else None
+    version = (local.version if local else None) or (report.trivy.version if report.trivy
+                                                      else None)
+    db_updated_at = (server.db_updated_at if server else None) or (
+        local.db_updated_at if local else None)
+    if version:
+        scanner["version"] = version
+    if db_updated_at:
+        scanner["dbUpdatedAt"] = db_updated_at
     result["scanner"] = scanner
     os_ = os_info(report)
     if os_:

@@ -53,8 +53,23 @@ class Metadata(_Trivy):
     repo_digests: list[str] | None = Field(default=None, alias="RepoDigests")
 
 
-class TrivyInfo(_Trivy):
+class VersionInfo(_Trivy):
+    """`trivy version --format json`: the scanner and its vulnerability DB."""
+
     version: str | None = Field(default=None, alias="Version")
+    vulnerability_db: dict[str, Any] | None = Field(default=None, alias="VulnerabilityDB")
+
+    @property
+    def db_updated_at(self) -> str | None:
+        value = (self.vulnerability_db or {}).get("UpdatedAt")
+        return str(value) if value else None
+
+
+class TrivyInfo(_Trivy):
+    """The report's own note of the scanner; in client/server mode, also the server's DB."""
+
+    version: str | None = Field(default=None, alias="Version")
+    server: VersionInfo | None = Field(default=None, alias="Server")
 
 
 class Report(_Trivy):
@@ -66,18 +81,6 @@ class Report(_Trivy):
     metadata: Metadata | None = Field(default=None, alias="Metadata")
     results: list[Result] | None = Field(default=None, alias="Results")
     trivy: TrivyInfo | None = Field(default=None, alias="Trivy")
-
-
-class VersionInfo(_Trivy):
-    """`trivy version --format json`: the scanner and its vulnerability DB."""
-
-    version: str | None = Field(default=None, alias="Version")
-    vulnerability_db: dict[str, Any] | None = Field(default=None, alias="VulnerabilityDB")
-
-    @property
-    def db_updated_at(self) -> str | None:
-        value = (self.vulnerability_db or {}).get("UpdatedAt")
-        return str(value) if value else None
 
 
 class ReportError(ValueError):
