@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ class Registry:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        verify = str(self.tls.cert_path) if self.tls else True
+        verify = (ssl.create_default_context(cafile=str(self.tls.cert_path)) if self.tls
+                  else True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
