@@ -189,14 +189,15 @@ class RegistryClient:
             for m in body.get("manifests", []))
         raise ImageNotFound(f"image {ref} has no {platform} manifest (has: {available})")
 
-    async def tags(self, repository: str) -> list[str]:
+    async def tags(self, repository: str, page_size: int = 1000) -> list[str]:
         """Every tag of a repository, following pagination."""
-        return await self._paginate(f"/v2/{repository}/tags/list?n=1000",
+        return await self._paginate(f"/v2/{repository}/tags/list?n={page_size}",
                                     f"repository:{repository}:pull", "tags")
 
-    async def catalog(self) -> list[str]:
+    async def catalog(self, page_size: int = 1000) -> list[str]:
         """Every repository the credentials may see, following pagination."""
-        return await self._paginate("/v2/_catalog?n=1000", "registry:catalog:*", "repositories")
+        return await self._paginate(f"/v2/_catalog?n={page_size}", "registry:catalog:*",
+                                    "repositories")
 
     async def _paginate(self, path: str, scope: str, key: str) -> list[str]:
         items: list[str] = []
