@@ -1,0 +1,300 @@
+"""The ImageScan lifecycle on the sandbox: real registry, real Trivy, the node agent.
+
+Each test pushes its own variants of the named images (an extra file gives a new
+digest with the same packages), so that digest-keyed reuse across tests never
+hides a scan; expectations come from the advisory list.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Kubectl
+from sandbox.advisories import expected_findings, load_images
+from sandbox.controlplane import Sandbox
+from sandbox.images import Pusher, build_image, platforms
+from sandbox.nodeagent import Api
+
+pytestmark = pytest.mark.sandbox
+SCAN_LABEL = "scangate.dev/imagescan"
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def push_variant(env: dict[str, str], name: str) -> tuple[str, dict[str, Any]]:
+    """Push a fresh-digest variant of a named image; its reference and declaration."""
+    decl = load_images()[name]
+    marker = {"files": {"etc/scangate-test-id": uuid.uuid4().hex}}
+    variants = {p: {**d, **marker} for p, d in platforms(decl).items()}
+    pusher = Pusher(f"http://{env['REGISTRY']}")
+    repository, tag = f"variants/{name}", uuid.uuid4().hex[:12]
+    images = [build_image(d, p) for p, d in variants.items()]
+    if "platforms" in decl:
+        pusher.index(repository, tag, images)
+    else:
+        pusher.image(repository, tag, images[0])
+    pusher.close()
+    return f"{env['REGISTRY']}/{repository}:{tag}", variants
+
+
+def counts(findings: list[dict[str, str]], fixable: bool = False) -> dict[str, int]:
+    chosen = [f for f in findings if f["fixedVersion"] or not fixable]
+    by = Counter(f["severity"].lower() for f in chosen)
+    return {s: by.get(s, 0) for s in ("critical", "high", "medium", "low", "unknown")} | {
+        "total": len(chosen)}
+
+
+def create_scan(kubectl: Kubectl, ns: str, name: str, image: str, **spec: Any) -> None:
+    kubectl.apply(json.dumps({"apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
+                              "metadata": {"name": name}, "spec": {"image": image, **spec}}), ns)
+
+
+def scans(kubectl: Kubectl, ns: str) -> dict[str, dict[str, Any]]:
+    items = json.loads(kubectl("get", "imagescans", "-n", ns, "-o", "json"))["items"]
+    return {i["metadata"]["name"]: i for i in items}
+
+
+def wait_done(kubectl: Kubectl, ns: str, names: list[str], timeout: float = 180
+              ) -> dict[str, dict[str, Any]]:
+    def done() -> dict[str, dict[str, Any]] | None:
+        current = scans(kubectl, ns)
+        finished = all(current.get(n, {}).get("status", {}).get("phase") in ("Completed", "Failed")
+                       for n in names)
+        return current if finished else None
+    result: dict[str, dict[str, Any]] = wait_for(done, timeout, f"scans {names} to finish")
+    return result
+
+
+def jobs(kubectl: Kubectl, ns: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
+        kubectl("get", "jobs", "-n", ns, "-l", SCAN_LABEL, "-o", "json"))["items"]
+    return items
+
+
+def events(kubectl: Kubectl, ns: str, reason: str) -> Counter[str]:
+    items = json.loads(kubectl("get", "events", "-n", ns, "-o", "json"))["items"]
+    return Counter(e["involvedObject"]["name"] for e in items if e["reason"] == reason)
+
+
+def assert_result(scan: dict[str, Any], decl: dict[str, Any]) -> None:
+    expected = expected_findings(decl)
+    status = scan["status"]
+    assert status["phase"] == "Completed", status
+    assert status["summary"] == counts(expected), scan["metadata"]["name"]
+    assert status["fixable"] == counts(expected, fixable=True), scan["metadata"]["name"]
+    got = sorted(({k: f.get(k, "") for k in ("id", "package", "installedVersion",
+                                              "fixedVersion", "severity")}
+                  for f in status.get("findings", [])), key=lambda f: (f["id"], f["package"]))
+    assert got == expected
+    assert status["findingsTruncated"] is False
+    assert status["scanner"]["name"] == "trivy" and status["scanner"]["version"]
+
+
+@pytest.fixture
+def operator(sandbox: Sandbox) -> Iterator[Callable[..., None]]:
+    """Restart the operator with extra flags; the default one is back afterwards."""
+    changed = []
+
+    def restart(*args: str, sig: int = signal.SIGTERM) -> None:
+        sandbox.stop_operator(sig)
+        sandbox.start_operator(extra_args=args)
+        changed.append(args)
+
+    yield restart
+    if changed:
+        sandbox.stop_operator()
+        sandbox.start_operator()
+
+
+@pytest.mark.parametrize("mode", ["ClientServer", "Standalone"])
+def test_every_named_image_scans_to_its_expected_summary(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+    operator: Callable[..., None], mode: str,
+) -> None:
+    if mode == "Standalone":
+        operator("--trivy-mode", "Standalone")
+    wanted: dict[str, dict[str, Any]] = {}
+    for name in load_images():
+        image, variants = push_variant(sandbox_env, name)
+        for platform, decl in variants.items():
+            scan = f"{name}-{platform.split('/')[1]}"
+            create_scan(kubectl, namespace, scan, image, platform=platform)
+            wanted[scan] = decl
+    done = wait_done(kubectl, namespace, list(wanted))
+    for scan, decl in wanted.items():
+        assert_result(done[scan], decl)
+        assert done[scan]["status"]["attempts"] == 1
+    assert done["multiarch-arm64"]["status"]["digest"] != done["multiarch-amd64"]["status"][
+        "digest"]
+    if mode == "Standalone":  # the Job's own DB, downloaded from the registry
+        assert done["clean-amd64"]["status"]["scanner"]["dbUpdatedAt"] == "2026-11-01T00:00:00Z"
+    # The scan pods ran hardened.
+    pod_spec = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]
+    assert pod_spec["automountServiceAccountToken"] is False
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    container = pod_spec["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert all(sandbox_env["REGISTRY"] not in arg or "@sha256:" in arg
+               for arg in container["command"])
+
+
+def test_ten_scans_over_three_digests_run_three_jobs(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
+) -> None:
+    refs = [push_variant(sandbox_env, name) for name in ("clean", "all-low", "alpine-mixed")]
+    names = [f"s{i}" for i in range(10)]
+    for i, name in enumerate(names):
+        create_scan(kubectl, namespace, name, refs[i % 3][0])
+    done = wait_done(kubectl, namespace, names)
+    assert len(jobs(kubectl, namespace)) == 3
+    for i, name in enumerate(names):
+        assert_result(done[name], refs[i % 3][1]["linux/amd64"])
+    reused = [n for n in names if done[n]["status"].get("reusedFrom")]
+    assert len(reused) == 7
+
+
+class JobWatcher(threading.Thread):
+    """Follows every Job event in a namespace and records the most active at once."""
+
+    def __init__(self, sandbox: Sandbox, namespace: str) -> None:
+        super().__init__(daemon=True)
+        pki = sandbox.dir / "pki"
+        server = json.loads(sandbox.kubectl("config", "view", "-o", "json", "--minify"))[
+            "clusters"][0]["cluster"]["server"]
+        self.api = Api(server, str(pki / "ca.crt"), str(pki / "admin.crt"),
+                       str(pki / "admin.key"))
+        self.path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+        self.active: dict[str, bool] = {}
+        self.max_active = 0
+        self.events = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        listing = self.api.get(self.path)
+        assert listing is not None
+        try:
+            for event in self.api.watch(self.path, listing["metadata"]["resourceVersion"]):
+                if self.stop.is_set():
+                    return
+                job = event["object"]
+                if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+                    continue
+                self.events += 1
+                finished = any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
+                               for c in job.get("status", {}).get("conditions") or [])
+                self.active[job["metadata"]["name"]] = not finished and event["type"] != "DELETED"
+                self.max_active = max(self.max_active, sum(self.active.values()))
+        except httpx.HTTPError:
+            pass
+
+
+def test_running_jobs_never_exceed_the_limit(
+    kubectl: Kubectl, namespace: str, sandbox: Sandbox, sandbox_env: dict[str, str],
+    operator: Callable[..., None],
+) -> None:
+    operator("--max-running-scans", "2")
+    watcher = JobWatcher(sandbox, namespace)
+    watcher.start()
+    names = ["clean", "debian-critical", "alpine-mixed", "python-app", "npm-app", "all-low"]
+    variants = {n: push_variant(sandbox_env, n) for n in names}
+    for name in names:
+        create_scan(kubectl, namespace, name, variants[name][0])
+    done = wait_done(kubectl, namespace, names, timeout=240)
+    watcher.stop.set()
+    for name in names:
+        assert_result(done[name], variants[name][1]["linux/amd64"])
+    assert len(watcher.active) == 6
+    assert watcher.max_active == 2, watcher.max_active
+    assert watcher.events >= 12
+
+
+def test_operator_killed_mid_queue_completes_each_scan_exactly_once(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+    operator: Callable[..., None],
+) -> None:
+    operator("--max-running-scans", "2")
+    names = ["clean", "debian-critical", "alpine-mixed", "python-app", "npm-app", "all-low"]
+    variants = {n: push_variant(sandbox_env, n) for n in names}
+    for name in names:
+        create_scan(kubectl, namespace, name, variants[name][0])
+
+    def some_running_and_queued() -> bool:
+        phases = Counter(s.get("status", {}).get("phase") for s in scans(kubectl, namespace)
+                         .values())
+        return phases["Scanning"] >= 1 and phases["Queued"] >= 1
+
+    wait_for(some_running_and_queued, what="a scan running while others queue")
+    operator("--max-running-scans", "2", sig=signal.SIGKILL)
+    done = wait_done(kubectl, namespace, names, timeout=240)
+    for name in names:
+        assert_result(done[name], variants[name][1]["linux/amd64"])
+        assert done[name]["status"]["attempts"] == 1, name
+    per_scan = Counter(j["metadata"]["labels"][SCAN_LABEL] for j in jobs(kubectl, namespace))
+    assert per_scan == dict.fromkeys(names, 1)
+    assert events(kubectl, namespace, "ScanCompleted") == dict.fromkeys(names, 1)
+
+
+def test_corrupted_log_is_retried_never_misread(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
+) -> None:
+    image, variants = push_variant(sandbox_env, "debian-critical")
+    faults = Path(sandbox_env["SANDBOX_DIR"]) / "faults.json"
+    faults.write_text(json.dumps({"truncateLogs": [
+        {"labels": {SCAN_LABEL: "corrupted"}, "bytes": 3000, "times": 1}]}))
+    try:
+        create_scan(kubectl, namespace, "corrupted", image)
+        scan = wait_done(kubectl, namespace, ["corrupted"])["corrupted"]
+    finally:
+        faults.unlink(missing_ok=True)
+    assert_result(scan, variants["linux/amd64"])
+    assert scan["status"]["attempts"] == 2
+    assert len(jobs(kubectl, namespace)) == 2
+    assert events(kubectl, namespace, "ResultCorrupted") == {"corrupted": 1}
+
+
+def test_missing_image_fails_naming_it(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
+) -> None:
+    image = f"{sandbox_env['REGISTRY']}/scangate-test/does-not-exist:1.0"
+    create_scan(kubectl, namespace, "missing", image)
+    status = wait_done(kubectl, namespace, ["missing"])["missing"]["status"]
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "ImageNotFound"
+    assert image in status["message"]
+    assert status["conditions"][0]["status"] == "False"
+    assert events(kubectl, namespace, "ScanFailed") == {"missing": 1}
+    assert jobs(kubectl, namespace) == []
+
+
+def test_metrics_are_exported(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
+) -> None:
+    image, _ = push_variant(sandbox_env, "all-low")
+    create_scan(kubectl, namespace, "metrics", image)
+    wait_done(kubectl, namespace, ["metrics"])
+    text = httpx.get(f"{sandbox_env['SCANGATE_METRICS']}/metrics").text
+    for metric in ("scangate_scans_total{result=\"completed\"}", "scangate_scan_queue_depth",
+                   "scangate_scan_jobs_running", "scangate_scan_duration_seconds_bucket",
+                   "scangate_image_vulnerabilities{"):
+        assert metric in text, metric
+    assert f'image="{image}"' in text
