@@ -185,7 +185,7 @@ def test_registry_client_resolves_platforms_and_paginates(sandbox_env: dict[str,
     images = {(i["name"], i.get("platform")): i for i in named_images(sandbox_env)}
     ref = images[("multiarch", "linux/arm64")]["image"]
 
-    async def go() -> tuple[str, str, list[str]]:
+    async def go() -> tuple[str, str, list[str], list[str]]:
         async with RegistryClient(url) as client:
             arm = await client.resolve(parse_image(ref), "linux/arm64")
             amd = await client.resolve(parse_image(ref), "linux/amd64")
