@@ -7,6 +7,7 @@ otherwise one is started for the session and stopped at its end.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,8 +18,15 @@ import pytest
 from sandbox.controlplane import Sandbox
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM (a CI timeout, `kill`) would end pytest without running finalizers and leave
+    # the sandbox's processes behind; as an exception, it unwinds through the fixtures.
+    raise SystemExit(128 + signum)
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     reuse = os.environ.get("SCANGATE_SANDBOX_DIR")
     if reuse:
         yield Sandbox.attach(Path(reuse))
