@@ -21,7 +21,7 @@ testbin:
 	hack/testbin
 
 lint: venv
-	$(BIN)/ruff check operator tests
+	$(BIN)/ruff check operator tests bench
 	$(BIN)/mypy
 
 unit: venv

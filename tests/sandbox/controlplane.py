@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,8 @@ class Sandbox:
         if any(self._ours(int(str(p["pid"]))) for p in self._pids()):
             raise RuntimeError(f"a sandbox is already running in {self.dir}")
         self.pids_file.unlink(missing_ok=True)
+        for state in ("etcd", "node", "registry", "trivy-server", "trivydb", "logs"):
+            shutil.rmtree(self.dir / state, ignore_errors=True)  # every `up` is a new cluster
         self.bin = testbin_dir()
         try:
             self._start(timeout)
