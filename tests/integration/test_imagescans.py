@@ -22,9 +22,11 @@ import pytest
 
 from conftest import Kubectl
 from sandbox.advisories import expected_findings, load_images
-from sandbox.controlplane import Sandbox
+from sandbox.controlplane import Sandbox, free_port
+from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image, platforms
 from sandbox.nodeagent import Api
+from sandbox.tokenserver import TokenServer
 
 pytestmark = pytest.mark.sandbox
 SCAN_LABEL = "scangate.dev/imagescan"
@@ -298,3 +300,89 @@ def test_metrics_are_exported(
                    "scangate_image_vulnerabilities{"):
         assert metric in text, metric
     assert f'image="{image}"' in text
+
+
+@pytest.fixture
+def token_registry(tmp_path: Path) -> Iterator[tuple[Registry, TokenServer]]:
+    tokens = TokenServer(tmp_path, {"ci": "t0ken-pass"}, service="registry.test")
+    tokens.start()
+    registry = Registry(tmp_path / "registry", free_port(), token_auth=tokens.registry_auth())
+    registry.start()
+    yield registry, tokens
+    registry.stop()
+    tokens.stop()
+
+
+def scan_rule(name: str, registry: Registry, secret: str) -> str:
+    return json.dumps({
+        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": {"name": name},
+        "spec": {"registry": {"url": registry.url, "credentialsSecretRef": {"name": secret}},
+                 "scope": {"namespaces": ["team-a"]}, "triggers": {"onPush": False}}})
+
+
+def test_private_registry_credentials_reach_trivy_from_the_secret(
+    kubectl: Kubectl, namespace: str, token_registry: tuple[Registry, TokenServer]
+) -> None:
+    registry, tokens = token_registry
+    token = httpx.get(tokens.realm, params={"service": "registry.test",
+                                            "scope": "repository:team-a/app:pull,push"},
+                      auth=("ci", "t0ken-pass")).json()["token"]
+    pusher = Pusher(registry.url)
+    pusher.http.headers["Authorization"] = f"Bearer {token}"
+    decl = load_images()["debian-critical"]
+    pusher.image("team-a/app", "1.0", build_image(decl))
+    pusher.close()
+    for name, password in (("good", "t0ken-pass"), ("bad", "wrong")):
+        kubectl("create", "secret", "generic", f"creds-{name}", "-n", namespace,
+                "--type=kubernetes.io/basic-auth", "--from-literal=username=ci",
+                f"--from-literal=password={password}")
+        kubectl.apply(scan_rule(f"rule-{name}", registry, f"creds-{name}"), namespace)
+        create_scan(kubectl, namespace, f"scan-{name}", f"{registry.host}/team-a/app:1.0",
+                    ruleRef={"name": f"rule-{name}"})
+    done = wait_done(kubectl, namespace, ["scan-good", "scan-bad"])
+    assert_result(done["scan-good"], decl)
+    bad = done["scan-bad"]["status"]
+    assert (bad["phase"], bad["reason"]) == ("Failed", "RegistryAuthFailed")
+    assert "'ci'" in bad["message"] and "wrong" not in bad["message"]
+    # The password reached Trivy through Secret-backed env, never through arguments.
+    container = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "TRIVY_PASSWORD", "valueFrom": {"secretKeyRef": {
+        "name": "creds-good", "key": "password"}}} in container["env"]
+    assert not any("t0ken-pass" in part for part in container["command"])
+    assert any(c["sub"] == "ci" for c in tokens.issued)
+
+
+def test_trivy_failures_are_retried_then_fail_with_event_and_metric(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+    operator: Callable[..., None],
+) -> None:
+    # A Trivy server that is down: every attempt's Job fails.
+    operator("--trivy-server-url", "http://127.0.0.1:9", "--max-scan-attempts", "2")
+    image, _ = push_variant(sandbox_env, "clean")
+    create_scan(kubectl, namespace, "doomed", image)
+    status = wait_done(kubectl, namespace, ["doomed"])["doomed"]["status"]
+    assert (status["phase"], status["reason"], status["attempts"]) == ("Failed", "TrivyFailed", 2)
+    assert "Trivy failed" in status["message"] and "after 2 attempts" in status["message"]
+    assert len(jobs(kubectl, namespace)) == 2
+    assert events(kubectl, namespace, "TrivyFailed") == {"doomed": 1}  # the retry
+    assert events(kubectl, namespace, "ScanFailed") == {"doomed": 1}
+    text = httpx.get(f"{sandbox_env['SCANGATE_METRICS']}/metrics").text
+    assert 'scangate_scan_failures_total{reason="TrivyFailed"}' in text
+
+
+def test_stale_results_are_scanned_again(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+    operator: Callable[..., None],
+) -> None:
+    operator("--rescan-interval", "8s")
+    image, variants = push_variant(sandbox_env, "all-low")
+    create_scan(kubectl, namespace, "fresh", image)
+    first = wait_done(kubectl, namespace, ["fresh"])["fresh"]["status"]["scannedAt"]
+
+    def rescanned() -> bool:
+        status = scans(kubectl, namespace)["fresh"]["status"]
+        return bool(status.get("phase") == "Completed" and status["scannedAt"] != first)
+
+    wait_for(rescanned, timeout=60, what="a rescan")
+    assert len(jobs(kubectl, namespace)) >= 2
+    assert_result(scans(kubectl, namespace)["fresh"], variants["linux/amd64"])

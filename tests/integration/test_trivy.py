@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 
 from sandbox.advisories import load_advisories, load_images
@@ -204,3 +205,38 @@ def test_registry_client_resolves_platforms_and_paginates(sandbox_env: dict[str,
     repositories = {i["image"].split("/", 1)[1].rsplit(":", 1)[0] for i in images.values()}
     assert repositories | {"paging/app", "trivy-db"} <= set(catalog)
     assert len(catalog) == len(set(catalog)) > 3
+
+
+def test_registry_client_with_token_auth(tmp_path: Path) -> None:
+    from sandbox.tokenserver import TokenServer
+
+    tokens = TokenServer(tmp_path, {"ci": "t0ken-pass"}, service="registry.test")
+    tokens.start()
+    registry = Registry(tmp_path / "registry", free_port(), token_auth=tokens.registry_auth())
+    registry.start()
+    try:
+        assert httpx.get(f"{registry.url}/v2/").status_code == 401
+        good = Credentials("ci", "t0ken-pass")
+
+        async def go(credentials: Credentials | None) -> str:
+            async with RegistryClient(registry.url, credentials=credentials) as client:
+                return (await client.resolve(parse_image(f"{registry.host}/team-a/api:1.0"))
+                        ).digest
+
+        # Push through the same flow: a token with push rights.
+        token = httpx.get(tokens.realm, params={"service": "registry.test",
+                                                "scope": "repository:team-a/api:pull,push"},
+                          auth=("ci", "t0ken-pass")).json()["token"]
+        pusher = Pusher(registry.url)
+        pusher.http.headers["Authorization"] = f"Bearer {token}"
+        digest = pusher.image("team-a/api", "1.0", build_image(load_images()["clean"]))
+        assert asyncio.run(go(good)) == digest
+        assert tokens.issued[-1]["access"] == [
+            {"type": "repository", "name": "team-a/api", "actions": ["pull"]}]
+        with pytest.raises(RegistryAuthError, match="refused"):
+            asyncio.run(go(Credentials("ci", "wrong")))
+        with pytest.raises(RegistryAuthError):
+            asyncio.run(go(None))
+    finally:
+        registry.stop()
+        tokens.stop()

@@ -1,6 +1,7 @@
 """A real registry for the tests: Debian's `docker-registry` (distribution v2.8) on loopback.
 
-Variants: plain HTTP (the default), TLS with a test CA, and htpasswd Basic auth;
+Variants: plain HTTP (the default), TLS with a test CA, htpasswd Basic auth, and
+bearer-token auth with sandbox.tokenserver;
 push notifications go to any endpoints given.
 """
 
@@ -31,6 +32,8 @@ class Registry:
     tls: CertificateAuthority | None = None
     users: dict[str, str] = field(default_factory=dict)
     notify: list[str] = field(default_factory=list)
+    token_auth: dict[str, object] | None = None
+    """The `auth:` section for token auth (see sandbox.tokenserver)."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +57,9 @@ class Registry:
                         "delete": {"enabled": True}},
             "http": http,
         }
-        if self.users:
+        if self.token_auth:
+            config["auth"] = self.token_auth
+        elif self.users:
             htpasswd = self.dir / "htpasswd"
             htpasswd.write_text("".join(
                 f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"

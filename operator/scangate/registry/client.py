@@ -143,8 +143,9 @@ class RegistryClient:
         except httpx.HTTPError as e:
             raise RegistryUnavailable(f"token service {params['realm']} unreachable: {e}") from None
         if token_response.status_code in (401, 403):
+            who = f"of {self.credentials.username!r}" if self.credentials else "(none given)"
             raise RegistryAuthError(
-                f"token service of {self.base_url} refused the credentials for {scope}")
+                f"token service of {self.base_url} refused the credentials {who} for {scope}")
         if token_response.status_code != 200:
             raise RegistryUnavailable(
                 f"token service answered HTTP {token_response.status_code}")

@@ -40,6 +40,7 @@ class ScanJobSpec:
     scan_uid: str
     image: str
     """The reference Trivy pulls: repository@digest, so that a moved tag cannot race us."""
+    queued_at: str
     attempt: int
     timeout_seconds: int
     scanners: tuple[str, ...] = ("vuln",)
@@ -69,9 +70,10 @@ class TrivySettings:
     })
 
 
-def job_name(scan_name: str, scan_uid: str, attempt: int) -> str:
-    """Deterministic, so that a restarted operator finds the Job instead of duplicating it."""
-    suffix = hashlib.sha256(f"{scan_uid}/{attempt}".encode()).hexdigest()[:8]
+def job_name(scan_name: str, scan_uid: str, queued_at: str, attempt: int) -> str:
+    """Deterministic for one attempt of one queueing, so that a restarted operator finds
+    the Job instead of duplicating it; a rescan (queued again) gets a new one."""
+    suffix = hashlib.sha256(f"{scan_uid}/{queued_at}/{attempt}".encode()).hexdigest()[:8]
     return f"scan-{scan_name[:40].rstrip('-.')}-{suffix}"
 
 
@@ -101,7 +103,7 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
 
 
 def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
-    name = job_name(spec.scan_name, spec.scan_uid, spec.attempt)
+    name = job_name(spec.scan_name, spec.scan_uid, spec.queued_at, spec.attempt)
     env: list[dict[str, Any]] = [{"name": "HOME", "value": WORK},
                                  {"name": "TMPDIR", "value": f"{WORK}/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]

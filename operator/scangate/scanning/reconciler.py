@@ -245,7 +245,8 @@ class ScanReconciler:
         timeout = parse_duration(spec.get("timeout") or self.settings.scan_timeout)
         job_spec = ScanJobSpec(
             scan_name=meta["name"], namespace=meta["namespace"], scan_uid=meta["uid"],
-            image=f"{ref.name}@{ref.digest}", attempt=attempt,
+            image=f"{ref.name}@{ref.digest}", queued_at=str(status.get("queuedAt")),
+            attempt=attempt,
             timeout_seconds=int(timeout.total_seconds()), scanners=tuple(scanners),
             ignore_unfixed=ignore_unfixed, platform=status.get("platform") or "linux/amd64",
             insecure_registry=self._base_url(ref, rule).startswith("http://"),
