@@ -248,3 +248,45 @@ def test_faults_file_truncates_the_next_matching_pod_log(
         assert kubectl("logs", "-n", namespace, "job/second") == "0123456789\n"
     finally:
         faults.unlink(missing_ok=True)
+
+
+def test_init_containers_env_from_configmap_projected_token_and_deletion(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    kubectl("create", "configmap", "settings", "-n", namespace, "--from-literal=GREETING=hi")
+    marker = f"/tmp/scangate-sandbox-{namespace}"
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "lifecycle"},
+        "spec": {
+            "restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+            "initContainers": [
+                {"name": f"init{i}", "image": "busybox",
+                 "command": ["sh", "-c", f"echo init{i} >> /work/order"],
+                 "volumeMounts": [{"name": "work", "mountPath": "/work"}]} for i in (1, 2)],
+            "containers": [{
+                "name": "main", "image": "busybox",
+                "command": ["sh", "-c", "cat /work/order; echo $GREETING $(POD); "
+                            "test -s /var/run/secrets/kubernetes.io/serviceaccount/token "
+                            f"&& echo token; touch {marker}; sleep 300; rm {marker}"],
+                "env": [{"name": "POD", "valueFrom": {"fieldRef": {
+                    "fieldPath": "metadata.name"}}}],
+                "envFrom": [{"configMapRef": {"name": "settings"}}],
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
+            "volumes": [{"name": "work", "emptyDir": {}}]}}
+    kubectl.apply(json.dumps(pod), namespace)
+    # The ServiceAccount admission plugin adds the projected kube-api-access volume.
+    wait_for(lambda: Path(marker).exists(), what="the main container to start")
+    logs = kubectl("logs", "-n", namespace, "lifecycle", "-c", "main")
+    assert logs.split() == ["init1", "init2", "hi", "lifecycle", "token"]
+    status = get(kubectl, "-n", namespace, "pod", "lifecycle")["status"]
+    assert [c["state"]["terminated"]["exitCode"] for c in status["initContainerStatuses"]] == [0, 0]
+    assert "running" in status["containerStatuses"][0]["state"]
+
+    kubectl("delete", "pod", "lifecycle", "-n", namespace, "--wait=true", "--timeout=30s")
+    # The process was killed (sleep never finished to remove the marker, and no sleep is left).
+    assert Path(marker).exists()
+    Path(marker).unlink()
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True)
+    assert left.returncode == 1
