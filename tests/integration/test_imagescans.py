@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Kubectl
+from conftest import Kubectl, wait_for
 from sandbox.advisories import expected_findings, load_images
 from sandbox.controlplane import Sandbox, free_port
 from sandbox.distribution import Registry
@@ -30,16 +29,6 @@ from sandbox.tokenserver import TokenServer
 
 pytestmark = pytest.mark.sandbox
 SCAN_LABEL = "scangate.dev/imagescan"
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def push_variant(env: dict[str, str], name: str) -> tuple[str, dict[str, Any]]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -14,20 +13,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from conftest import Kubectl
+from conftest import Kubectl, wait_for
 from sandbox.pki import CertificateAuthority
 
 pytestmark = pytest.mark.sandbox
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def get(kubectl: Kubectl, *args: str) -> dict[str, Any]:
