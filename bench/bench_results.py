@@ -19,9 +19,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from scangate.core import framing  # noqa: E402
-from scangate.core.results import result_from_log  # noqa: E402
-from scangate.core.trivy import parse_report, summarize  # noqa: E402
+from scangate.core import framing
+from scangate.core.results import result_from_log
+from scangate.core.trivy import parse_report, summarize
 
 SEVERITIES = ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
 
