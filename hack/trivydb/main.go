@@ -45,29 +45,33 @@ func run(in, out string) error {
 		return fmt.Errorf("%s: %w", in, err)
 	}
 	_ = os.Remove(out)
-	db, err := bolt.Open(out, 0o644, &bolt.Options{Timeout: 5 * time.Second})
+	db, err := bolt.Open(out, 0o644, &bolt.Options{Timeout: 5 * time.Second, NoSync: true})
 	if err != nil {
 		return err
 	}
 	defer db.Close()
-	return db.Update(func(tx *bolt.Tx) error {
-		for _, e := range entries {
-			if len(e.Path) == 0 {
-				return fmt.Errorf("entry %q has no bucket path", e.Key)
-			}
-			b, err := tx.CreateBucketIfNotExists([]byte(e.Path[0]))
-			if err != nil {
-				return err
-			}
-			for _, name := range e.Path[1:] {
-				if b, err = b.CreateBucketIfNotExists([]byte(name)); err != nil {
-					return err
-				}
-			}
-			if err := b.Put([]byte(e.Key), []byte(e.Value)); err != nil {
-				return err
-			}
+	// One transaction per entry: a large transaction lays out its pages in Go map
+	// order, so the same entries would give different bytes from run to run.
+	for _, e := range entries {
+		if err := db.Update(func(tx *bolt.Tx) error { return put(tx, e) }); err != nil {
+			return err
 		}
-		return nil
-	})
+	}
+	return db.Sync()
+}
+
+func put(tx *bolt.Tx, e entry) error {
+	if len(e.Path) == 0 {
+		return fmt.Errorf("entry %q has no bucket path", e.Key)
+	}
+	b, err := tx.CreateBucketIfNotExists([]byte(e.Path[0]))
+	if err != nil {
+		return err
+	}
+	for _, name := range e.Path[1:] {
+		if b, err = b.CreateBucketIfNotExists([]byte(name)); err != nil {
+			return err
+		}
+	}
+	return b.Put([]byte(e.Key), []byte(e.Value))
 }

@@ -240,3 +240,10 @@ def test_registry_client_with_token_auth(tmp_path: Path) -> None:
     finally:
         registry.stop()
         tokens.stop()
+
+
+def test_vulnerability_db_is_reproducible(tmp_path: Path) -> None:
+    from sandbox.advisories import build_db
+
+    first = build_db(tmp_path / "one").read_bytes()
+    assert build_db(tmp_path / "two").read_bytes() == first
