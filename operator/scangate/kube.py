@@ -71,11 +71,6 @@ class Kube:
                          namespace, plural, name, {"status": status},
                          _content_type="application/merge-patch+json", _preload_content=False)
 
-    async def create_custom(self, plural: str, namespace: str, body: Obj) -> Obj:
-        obj: Obj = await self._json(self.custom.create_namespaced_custom_object, GROUP, VERSION,
-                                    namespace, plural, body)
-        return obj
-
     # -- core ----------------------------------------------------------------------
 
     async def get_secret(self, namespace: str, name: str) -> Obj | None:

@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from scangate.core.durations import format_duration, parse_duration
+from scangate.core.durations import parse_duration
 from scangate.core.images import InvalidReference, parse_image
 
 DIGEST = "sha256:" + "ab" * 32
@@ -48,8 +48,3 @@ def test_durations(text: str, seconds: float) -> None:
 def test_invalid_durations(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)
-
-
-def test_format_duration_round_trips() -> None:
-    for text in ("1h30m", "7d", "45s", "1d2h3m4s"):
-        assert format_duration(parse_duration(text)) == text

@@ -21,16 +21,3 @@ def parse_duration(text: str) -> timedelta:
             f"invalid duration {text!r}: use a number and a unit, e.g. 90s, 10m, 1h30m, 7d")
     seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(text))
     return timedelta(seconds=seconds)
-
-
-def format_duration(delta: timedelta) -> str:
-    """The shortest duration string for a whole number of seconds (`5400s` -> `1h30m`)."""
-    seconds = int(delta.total_seconds())
-    if seconds == 0:
-        return "0s"
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, seconds = divmod(seconds, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts)
