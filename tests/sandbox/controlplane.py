@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,15 +248,7 @@ class Sandbox:
             trivy, "server", "--listen", f"127.0.0.1:{trivy_port}", "--insecure",
             "--db-repository", db_repository, "--cache-dir", str(self.dir / "trivy-server")])
         trivy_url = f"http://127.0.0.1:{trivy_port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{trivy_url}/healthz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise TimeoutError(f"trivy server not ready; see {self.dir}/logs/trivy-server.log")
+        self._until(lambda: _http_ok(httpx.get, f"{trivy_url}/healthz"), timeout, "trivy server")
         self.env.update({"REGISTRY": registry.host, "TRIVY": trivy,
                          "TRIVY_DB_REPOSITORY": db_repository, "TRIVY_SERVER": trivy_url})
 
@@ -296,14 +289,8 @@ class Sandbox:
         """Stop the operator (SIGKILL to simulate a crash); the rest keeps running."""
         pids = self._pids()
         for p in pids:
-            pid = int(str(p["pid"]))
-            if p["name"] == "operator" and self._ours(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, sig)
-                deadline = time.monotonic() + 15
-                while self._ours(pid) and time.monotonic() < deadline:
-                    _reap(pid)
-                    time.sleep(0.1)
+            if p["name"] == "operator":
+                self._stop(int(str(p["pid"])), sig, grace=15)
         self.pids_file.write_text(json.dumps([p for p in pids if p["name"] != "operator"]))
 
     def start_operator(self, timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> None:
@@ -337,16 +324,15 @@ class Sandbox:
                  '{"name": "probe", "namespace": "default"}, "spec": {"registry": {"url": '
                  '"http://probe.invalid"}, "scope": {"namespaces": ["probe"]}, '
                  '"tagFilter": "("}}')
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
+
+        def refused() -> bool:
             try:
                 self.kubectl("create", "--dry-run=server", "-f", "-", input=probe)
             except RuntimeError as e:
-                if "spec.tagFilter" in str(e):
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(f"operator webhook not serving; see {self.dir}/logs/operator.log")
+                return "spec.tagFilter" in str(e)
+            return False
+
+        self._until(refused, timeout, "operator webhook")
 
     def _node_path(self) -> str:
         """PATH of the node's containers: the host's, plus the virtualenv (trivy lives there)."""
@@ -356,32 +342,35 @@ class Sandbox:
         return httpx.Client(verify=client_context(ca, admin.cert, admin.key), timeout=5)
 
     def _wait_ready(self, server: str, ca: Path, admin: KeyPair, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         with self._client(ca, admin) as client:
-            while time.monotonic() < deadline:
-                self._check_alive()
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{server}/readyz").status_code == 200:
-                        return
-                time.sleep(0.3)
-        raise TimeoutError(f"kube-apiserver not ready after {timeout}s; see {self.dir}/logs")
+            self._until(lambda: _http_ok(client.get, f"{server}/readyz"), timeout,
+                        "kube-apiserver")
 
     def _wait_controllers_and_node(
         self, server: str, ca: Path, admin: KeyPair, timeout: float
     ) -> None:
         """The default ServiceAccount proves the controllers run; a Ready Node, the agent."""
-        deadline = time.monotonic() + timeout
+
+        def ready() -> bool:
+            sa = client.get(f"{server}/api/v1/namespaces/default/serviceaccounts/default")
+            node = client.get(f"{server}/api/v1/nodes/{NODE_NAME}")
+            if sa.status_code != 200 or node.status_code != 200:
+                return False
+            conditions = node.json().get("status", {}).get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
         with self._client(ca, admin) as client:
-            while time.monotonic() < deadline:
-                self._check_alive()
-                sa = client.get(f"{server}/api/v1/namespaces/default/serviceaccounts/default")
-                node = client.get(f"{server}/api/v1/nodes/{NODE_NAME}")
-                if sa.status_code == 200 and node.status_code == 200:
-                    conditions = node.json().get("status", {}).get("conditions", [])
-                    if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-                        return
-                time.sleep(0.3)
-        raise TimeoutError(f"controllers or node agent not ready; see {self.dir}/logs")
+            self._until(ready, timeout, "controllers and node agent")
+
+    def _until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll `check` while every process of the sandbox stays up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if check():
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{what} not ready after {timeout}s; see {self.dir}/logs")
 
     def _check_alive(self) -> None:
         for p in self._pids():
@@ -391,20 +380,29 @@ class Sandbox:
     def down(self, grace: float = 10.0) -> None:
         """Stop every process this sandbox started, newest first, and nothing else."""
         for p in reversed(self._pids()):
-            pid = int(str(p["pid"]))
-            if not self._ours(pid):
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while self._ours(pid) and time.monotonic() < deadline:
-                _reap(pid)
-                time.sleep(0.1)
-            if self._ours(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                _reap(pid)
+            self._stop(int(str(p["pid"])), signal.SIGTERM, grace)
         self.pids_file.unlink(missing_ok=True)
+
+    def _stop(self, pid: int, sig: int, grace: float) -> None:
+        """Signal one of our process groups; SIGKILL it if it outlives `grace`."""
+        if not self._ours(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + grace
+        while self._ours(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+        if self._ours(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _reap(pid)
+
+
+def _http_ok(get: Callable[..., httpx.Response], url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return get(url, timeout=2).status_code == 200
+    return False
 
 
 def _reap(pid: int) -> None:
