@@ -11,19 +11,23 @@ import contextlib
 import json
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from scangate.api import GROUP, VERSION
 
-T = TypeVar("T")
 Obj = dict[str, Any]
 
 
+def stamp(moment: datetime) -> str:
+    """A Kubernetes timestamp (RFC 3339, UTC, seconds)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return stamp(datetime.now(UTC))
 
 
 def load_config() -> None:
@@ -36,7 +40,6 @@ def load_config() -> None:
 class Kube:
     def __init__(self) -> None:
         api = client.ApiClient()
-        self._api = api
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
@@ -99,8 +102,8 @@ class Kube:
             raise
         return True
 
-    async def job_pod_log(self, namespace: str, job: str, container: str) -> tuple[str, Obj]:
-        """The log and the pod of a Job's (only) pod."""
+    async def job_pod_log(self, namespace: str, job: str, container: str) -> str:
+        """The log of a Job's (newest) pod."""
         pods = await self._json(self.core.list_namespaced_pod, namespace,
                                 label_selector=f"job-name={job}")
         if not pods["items"]:
@@ -108,7 +111,8 @@ class Kube:
         pod = sorted(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])[-1]
         response = await self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
                                     namespace, container=container, _preload_content=False)
-        return response.data.decode("utf-8", errors="replace"), pod
+        text: str = response.data.decode("utf-8", errors="replace")
+        return text
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         """Record a Kubernetes Event on `obj`, for `kubectl describe`."""

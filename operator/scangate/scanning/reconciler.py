@@ -24,7 +24,7 @@ from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.queue import Requeue, Reuse, ScanView, Start, plan, scan_key
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.trivy import ReportError
-from scangate.kube import Kube, Obj, now
+from scangate.kube import Kube, Obj, now, stamp
 from scangate.registry.auth import CredentialsError, credentials_from_secret
 from scangate.registry.client import (
     Credentials,
@@ -41,10 +41,6 @@ RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "os", "s
 
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _condition(ready: bool, reason: str, message: str, generation: int | None) -> list[Obj]:
@@ -178,7 +174,7 @@ class ScanReconciler:
             await self._set(scan, {
                 "phase": "Pending", "reason": e.reason, "message": message,
                 "attempts": attempts + 1,
-                "retryAfter": _stamp(datetime.now(UTC) + delay),
+                "retryAfter": stamp(datetime.now(UTC) + delay),
                 "conditions": _condition(False, e.reason, message, meta.get("generation"))})
             metrics.SCAN_FAILURES.labels(e.reason).inc()
             await self.kube.event(scan, "Warning", e.reason, message)
@@ -191,12 +187,18 @@ class ScanReconciler:
             "conditions": _condition(False, "Queued", f"waiting to scan {resolved.digest}",
                                      meta.get("generation"))})
 
-    async def _rule(self, scan: Obj) -> Obj | None:
+    async def _rule_registry(self, scan: Obj) -> tuple[Obj | None, Obj, str | None, Obj | None]:
+        """The scan's ScanRule (if any), its registry spec, and the credentials Secret's name
+        and object (None when the Secret is missing)."""
         rule_ref = scan["spec"].get("ruleRef")
-        if not rule_ref:
-            return None
-        return await self.kube.get_custom("scanrules", scan["metadata"]["namespace"],
-                                          rule_ref["name"])
+        rule = (await self.kube.get_custom("scanrules", scan["metadata"]["namespace"],
+                                           rule_ref["name"]) if rule_ref else None)
+        registry: Obj = (rule or {}).get("spec", {}).get("registry", {})
+        secret_ref = registry.get("credentialsSecretRef")
+        if not secret_ref:
+            return rule, registry, None, None
+        secret = await self.kube.get_secret(scan["metadata"]["namespace"], secret_ref["name"])
+        return rule, registry, secret_ref["name"], secret
 
     def _base_url(self, ref: ImageRef, rule: Obj | None) -> str:
         if rule:
@@ -209,9 +211,12 @@ class ScanReconciler:
         return f"{'http' if insecure else 'https'}://{ref.registry}"
 
     async def _registry(self, scan: Obj, ref: ImageRef) -> RegistryClient:
-        rule = await self._rule(scan)
-        registry = (rule or {}).get("spec", {}).get("registry", {})
-        credentials = await self._credentials(scan, ref, registry)
+        rule, registry, secret_name, secret = await self._rule_registry(scan)
+        credentials: Credentials | None = None
+        if secret_name:
+            if secret is None:
+                raise CredentialsError(f"credentials Secret {secret_name} not found")
+            credentials = credentials_from_secret(secret, ref.registry)
         verify: ssl.SSLContext | bool = True
         if registry.get("insecureSkipTLSVerify"):
             verify = False
@@ -221,26 +226,13 @@ class ScanReconciler:
                               timeout=parse_duration(self.settings.registry_timeout)
                               .total_seconds())
 
-    async def _credentials(self, scan: Obj, ref: ImageRef, registry: Obj) -> Credentials | None:
-        secret_ref = registry.get("credentialsSecretRef")
-        if not secret_ref:
-            return None
-        secret = await self.kube.get_secret(scan["metadata"]["namespace"], secret_ref["name"])
-        if secret is None:
-            raise CredentialsError(f"credentials Secret {secret_ref['name']} not found")
-        return credentials_from_secret(secret, ref.registry)
-
     # -- Queued: start, or reuse -----------------------------------------------------
 
     async def _start(self, scan: Obj) -> int:
         spec, meta, status = scan["spec"], scan["metadata"], scan.get("status") or {}
         ref = parse_image(spec["image"]).with_digest(status["digest"])
         attempt = int(status.get("attempts") or 0) + 1
-        rule = await self._rule(scan)
-        registry = (rule or {}).get("spec", {}).get("registry", {})
-        secret_ref = registry.get("credentialsSecretRef")
-        secret = (await self.kube.get_secret(meta["namespace"], secret_ref["name"])
-                  if secret_ref else None)
+        rule, _, _, secret = await self._rule_registry(scan)
         scanners, ignore_unfixed = self._options(scan)
         timeout = parse_duration(spec.get("timeout") or self.settings.scan_timeout)
         job_spec = ScanJobSpec(
@@ -283,7 +275,7 @@ class ScanReconciler:
     async def _collect(self, scan: Obj, job: Obj, state: str) -> None:
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
         try:
-            text, _pod = await self.kube.job_pod_log(ns, name, "trivy")
+            text = await self.kube.job_pod_log(ns, name, "trivy")
         except LookupError as e:
             return await self._attempt_failed(scan, "PodLost", str(e))
         if state == "Failed":
@@ -298,10 +290,10 @@ class ScanReconciler:
             return await self._attempt_failed(scan, "ResultCorrupted", str(e))
         started = _time((scan.get("status") or {}).get("startTime"))
         finished = datetime.now(UTC)
-        stamp = _stamp(finished)
+        done_at = stamp(finished)
         summary = result["summary"]
         await self._set(scan, {
-            **result, "phase": "Completed", "completionTime": stamp, "scannedAt": stamp,
+            **result, "phase": "Completed", "completionTime": done_at, "scannedAt": done_at,
             "reason": None, "message": None, "reusedFrom": None,
             "conditions": _condition(True, "Completed", "scan completed",
                                      scan["metadata"].get("generation"))})
@@ -325,7 +317,7 @@ class ScanReconciler:
                     f"retrying in {int(delay.total_seconds())}s")
             await self._set(scan, {
                 "phase": "Queued", "reason": reason, "message": text,
-                "retryAfter": _stamp(datetime.now(UTC) + delay),
+                "retryAfter": stamp(datetime.now(UTC) + delay),
                 "conditions": _condition(False, reason, text, scan["metadata"].get("generation"))})
             metrics.SCANS.labels("retried").inc()
             await self.kube.event(scan, "Warning", reason, text)
