@@ -14,6 +14,7 @@ version ordering (dpkg, apk, PEP 440, semver), independently of Trivy.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -119,8 +120,6 @@ def build_db(out_dir: Path) -> Path:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, int(BUILT_AT.timestamp())
             tar.addfile(info, io.BytesIO(data))
-    import gzip
-
     archive = out_dir / "db.tar.gz"
     archive.write_bytes(gzip.compress(buffer.getvalue(), mtime=0))
     return archive

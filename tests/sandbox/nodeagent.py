@@ -347,8 +347,7 @@ class PodRunner(threading.Thread):
             mounts.append((src, dst, bool(m.get("readOnly"))))
         quoted_root = shlex.quote(str(root))
         script.append(f"mount --rbind / {quoted_root}")
-        security = {**self.pod["spec"].get("securityContext", {}),
-                    **spec.get("securityContext", {})}
+        security = self._security(spec)
         if security.get("readOnlyRootFilesystem"):
             script.append(f"mount -o remount,bind,ro {quoted_root}")
         # Volumes are mounted from inside the new root, so that a mountPath through a
@@ -363,6 +362,11 @@ class PodRunner(threading.Thread):
         script.append(f'exec chroot {quoted_root} sh -c {shlex.quote(chr(10).join(inner))} sh "$@"')
         return ["unshare", "--mount", "--propagation", "private", "--",
                 "sh", "-c", "\n".join(script), "sh", *self._privileges(security), *argv]
+
+    def _security(self, spec: Obj) -> Obj:
+        """The container's security context over the pod's."""
+        merged: Obj = self.pod["spec"].get("securityContext", {}) | spec.get("securityContext", {})
+        return merged
 
     def _privileges(self, security: Obj) -> list[str]:
         """setpriv arguments for the pod's and container's security context."""
@@ -384,8 +388,7 @@ class PodRunner(threading.Thread):
 
     def _env(self, spec: Obj) -> dict[str, str]:
         env: dict[str, str] = {}
-        uid = (self.pod["spec"].get("securityContext", {}) | spec.get("securityContext", {})
-               ).get("runAsUser")
+        uid = self._security(spec).get("runAsUser")
         env["HOME"] = "/root" if not uid else "/"
         for source in spec.get("envFrom", []):
             prefix = source.get("prefix", "")
