@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= $(CURDIR)/.sandbox
 
-.PHONY: all venv testbin lint test unit demo sandbox-up sandbox-down crds clean
+.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean
 
 all: test
 
@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-testbin:
+deps:
+	hack/deps
+
+testbin: deps
 	hack/testbin
 
 lint: venv
@@ -27,16 +30,16 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q -m "not sandbox"
 
-test: venv testbin lint
+test: deps venv testbin lint
 	$(BIN)/pytest -v
 
-sandbox-up: venv testbin
+sandbox-up: deps venv testbin
 	hack/sandbox up --dir $(SANDBOX_DIR)
 
 sandbox-down: venv
 	hack/sandbox down --dir $(SANDBOX_DIR)
 
-demo: venv testbin
+demo: deps venv testbin
 	hack/demo
 
 clean:

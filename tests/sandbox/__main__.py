@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandbox in {sandbox.dir} stopped")
         return 0
     started = time.monotonic()
-    sandbox.up(operator=args.operator)
+    try:
+        sandbox.up(operator=args.operator)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"hack/sandbox up failed: {e}", file=sys.stderr)
+        return 1
     print(f"sandbox up in {time.monotonic() - started:.1f}s; source {sandbox.dir}/env")
     for name, value in sandbox.env.items():
         print(f"  {name}={value}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,11 +31,28 @@ REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "sandbox-node"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback port for a server that binds it later, from *below* the kernel's
+    ephemeral range: a port from bind(0) is an ephemeral one, and in the time between
+    its release and the server's bind any outgoing connection (the API server talks to
+    etcd, kubectl to the API server...) may take it as its local port."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range")
+              .read_text().split())
+    while True:
+        port = random.randrange(10000, low) if low > 11000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = s.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
 
 
 def testbin_dir() -> Path:
@@ -72,6 +90,8 @@ class Sandbox:
     dir: Path
     bin: Path = field(default_factory=Path)
     env: dict[str, str] = field(default_factory=dict)
+    _children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+    """The processes this object started, so that a death reports its exit status."""
 
     @classmethod
     def attach(cls, directory: Path) -> Sandbox:
@@ -97,8 +117,10 @@ class Sandbox:
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, **(env or {})}, cwd=self.dir,
             )
+        self._children[proc.pid] = proc
         pids = self._pids()
-        pids.append({"name": name, "pid": proc.pid, "argv0": argv[0]})
+        pids.append({"name": name, "pid": proc.pid, "argv0": argv[0],
+                     "started": _start_time(proc.pid)})
         self.pids_file.write_text(json.dumps(pids, indent=1))
 
     def _pids(self) -> list[dict[str, object]]:
@@ -108,12 +130,18 @@ class Sandbox:
         return pids
 
     def _ours(self, pid: int) -> bool:
-        """Whether `pid` is still a process this sandbox started (pids are reused)."""
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return str(self.dir).encode() in cmdline
+        """Whether `pid` is still the process this sandbox started.
+
+        A pid and its start time (set at fork, kept across exec) name one process for
+        good, even after the pid is reused. The command line cannot: right after
+        Popen returns, the kernel may not have mapped the new program's arguments yet,
+        and /proc/PID/cmdline reads empty for a few milliseconds (longer while a large
+        binary such as trivy loads from a cold page cache). Checking it once made a
+        freshly started process look dead, and the start-up's failure path then killed
+        the registry under the Trivy server."""
+        entry = next((p for p in self._pids() if p["pid"] == pid), None)
+        started = _start_time(pid)
+        return entry is not None and started is not None and entry.get("started") == started
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -222,7 +250,7 @@ class Sandbox:
     def _start_registry_and_trivy(self, timeout: float) -> None:
         registry = Registry(self.dir / "registry", free_port())
         self._spawn("registry", registry.command())
-        registry.wait_ready(timeout)
+        self._until(registry.ready, timeout, "registry")
         pusher = Pusher(registry.url)
         archive = build_db(self.dir / "trivydb")
         db_repository = f"{registry.host}/trivy-db:2"
@@ -366,16 +394,37 @@ class Sandbox:
         """Poll `check` while every process of the sandbox stays up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             if check():
                 return
             time.sleep(0.3)
         raise TimeoutError(f"{what} not ready after {timeout}s; see {self.dir}/logs")
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         for p in self._pids():
-            if not self._ours(int(str(p["pid"]))):
-                raise RuntimeError(f"{p['name']} exited; see {self.dir}/logs/{p['name']}.log")
+            pid = int(str(p["pid"]))
+            if not self._ours(pid):
+                raise RuntimeError(self._death(str(p["name"]), pid))
+
+    def _death(self, name: str, pid: int) -> str:
+        """Which process died, how, and the end of its log."""
+        proc = self._children.get(pid)
+        code = None
+        if proc:
+            # A multi-threaded leader shows as a zombie before its threads are gone and
+            # it can be waited for.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(5)
+        if code is None:
+            how = "exited (status unknown: not started by this process)"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with status {code}"
+        log = self.dir / "logs" / f"{name}.log"
+        lines = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
+        tail = "\n".join(f"  | {line}" for line in lines) or "  | (empty log)"
+        return f"{name} (pid {pid}) {how}; last lines of {log}:\n{tail}"
 
     def down(self, grace: float = 10.0) -> None:
         """Stop every process this sandbox started, newest first, and nothing else."""
@@ -385,30 +434,40 @@ class Sandbox:
 
     def _stop(self, pid: int, sig: int, grace: float) -> None:
         """Signal one of our process groups; SIGKILL it if it outlives `grace`."""
-        if not self._ours(pid):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + grace
-        while self._ours(pid) and time.monotonic() < deadline:
-            _reap(pid)
-            time.sleep(0.1)
         if self._ours(pid):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            _reap(pid)
+                os.killpg(pid, sig)
+            deadline = time.monotonic() + grace
+            while self._ours(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self._ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        self._reap(pid)
+
+    def _reap(self, pid: int) -> None:
+        """Collect a child's exit status, so that no zombie is left behind."""
+        proc = self._children.pop(pid, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat);
+    None once it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _http_ok(get: Callable[..., httpx.Response], url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return get(url, timeout=2).status_code == 200
     return False
-
-
-def _reap(pid: int) -> None:
-    """Collect a child's exit status so a zombie does not look alive."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
 
 
 def load_env(directory: Path) -> dict[str, str]:

@@ -86,16 +86,23 @@ class Registry:
                                          start_new_session=True)
         self.wait_ready(timeout)
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def ready(self) -> bool:
+        """The registry answers its API root (200, or 401 when it wants credentials)."""
         verify = (ssl.create_default_context(cafile=str(self.tls.cert_path)) if self.tls
                   else True)
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.url}/v2/", verify=verify, timeout=2).status_code in (200,
+                                                                                         401)
+        return False
+
+    def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited; see {self.dir}/registry.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v2/", verify=verify, timeout=2).status_code in (200, 401):
-                    return
+                raise RuntimeError(f"docker-registry exited with status {self.proc.returncode}; "
+                                   f"see {self.dir}/registry.log")
+            if self.ready():
+                return
             time.sleep(0.1)
         raise TimeoutError(f"docker-registry not ready; see {self.dir}/registry.log")
 
