@@ -95,3 +95,17 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
     kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.fixture
+def operator(sandbox: Sandbox) -> Iterator[Callable[..., None]]:
+    """Restart the operator with extra flags; the default one is back afterwards."""
+    changed = []
+
+    def restart(*args: str, sig: int = signal.SIGTERM) -> None:
+        sandbox.stop_operator(sig)
+        sandbox.start_operator(extra_args=args)
+        changed.append(args)
+
+    yield restart
+    if changed:
+        sandbox.stop_operator()
+        sandbox.start_operator()

@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     """Size bound of .status.findings of one ImageScan (the counts always cover everything)."""
     reconcile_interval: float = Field(default=2.0, gt=0)
     """Seconds between passes of the scan queue (events wake it sooner)."""
+    max_resolve_attempts: int = Field(default=10, ge=1)
+    """Attempts to resolve a tag to its digest while the registry answers with a transient
+    error (unreachable, 429, 5xx), with the doubling backoff capped at 5 minutes."""
+    registry_concurrency: int = Field(default=8, ge=1)
+    """Registry lookups in flight at once."""
+    api_concurrency: int = Field(default=16, ge=1)
+    """Pieces of scan work (status writes, Job creation, log reads) in flight at once."""
+    per_image_metrics: bool = False
+    """Export scangate_image_vulnerabilities per image and digest (one series per image and
+    severity: keep off in large clusters); the per-namespace totals are always exported."""
 
     trivy_image: str = "aquasec/trivy:0.76.0"
     """Image of the scan Jobs."""

@@ -54,11 +54,6 @@ class Kube:
 
     # -- scangate resources --------------------------------------------------------
 
-    async def list_custom(self, plural: str) -> list[Obj]:
-        body = await self._json(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)
-        items: list[Obj] = body["items"]
-        return items
-
     async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:
         try:
             obj: Obj = await self._json(self.custom.get_namespaced_custom_object, GROUP,
@@ -69,10 +64,12 @@ class Kube:
             raise
         return obj
 
-    async def patch_status(self, plural: str, namespace: str, name: str, status: Obj) -> None:
-        await self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                         namespace, plural, name, {"status": status},
-                         _content_type="application/merge-patch+json", _preload_content=False)
+    async def patch_status(self, plural: str, namespace: str, name: str, status: Obj) -> Obj:
+        """Merge-patch an object's status; the object as the API server now holds it."""
+        obj: Obj = await self._json(
+            self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
+            plural, name, {"status": status}, _content_type="application/merge-patch+json")
+        return obj
 
     # -- core ----------------------------------------------------------------------
 
@@ -84,12 +81,6 @@ class Kube:
                 return None
             raise
         return secret
-
-    async def list_jobs(self, label_selector: str) -> list[Obj]:
-        body = await self._json(self.batch.list_job_for_all_namespaces,
-                                label_selector=label_selector)
-        items: list[Obj] = body["items"]
-        return items
 
     async def create_job(self, namespace: str, body: Obj) -> bool:
         """Create a Job; False if it already exists (a restart re-creating it)."""

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from scangate.core.scanstate import ScanIndex
 
 SCANS = Counter("scangate_scans_total", "Scans by result: completed, reused, retried, failed.",
                 ["result"])
@@ -12,8 +20,50 @@ SCAN_DURATION = Histogram("scangate_scan_duration_seconds", "Time from Job start
                           buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800))
 QUEUE_DEPTH = Gauge("scangate_scan_queue_depth", "ImageScans waiting in phase Queued.")
 RUNNING_JOBS = Gauge("scangate_scan_jobs_running", "Scan Jobs that have not finished.")
-VULNERABILITIES = Gauge("scangate_image_vulnerabilities",
-                        "Findings of the latest scan of an image, by severity.",
-                        ["image", "digest", "severity"])
 REGISTRY_REQUESTS = Counter("scangate_registry_requests_total",
                             "Registry operations by registry and result.", ["registry", "result"])
+
+_SEVERITIES = ("critical", "high", "medium", "low", "unknown")
+
+
+class IndexCollector(Collector):
+    """Vulnerability gauges read from the in-memory scan state at scrape time, so they
+    are right after a restart and lose the series of deleted ImageScans by themselves."""
+
+    def __init__(self, index: ScanIndex, per_image: bool) -> None:
+        self.index, self.per_image = index, per_image
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        totals = GaugeMetricFamily(
+            "scangate_vulnerabilities",
+            "Findings of the latest results of the ImageScans in a namespace, by severity.",
+            labels=["namespace", "severity"])
+        for namespace, counts in sorted(self.index.totals.items()):
+            for severity, count in zip(_SEVERITIES, counts, strict=False):
+                totals.add_metric([namespace, severity], count)
+        yield totals
+        if not self.per_image:
+            return
+        images = GaugeMetricFamily(
+            "scangate_image_vulnerabilities",
+            "Findings of the latest result of an ImageScan, by severity (opt-in).",
+            labels=["namespace", "imagescan", "image", "digest", "severity"])
+        for scan in self.index.scans.values():
+            if scan.summary is None:
+                continue
+            for severity, count in zip(_SEVERITIES, scan.summary, strict=False):
+                images.add_metric([scan.namespace, scan.name, scan.image, scan.digest or "",
+                                   severity], count)
+        yield images
+
+
+_collector: IndexCollector | None = None
+
+
+def watch_index(index: ScanIndex, per_image: bool) -> None:
+    """Export the vulnerability gauges of `index` (replacing any earlier one)."""
+    global _collector
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    _collector = IndexCollector(index, per_image)
+    REGISTRY.register(_collector)

@@ -61,11 +61,9 @@ def configure(config: Settings) -> None:
 
 async def main(settings: Settings) -> None:
     import scangate.handlers.validation  # noqa: F401  (registers the handlers)
-    from scangate.handlers import imagescans
 
     load_config()
     reconciler = ScanReconciler(Kube(), settings)
-    imagescans.register(reconciler)
     configure(settings)
     if settings.metrics_port:
         prometheus_client.start_http_server(settings.metrics_port)

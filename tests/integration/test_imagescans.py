@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,97 +22,22 @@ from conftest import Kubectl, wait_for
 from sandbox.advisories import expected_findings, load_images
 from sandbox.controlplane import Sandbox, free_port
 from sandbox.distribution import Registry
-from sandbox.images import Pusher, build_image, platforms
+from sandbox.images import Pusher, build_image
 from sandbox.nodeagent import Api
 from sandbox.tokenserver import TokenServer
+from scans import (
+    SCAN_LABEL,
+    assert_result,
+    counts,
+    create_scan,
+    events,
+    jobs,
+    push_variant,
+    scans,
+    wait_done,
+)
 
 pytestmark = pytest.mark.sandbox
-SCAN_LABEL = "scangate.dev/imagescan"
-
-
-def push_variant(env: dict[str, str], name: str) -> tuple[str, dict[str, Any]]:
-    """Push a fresh-digest variant of a named image; its reference and declaration."""
-    decl = load_images()[name]
-    marker = {"files": {"etc/scangate-test-id": uuid.uuid4().hex}}
-    variants = {p: {**d, **marker} for p, d in platforms(decl).items()}
-    pusher = Pusher(f"http://{env['REGISTRY']}")
-    repository, tag = f"variants/{name}", uuid.uuid4().hex[:12]
-    images = [build_image(d, p) for p, d in variants.items()]
-    if "platforms" in decl:
-        pusher.index(repository, tag, images)
-    else:
-        pusher.image(repository, tag, images[0])
-    pusher.close()
-    return f"{env['REGISTRY']}/{repository}:{tag}", variants
-
-
-def counts(findings: list[dict[str, str]], fixable: bool = False) -> dict[str, int]:
-    chosen = [f for f in findings if f["fixedVersion"] or not fixable]
-    by = Counter(f["severity"].lower() for f in chosen)
-    return {s: by.get(s, 0) for s in ("critical", "high", "medium", "low", "unknown")} | {
-        "total": len(chosen)}
-
-
-def create_scan(kubectl: Kubectl, ns: str, name: str, image: str, **spec: Any) -> None:
-    kubectl.apply(json.dumps({"apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
-                              "metadata": {"name": name}, "spec": {"image": image, **spec}}), ns)
-
-
-def scans(kubectl: Kubectl, ns: str) -> dict[str, dict[str, Any]]:
-    items = json.loads(kubectl("get", "imagescans", "-n", ns, "-o", "json"))["items"]
-    return {i["metadata"]["name"]: i for i in items}
-
-
-def wait_done(kubectl: Kubectl, ns: str, names: list[str], timeout: float = 180
-              ) -> dict[str, dict[str, Any]]:
-    def done() -> dict[str, dict[str, Any]] | None:
-        current = scans(kubectl, ns)
-        finished = all(current.get(n, {}).get("status", {}).get("phase") in ("Completed", "Failed")
-                       for n in names)
-        return current if finished else None
-    result: dict[str, dict[str, Any]] = wait_for(done, timeout, f"scans {names} to finish")
-    return result
-
-
-def jobs(kubectl: Kubectl, ns: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(
-        kubectl("get", "jobs", "-n", ns, "-l", SCAN_LABEL, "-o", "json"))["items"]
-    return items
-
-
-def events(kubectl: Kubectl, ns: str, reason: str) -> Counter[str]:
-    items = json.loads(kubectl("get", "events", "-n", ns, "-o", "json"))["items"]
-    return Counter(e["involvedObject"]["name"] for e in items if e["reason"] == reason)
-
-
-def assert_result(scan: dict[str, Any], decl: dict[str, Any]) -> None:
-    expected = expected_findings(decl)
-    status = scan["status"]
-    assert status["phase"] == "Completed", status
-    assert status["summary"] == counts(expected), scan["metadata"]["name"]
-    assert status["fixable"] == counts(expected, fixable=True), scan["metadata"]["name"]
-    got = sorted(({k: f.get(k, "") for k in ("id", "package", "installedVersion",
-                                              "fixedVersion", "severity")}
-                  for f in status.get("findings", [])), key=lambda f: (f["id"], f["package"]))
-    assert got == expected
-    assert status["findingsTruncated"] is False
-    assert status["scanner"]["name"] == "trivy" and status["scanner"]["version"]
-
-
-@pytest.fixture
-def operator(sandbox: Sandbox) -> Iterator[Callable[..., None]]:
-    """Restart the operator with extra flags; the default one is back afterwards."""
-    changed = []
-
-    def restart(*args: str, sig: int = signal.SIGTERM) -> None:
-        sandbox.stop_operator(sig)
-        sandbox.start_operator(extra_args=args)
-        changed.append(args)
-
-    yield restart
-    if changed:
-        sandbox.stop_operator()
-        sandbox.start_operator()
 
 
 @pytest.mark.parametrize("mode", ["ClientServer", "Standalone"])
@@ -278,17 +202,33 @@ def test_missing_image_fails_naming_it(
 
 
 def test_metrics_are_exported(
-    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+    operator: Callable[..., None],
 ) -> None:
-    image, _ = push_variant(sandbox_env, "all-low")
+    image, variants = push_variant(sandbox_env, "all-low")
     create_scan(kubectl, namespace, "metrics", image)
     wait_done(kubectl, namespace, ["metrics"])
+    low = counts(expected_findings(variants["linux/amd64"]))["low"]
     text = httpx.get(f"{sandbox_env['SCANGATE_METRICS']}/metrics").text
     for metric in ("scangate_scans_total{result=\"completed\"}", "scangate_scan_queue_depth",
                    "scangate_scan_jobs_running", "scangate_scan_duration_seconds_bucket",
-                   "scangate_image_vulnerabilities{"):
+                   f'scangate_vulnerabilities{{namespace="{namespace}",severity="low"}} {low}.0'):
         assert metric in text, metric
-    assert f'image="{image}"' in text
+    # Per-image series are opt-in (they grow with the images), and rebuilt from the
+    # cluster's state at start, with no new scan.
+    assert "scangate_image_vulnerabilities{" not in text
+    operator("--per-image-metrics")
+    text = wait_for(lambda: (t := httpx.get(f"{sandbox_env['SCANGATE_METRICS']}/metrics").text)
+                    and f'image="{image}"' in t and t, 30, "per-image series")
+    series = [line for line in text.splitlines()
+              if line.startswith("scangate_image_vulnerabilities{") and all(
+                  f'{k}="{v}"' in line for k, v in (("namespace", namespace),
+                                                    ("imagescan", "metrics"), ("image", image),
+                                                    ("severity", "low")))]
+    assert len(series) == 1 and series[0].endswith(f" {low}.0"), series
+    kubectl("delete", "imagescan", "metrics", "-n", namespace)
+    wait_for(lambda: f'image="{image}"' not in httpx.get(
+        f"{sandbox_env['SCANGATE_METRICS']}/metrics").text, 30, "the deleted scan's series to go")
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ makes the log endpoint serve only the first N bytes of that pod's logs. For pods
 that a controller creates, the faults file (`--faults FILE`, JSON) does the same
 without touching the pod: `{"truncateLogs": [{"labels": {"k": "v"}, "bytes": N,
 "times": T}]}` truncates the logs of the next T pods whose labels include those
-(each pod counts once, however often its log is read).
+(each pod counts once, however often its log is read), and `{"replaceCommand":
+[{"labels": {...}, "command": [...], "times": T}]}` runs that command instead of
+the containers' own in the next T matching pods (a crash, a hang, hostile output).
 """
 
 from __future__ import annotations
@@ -323,6 +325,9 @@ class PodRunner(threading.Thread):
         spec = c.spec
         command = spec.get("command")
         args = spec.get("args")
+        replaced = self.agent.fault("replaceCommand", self.pod)
+        if replaced:
+            command, args = replaced["command"], None
         if not command:
             command = self.agent.entrypoint(spec.get("image", ""))
             if command is None:
@@ -597,34 +602,40 @@ class NodeAgent:
         )
         self.args = args
         self.faults_file = Path(args.faults) if args.faults else None
-        self.truncated: dict[str, int] = {}  # pod uid -> bytes, once a fault hit it
+        self.faulted: dict[tuple[str, str], Obj] = {}  # (kind, pod uid) -> the rule applied
         self.runners: dict[str, PodRunner] = {}  # by pod uid
         self.lock = threading.Lock()
         self.stopping = threading.Event()
 
     def truncation(self, pod: Obj) -> int | None:
         """Bytes to truncate this pod's log to, by annotation or the faults file."""
-        meta = pod["metadata"]
-        annotated = meta.get("annotations", {}).get(TRUNCATE_ANNOTATION)
+        annotated = pod["metadata"].get("annotations", {}).get(TRUNCATE_ANNOTATION)
         if annotated is not None:
             return int(annotated)
+        rule = self.fault("truncateLogs", pod)
+        return int(rule["bytes"]) if rule else None
+
+    def fault(self, kind: str, pod: Obj) -> Obj | None:
+        """The rule of the faults file of this kind that applies to the pod: the first
+        with matching labels and times left, taken once per pod, however often asked."""
+        meta = pod["metadata"]
         if not self.faults_file or not self.faults_file.exists():
             return None
         with self.lock:
-            if meta["uid"] in self.truncated:
-                return self.truncated[meta["uid"]]
+            key = (kind, meta["uid"])
+            if key in self.faulted:
+                return self.faulted[key]
             faults = json.loads(self.faults_file.read_text() or "{}")
-            for rule in faults.get("truncateLogs", []):
-                labels = meta.get("labels", {})
+            labels = meta.get("labels", {})
+            for rule in faults.get(kind, []):
                 if rule.get("times", 0) > 0 and all(
                     labels.get(k) == v for k, v in rule.get("labels", {}).items()
                 ):
                     rule["times"] -= 1
                     self.faults_file.write_text(json.dumps(faults))
-                    self.truncated[meta["uid"]] = int(rule["bytes"])
-                    log.info("truncating the log of %s/%s to %s bytes",
-                             meta["namespace"], meta["name"], rule["bytes"])
-                    return int(rule["bytes"])
+                    self.faulted[key] = rule
+                    log.info("fault %s on %s/%s", kind, meta["namespace"], meta["name"])
+                    return dict(rule)
         return None
 
     def entrypoint(self, image: str) -> list[str] | None:

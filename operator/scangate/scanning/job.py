@@ -70,6 +70,14 @@ class TrivySettings:
     })
 
 
+def scan_label(scan_name: str) -> str:
+    """The scan's name as a label value (at most 63 characters): the Job is tied to its
+    scan by its owner reference; the label is for people and selectors."""
+    if len(scan_name) <= 63:
+        return scan_name
+    return f"{scan_name[:54].rstrip('-.')}-{hashlib.sha256(scan_name.encode()).hexdigest()[:8]}"
+
+
 def job_name(scan_name: str, scan_uid: str, queued_at: str, attempt: int) -> str:
     """Deterministic for one attempt of one queueing, so that a restarted operator finds
     the Job instead of duplicating it; a rescan (queued again) gets a new one."""
@@ -125,7 +133,7 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
         env.append({"name": "SSL_CERT_FILE", "value": "/etc/scangate/ca/ca.crt"})
         volumes.append({"name": "ca", "configMap": {"name": spec.ca_bundle_configmap}})
         mounts.append({"name": "ca", "mountPath": "/etc/scangate/ca", "readOnly": True})
-    labels = {SCAN_LABEL: spec.scan_name, "app.kubernetes.io/managed-by": "scangate"}
+    labels = {SCAN_LABEL: scan_label(spec.scan_name), "app.kubernetes.io/managed-by": "scangate"}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -140,8 +148,9 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
         },
         "spec": {
             "backoffLimit": 0,
-            # The scan's own timeout plus time to pull the DB and print the result.
-            "activeDeadlineSeconds": spec.timeout_seconds + 120,
+            # The scan's own timeout plus time to pull the DB and print the result (as
+            # much again for a short scan, at most two minutes).
+            "activeDeadlineSeconds": spec.timeout_seconds + min(spec.timeout_seconds, 120),
             "ttlSecondsAfterFinished": trivy.ttl_seconds_after_finished,
             "template": {
                 "metadata": {"labels": labels},

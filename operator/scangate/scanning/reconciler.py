@@ -1,10 +1,12 @@
-"""The ImageScan lifecycle, level-triggered: Pending -> Queued -> Scanning -> Completed | Failed.
+"""The ImageScan lifecycle: Pending -> Queued -> Scanning -> Completed | Failed.
 
-Every pass reads the ImageScans and scan Jobs from the API and moves each scan
-one step: resolve a Pending scan's digest, start queued scans as Job slots free
-up (or answer them from a fresh result of the same digest), and collect finished
-Jobs. Because all state lives in the objects, a restarted operator picks up
-exactly where the last one stopped.
+The operator holds ImageScans and scan Jobs in memory (scangate.core.scanstate),
+fed by watches (scangate.watch), and each pass acts only on what needs it: Pending
+scans due for digest resolution, Scanning scans whose Job finished or vanished,
+and the queue. Each piece of work runs as its own task with bounded concurrency,
+so that one slow registry or one bad object never holds up the others. All state
+lives in the objects, so a restarted operator picks up exactly where the last
+one stopped.
 """
 
 from __future__ import annotations
@@ -13,48 +15,64 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
+from kubernetes.client.exceptions import ApiException
+
 from scangate import metrics
+from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.durations import parse_duration
 from scangate.core.framing import FrameError
 from scangate.core.images import ImageRef, InvalidReference, parse_image
-from scangate.core.queue import Requeue, Reuse, ScanView, Start, plan, scan_key
 from scangate.core.results import log_tail, result_from_log
+from scangate.core.scanstate import (
+    JobState,
+    Ref,
+    Requeue,
+    Reuse,
+    ScanIndex,
+    ScanState,
+    Start,
+    project_job,
+    project_scan,
+)
 from scangate.core.trivy import ReportError
 from scangate.kube import Kube, Obj, now, stamp
 from scangate.registry.auth import CredentialsError, credentials_from_secret
-from scangate.registry.client import (
-    Credentials,
-    RegistryClient,
-    RegistryError,
-)
-from scangate.scanning.job import SCAN_LABEL, ScanJobSpec, TrivySettings, build_job
+from scangate.registry.client import Credentials, RegistryClient, RegistryError
+from scangate.scanning.job import SCAN_LABEL, ScanJobSpec, TrivySettings, build_job, job_name
+from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
 RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "os", "scanner",
-                 "scannedAt")
+                 "scannedAt", "scannedWith")
+MESSAGE_LIMIT = 4096  # status.message in the CRD
+JOB_GRACE = timedelta(seconds=60)
+"""How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
+MAX_BACKOFF = timedelta(minutes=5)
 
 
-def _time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+def _backoff(first: timedelta, attempt: int) -> timedelta:
+    """`first` doubled per attempt, capped (2**attempt alone overflows a timedelta)."""
+    delay: timedelta = min(first * 2 ** min(attempt, 20), MAX_BACKOFF)
+    return delay
 
 
-def _condition(ready: bool, reason: str, message: str, generation: int | None) -> list[Obj]:
-    return [{"type": "Ready", "status": "True" if ready else "False", "reason": reason,
-             "message": message[:32768], "lastTransitionTime": now(),
-             "observedGeneration": generation}]
+def _clip(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    return message if len(message) <= limit else message[:limit - 1] + "…"
 
 
-def _finished(job: Obj) -> str | None:
-    """'Complete' or 'Failed' once a Job has finished."""
-    for c in job.get("status", {}).get("conditions") or []:
-        if c["type"] in ("Complete", "Failed") and c["status"] == "True":
-            return str(c["type"])
-    return None
+def _owner(s: ScanState) -> Obj:
+    """Enough of the ImageScan to hang an Event on."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageScan",
+            "metadata": {"name": s.name, "namespace": s.namespace, "uid": s.uid}}
 
 
 class ScanReconciler:
@@ -66,139 +84,191 @@ class ScanReconciler:
             server_url=settings.trivy_server_url, db_repository=settings.trivy_db_repository,
             insecure_db_repository=settings.trivy_insecure_db_repository,
             run_as_user=settings.scan_run_as_user)
-        self.rescan_interval = parse_duration(settings.rescan_interval)
         self.retry_backoff = parse_duration(settings.retry_backoff)
+        self.index = ScanIndex(parse_duration(settings.rescan_interval))
         self._wake = asyncio.Event()
+        self._busy: set[Ref] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._registry_slots = asyncio.Semaphore(settings.registry_concurrency)
+        self._api_slots = asyncio.Semaphore(settings.api_concurrency)
+        self.feeds: list[Feed[Any]] = [
+            Feed("imagescans", partial(kube.custom.list_cluster_custom_object, GROUP, VERSION,
+                                       PLURAL),
+                 project_scan, Sink(self._on_scans, self._on_scan, self._on_scan_deleted)),
+            Feed("scan-jobs", kube.batch.list_job_for_all_namespaces, project_job,
+                 Sink(self._on_jobs, self._on_job, self._on_job_deleted),
+                 label_selector=SCAN_LABEL),
+        ]
+        metrics.watch_index(self.index, per_image=settings.per_image_metrics)
+
+    # -- the cache, fed by the watches (on the event loop) -----------------------------
+
+    def _changed(self, changed: bool) -> None:
+        if changed:
+            self._wake.set()
+
+    def _on_scans(self, states: list[ScanState]) -> None:
+        self.index.replace_scans(states)
+        self._wake.set()
+
+    def _on_scan(self, state: ScanState) -> None:
+        self._changed(self.index.upsert_scan(state))
+
+    def _on_scan_deleted(self, state: ScanState) -> None:
+        self._changed(self.index.delete_scan(state.ref))
+
+    def _on_jobs(self, jobs: list[JobState]) -> None:
+        self.index.replace_jobs(jobs)
+        self._wake.set()
+
+    def _on_job(self, job: JobState) -> None:
+        self._changed(self.index.upsert_job(job))
+
+    def _on_job_deleted(self, job: JobState) -> None:
+        self._changed(self.index.delete_job(job.ref))
 
     def wake(self) -> None:
         self._wake.set()
 
+    # -- the loop ------------------------------------------------------------------
+
     async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.reconcile()
-            except Exception:
-                log.exception("scan reconciliation failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval)
+        feeds = [asyncio.create_task(f.run()) for f in self.feeds]
+        try:
+            # Acting on half a picture could start a second scan of a digest whose first
+            # is not listed yet, or exceed the running-Job limit.
+            await asyncio.gather(*(f.synced.wait() for f in self.feeds))
+            log.info("scan state loaded", extra={"imagescans": len(self.index.scans),
+                                                 "jobs": len(self.index.jobs)})
+            while True:
+                self._wake.clear()
+                try:
+                    self.reconcile()
+                except Exception:
+                    log.exception("scan reconciliation pass failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval)
+        finally:
+            for task in (*feeds, *self._tasks):
+                task.cancel()
 
-    # -- one pass ------------------------------------------------------------------
-
-    async def reconcile(self) -> None:
-        scans = await self.kube.list_custom(PLURAL)
-        jobs = await self.kube.list_jobs(SCAN_LABEL)
-        by_ref = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in scans}
-        running = 0
-        for job in jobs:
-            state = _finished(job)
-            if state is None:
-                running += 1
-                continue
-            scan = by_ref.get((job["metadata"]["namespace"],
-                               job["metadata"]["labels"].get(SCAN_LABEL, "")))
-            status = (scan or {}).get("status") or {}
-            if scan and status.get("phase") == "Scanning" and \
-                    status.get("jobName") == job["metadata"]["name"]:
-                await self._collect(scan, job, state)
-
+    def reconcile(self) -> None:
+        """One pass: start a task for each piece of work that is due and not under way."""
         current = datetime.now(UTC)
-        for scan in scans:
-            status = scan.get("status") or {}
-            retry_after = _time(status.get("retryAfter"))
-            if status.get("phase") in (None, "Pending") and (
-                retry_after is None or retry_after <= current
-            ):
-                await self._resolve(scan)
-
-        views = [self._view(s) for s in scans]
-        for action in plan(views, running, self.settings.max_running_scans, current,
-                           self.rescan_interval):
-            scan = by_ref[(action.scan.namespace, action.scan.name)]
+        for scan, job in self.index.collectable():
+            self._spawn(scan, partial(self._collect, scan, job))
+        for scan in self.index.orphaned(current, JOB_GRACE):
+            self._spawn(scan, partial(self._attempt_failed, scan, "JobLost",
+                                      f"scan Job {scan.job_name} is gone"))
+        for scan in self.index.due_pending(current):
+            self._spawn(scan, partial(self._resolve, scan))
+        for action in self.index.plan(current, self.settings.max_running_scans):
+            if action.scan.ref in self._busy:
+                continue
             if isinstance(action, Start):
-                running += await self._start(scan)
+                self._spawn(action.scan, self._claim(action.scan, current))
             elif isinstance(action, Reuse):
-                await self._reuse(scan, by_ref[(action.source.namespace, action.source.name)])
+                self._spawn(action.scan, partial(self._reuse, action.scan, action.source))
             elif isinstance(action, Requeue):
-                await self._set(scan, {"phase": "Queued", "queuedAt": now(), "attempts": 0,
-                                       "retryAfter": None})
-        metrics.RUNNING_JOBS.set(running)
-        metrics.QUEUE_DEPTH.set(sum(1 for s in scans
-                                    if (s.get("status") or {}).get("phase") == "Queued"))
+                self._spawn(action.scan, partial(self._requeue, action.scan))
+        metrics.RUNNING_JOBS.set(self.index.running_jobs)
+        metrics.QUEUE_DEPTH.set(self.index.queue_depth)
 
-    def _view(self, scan: Obj) -> ScanView:
-        status = scan.get("status") or {}
-        digest = status.get("digest")
-        scanners, ignore_unfixed = self._options(scan)
-        return ScanView(
-            namespace=scan["metadata"]["namespace"], name=scan["metadata"]["name"],
-            phase=status.get("phase"),
-            key=scan_key(digest, scanners, ignore_unfixed) if digest else None,
-            queued_at=_time(status.get("queuedAt")) or _time(scan["metadata"].get(
-                "creationTimestamp")),
-            scanned_at=_time(status.get("scannedAt")),
-            retry_after=_time(status.get("retryAfter")),
-            has_result=status.get("summary") is not None,
-        )
+    def _spawn(self, scan: ScanState, work: Callable[[], Awaitable[None]]) -> None:
+        if scan.ref in self._busy:
+            return
+        self._busy.add(scan.ref)
 
-    def _options(self, scan: Obj) -> tuple[list[str], bool]:
-        spec = scan["spec"]
-        return list(spec.get("scanners") or ["vuln"]), bool(spec.get("ignoreUnfixed"))
+        async def guarded() -> None:
+            try:
+                async with self._api_slots:
+                    await work()
+            except ApiException as e:
+                if e.status == 404:  # deleted meanwhile: its DELETED event follows
+                    self.index.delete_scan(scan.ref)
+                else:
+                    log.warning("API error on ImageScan %s/%s: %s %s", *scan.ref, e.status,
+                                e.reason)
+            except Exception as e:
+                # One object's surprise must not stop the others: fail this attempt.
+                log.exception("unexpected error on ImageScan %s/%s", *scan.ref)
+                with contextlib.suppress(Exception):
+                    await self._attempt_failed(self.index.scans.get(scan.ref, scan),
+                                               "InternalError", f"{type(e).__name__}: {e}")
+            finally:
+                self._busy.discard(scan.ref)
+                self._wake.set()
 
-    async def _set(self, scan: Obj, status: Obj) -> None:
-        """Patch the scan's status and keep the local copy in step for this pass."""
-        meta = scan["metadata"]
-        await self.kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
-        merged = {**(scan.get("status") or {}), **status}
-        scan["status"] = {k: v for k, v in merged.items() if v is not None}
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- status ----------------------------------------------------------------------
+
+    async def _set(self, scan: ScanState, status: Obj, ready: bool, reason: str,
+                   message: str) -> None:
+        """Patch the status with its Ready condition and hold what the server returns."""
+        if status.get("message"):
+            status["message"] = _clip(status["message"])
+        status["observedGeneration"] = scan.generation
+        status["conditions"] = [{
+            "type": "Ready", "status": "True" if ready else "False", "reason": reason,
+            "message": _clip(message, 32768), "lastTransitionTime": now(),
+            "observedGeneration": scan.generation}]
+        try:
+            obj = await self.kube.patch_status(PLURAL, scan.namespace, scan.name, status)
+        except ApiException as e:
+            if e.status != 422 or status.get("phase") == "Failed":
+                raise
+            # The API server refused what we meant to store (it broke the schema): keep
+            # the scan from retrying the same write forever.
+            return await self._fail(scan, "InvalidResult",
+                                    f"the API server refused the result: {e.reason}")
+        self.index.upsert_scan(project_scan(obj))
 
     # -- Pending: resolve the digest -----------------------------------------------
 
-    async def _resolve(self, scan: Obj) -> None:
-        spec, meta = scan["spec"], scan["metadata"]
-        platform = spec.get("platform") or "linux/amd64"
+    async def _resolve(self, scan: ScanState) -> None:
+        platform = scan.platform or "linux/amd64"
         try:
-            ref = parse_image(spec["image"])
-            client = await self._registry(scan, ref)
-            async with client:
-                resolved = await client.resolve(ref, platform)
-        except (InvalidReference, CredentialsError) as e:
+            ref = parse_image(scan.image)
+            async with self._registry_slots:
+                client = await self._registry(scan, ref)
+                async with client:
+                    resolved = await client.resolve(ref, platform)
+        except (InvalidReference, CredentialsError, ssl.SSLError) as e:
             return await self._fail(scan, "InvalidSpec", str(e))
         except RegistryError as e:
-            metrics.REGISTRY_REQUESTS.labels(ref.registry, e.reason).inc()
-            if not e.transient:
+            metrics.REGISTRY_REQUESTS.labels(self._registry_label(scan), e.reason).inc()
+            if not e.transient or scan.attempts + 1 >= self.settings.max_resolve_attempts:
                 return await self._fail(scan, e.reason, str(e))
-            attempts = int((scan.get("status") or {}).get("attempts") or 0)
-            delay = min(self.retry_backoff * 2 ** attempts, timedelta(minutes=5))
+            delay = _backoff(self.retry_backoff, scan.attempts)
             message = f"{e}; retrying in {int(delay.total_seconds())}s"
             await self._set(scan, {
                 "phase": "Pending", "reason": e.reason, "message": message,
-                "attempts": attempts + 1,
-                "retryAfter": stamp(datetime.now(UTC) + delay),
-                "conditions": _condition(False, e.reason, message, meta.get("generation"))})
+                "attempts": scan.attempts + 1,
+                "retryAfter": stamp(datetime.now(UTC) + delay)}, False, e.reason, message)
             metrics.SCAN_FAILURES.labels(e.reason).inc()
-            await self.kube.event(scan, "Warning", e.reason, message)
+            await self.kube.event(_owner(scan), "Warning", e.reason, message)
             return
-        metrics.REGISTRY_REQUESTS.labels(ref.registry, "ok").inc()
+        metrics.REGISTRY_REQUESTS.labels(self._registry_label(scan), "ok").inc()
         await self._set(scan, {
             "phase": "Queued", "digest": resolved.digest, "platform": platform,
             "queuedAt": now(), "attempts": 0, "reason": None, "message": None,
-            "retryAfter": None, "observedGeneration": meta.get("generation"),
-            "conditions": _condition(False, "Queued", f"waiting to scan {resolved.digest}",
-                                     meta.get("generation"))})
+            "retryAfter": None}, False, "Queued", f"waiting to scan {resolved.digest}")
 
-    async def _rule_registry(self, scan: Obj) -> tuple[Obj | None, Obj, str | None, Obj | None]:
-        """The scan's ScanRule (if any), its registry spec, and the credentials Secret's name
-        and object (None when the Secret is missing)."""
-        rule_ref = scan["spec"].get("ruleRef")
-        rule = (await self.kube.get_custom("scanrules", scan["metadata"]["namespace"],
-                                           rule_ref["name"]) if rule_ref else None)
+    async def _rule_registry(self, scan: ScanState) -> tuple[Obj | None, Obj, Obj | None]:
+        """The scan's ScanRule (if any), its registry spec, and its credentials Secret."""
+        rule = (await self.kube.get_custom("scanrules", scan.namespace, scan.rule)
+                if scan.rule else None)
         registry: Obj = (rule or {}).get("spec", {}).get("registry", {})
         secret_ref = registry.get("credentialsSecretRef")
         if not secret_ref:
-            return rule, registry, None, None
-        secret = await self.kube.get_secret(scan["metadata"]["namespace"], secret_ref["name"])
-        return rule, registry, secret_ref["name"], secret
+            return rule, registry, None
+        secret = await self.kube.get_secret(scan.namespace, secret_ref["name"])
+        if secret is None:
+            raise CredentialsError(f"credentials Secret {secret_ref['name']} not found")
+        return rule, registry, secret
 
     def _base_url(self, ref: ImageRef, rule: Obj | None) -> str:
         if rule:
@@ -210,12 +280,19 @@ class ScanReconciler:
         insecure = ref.registry in self.settings.insecure_registries
         return f"{'http' if insecure else 'https'}://{ref.registry}"
 
-    async def _registry(self, scan: Obj, ref: ImageRef) -> RegistryClient:
-        rule, registry, secret_name, secret = await self._rule_registry(scan)
+    def _registry_label(self, scan: ScanState) -> str:
+        """A registry as a metric label: only configured registries, never what a user
+        typed (which would make the series unbounded)."""
+        with contextlib.suppress(InvalidReference):
+            host = parse_image(scan.image).registry
+            if host in self.settings.insecure_registries or host == "docker.io":
+                return host
+        return "rule" if scan.rule else "other"
+
+    async def _registry(self, scan: ScanState, ref: ImageRef) -> RegistryClient:
+        rule, registry, secret = await self._rule_registry(scan)
         credentials: Credentials | None = None
-        if secret_name:
-            if secret is None:
-                raise CredentialsError(f"credentials Secret {secret_name} not found")
+        if secret is not None:
             credentials = credentials_from_secret(secret, ref.registry)
         verify: ssl.SSLContext | bool = True
         if registry.get("insecureSkipTLSVerify"):
@@ -226,108 +303,140 @@ class ScanReconciler:
                               timeout=parse_duration(self.settings.registry_timeout)
                               .total_seconds())
 
-    # -- Queued: start, or reuse -----------------------------------------------------
+    # -- Queued: start, reuse, or requeue a stale result ------------------------------
 
-    async def _start(self, scan: Obj) -> int:
-        spec, meta, status = scan["spec"], scan["metadata"], scan.get("status") or {}
-        ref = parse_image(spec["image"]).with_digest(status["digest"])
-        attempt = int(status.get("attempts") or 0) + 1
-        rule, _, _, secret = await self._rule_registry(scan)
-        scanners, ignore_unfixed = self._options(scan)
-        timeout = parse_duration(spec.get("timeout") or self.settings.scan_timeout)
+    def _claim(self, scan: ScanState, current: datetime) -> Callable[[], Awaitable[None]]:
+        """Count the Job against the limit and its digest as in flight *now*, before it
+        exists, so that the next pass neither exceeds the limit nor scans it twice."""
+        attempt = scan.attempts + 1
+        name = job_name(scan.name, scan.uid, stamp(scan.queued_at or current), attempt)
+        placeholder = JobState(scan.namespace, name, scan=scan.name)
+        self.index.upsert_job(placeholder)
+        self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name,
+                                       start_time=current, attempts=attempt))
+
+        async def start() -> None:
+            try:
+                await self._start(scan, name, attempt)
+            except BaseException:
+                if self.index.jobs.get(placeholder.ref) == placeholder:
+                    self.index.delete_job(placeholder.ref)
+                held = self.index.scans.get(scan.ref)
+                if held is not None and held.version == scan.version:
+                    self.index.upsert_scan(replace(scan, version=-1))
+                raise
+
+        return start
+
+    async def _start(self, scan: ScanState, name: str, attempt: int) -> None:
+        assert scan.digest is not None
+        ref = parse_image(scan.image).with_digest(scan.digest)
+        rule, _, secret = await self._rule_registry(scan)
+        timeout = parse_duration(scan.timeout or self.settings.scan_timeout)
         job_spec = ScanJobSpec(
-            scan_name=meta["name"], namespace=meta["namespace"], scan_uid=meta["uid"],
-            image=f"{ref.name}@{ref.digest}", queued_at=str(status.get("queuedAt")),
-            attempt=attempt,
-            timeout_seconds=int(timeout.total_seconds()), scanners=tuple(scanners),
-            ignore_unfixed=ignore_unfixed, platform=status.get("platform") or "linux/amd64",
+            scan_name=scan.name, namespace=scan.namespace, scan_uid=scan.uid,
+            image=f"{ref.name}@{ref.digest}", queued_at=stamp(scan.queued_at or datetime.now(UTC)),
+            attempt=attempt, timeout_seconds=int(timeout.total_seconds()),
+            scanners=scan.scanners, ignore_unfixed=scan.ignore_unfixed,
+            platform=scan.platform or "linux/amd64",
             insecure_registry=self._base_url(ref, rule).startswith("http://"),
             credentials_secret=secret["metadata"]["name"] if secret else None,
             credentials_type=secret.get("type") if secret else None)
         job = build_job(job_spec, self.trivy)
-        created = await self.kube.create_job(meta["namespace"], job)
-        name = job["metadata"]["name"]
+        assert job["metadata"]["name"] == name
+        created = await self.kube.create_job(scan.namespace, job)
         await self._set(scan, {
             "phase": "Scanning", "jobName": name, "attempts": attempt, "startTime": now(),
-            "retryAfter": None,
-            "conditions": _condition(False, "Scanning", f"scan Job {name} running",
-                                     meta.get("generation"))})
+            "retryAfter": None}, False, "Scanning", f"scan Job {name} running")
         if created:
-            await self.kube.event(scan, "Normal", "ScanStarted",
+            await self.kube.event(_owner(scan), "Normal", "ScanStarted",
                                   f"scanning {ref.name}@{ref.digest} in Job {name} "
                                   f"(attempt {attempt})")
-        return 1
 
-    async def _reuse(self, scan: Obj, source: Obj) -> None:
-        src = source.get("status") or {}
-        ref = f"{source['metadata']['namespace']}/{source['metadata']['name']}"
+    async def _reuse(self, scan: ScanState, source: ScanState) -> None:
+        obj = await self.kube.get_custom(PLURAL, source.namespace, source.name)
+        src = (obj or {}).get("status") or {}
+        if src.get("phase") != "Completed" or src.get("summary") is None:
+            return  # changed under us; the next pass decides again
+        origin = f"{source.namespace}/{source.name}"
         await self._set(scan, {
-            **{k: src.get(k) for k in RESULT_FIELDS}, "phase": "Completed", "reusedFrom": ref,
-            "completionTime": now(), "reason": None, "message": None,
-            "conditions": _condition(True, "Reused", f"fresh result of the same digest in {ref}",
-                                     scan["metadata"].get("generation"))})
+            **{k: src.get(k) for k in RESULT_FIELDS}, "phase": "Completed",
+            "reusedFrom": origin, "completionTime": now(), "reason": None, "message": None},
+            True, "Reused", f"fresh result of the same digest in {origin}")
         metrics.SCANS.labels("reused").inc()
-        await self.kube.event(scan, "Normal", "ResultReused",
-                              f"reused the result of {ref} for digest {src.get('digest')}")
+        await self.kube.event(_owner(scan), "Normal", "ResultReused",
+                              f"reused the result of {origin} for digest {source.digest}")
+
+    async def _requeue(self, scan: ScanState) -> None:
+        """A stale result: resolve the tag again (it may have moved) and scan."""
+        try:
+            await self._set(scan, {"phase": "Pending", "attempts": 0, "retryAfter": None,
+                                   "reason": None, "message": None},
+                            True, "Rescanning", "result older than the rescan interval")
+        except Exception:
+            self.index.requeue_at(scan, datetime.now(UTC) + self.retry_backoff)
+            raise
 
     # -- Scanning: collect the Job -----------------------------------------------------
 
-    async def _collect(self, scan: Obj, job: Obj, state: str) -> None:
-        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    async def _collect(self, scan: ScanState, job: JobState) -> None:
+        if job.deadline_exceeded:
+            # The Job controller deletes the pod at the deadline: there may be no log.
+            return await self._attempt_failed(scan, "ScanTimeout",
+                                              f"scan Job {job.name} exceeded its deadline")
         try:
-            text = await self.kube.job_pod_log(ns, name, "trivy")
+            text = await self.kube.job_pod_log(job.namespace, job.name, "trivy")
         except LookupError as e:
             return await self._attempt_failed(scan, "PodLost", str(e))
-        if state == "Failed":
-            reasons = [c.get("reason") for c in job["status"].get("conditions") or []
-                       if c["type"] == "Failed"]
-            reason = "ScanTimeout" if "DeadlineExceeded" in reasons else "TrivyFailed"
+        if job.finished == "Failed":
             tail = log_tail(text) or "no output"
-            return await self._attempt_failed(scan, reason, f"Trivy failed: {tail}")
+            return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")
         try:
-            result = result_from_log(text, self.settings.findings_budget_bytes)
-        except (FrameError, ReportError) as e:
+            # Off the event loop: a large report takes a while to decompress and parse.
+            result = await asyncio.to_thread(result_from_log, text,
+                                             self.settings.findings_budget_bytes)
+        except FrameError as e:
             return await self._attempt_failed(scan, "ResultCorrupted", str(e))
-        started = _time((scan.get("status") or {}).get("startTime"))
+        except ReportError as e:
+            # The frame was intact, so this is what Trivy printed: trying again would
+            # print it again.
+            return await self._fail(scan, "InvalidReport", str(e))
+        del text
         finished = datetime.now(UTC)
         done_at = stamp(finished)
         summary = result["summary"]
         await self._set(scan, {
             **result, "phase": "Completed", "completionTime": done_at, "scannedAt": done_at,
-            "reason": None, "message": None, "reusedFrom": None,
-            "conditions": _condition(True, "Completed", "scan completed",
-                                     scan["metadata"].get("generation"))})
+            "scannedWith": {"scanners": list(scan.scanners),
+                            "ignoreUnfixed": scan.ignore_unfixed},
+            "reason": None, "message": None, "reusedFrom": None}, True, "Completed",
+            "scan completed")
         metrics.SCANS.labels("completed").inc()
-        if started:
-            metrics.SCAN_DURATION.observe((finished - started).total_seconds())
-        for severity in ("critical", "high", "medium", "low", "unknown"):
-            metrics.VULNERABILITIES.labels(scan["spec"]["image"], scan["status"].get("digest"),
-                                           severity).set(summary[severity])
+        if scan.start_time:
+            metrics.SCAN_DURATION.observe((finished - scan.start_time).total_seconds())
         counts = ", ".join(f"{summary[s]} {s}" for s in ("critical", "high", "medium", "low"))
-        await self.kube.event(scan, "Normal", "ScanCompleted", f"{counts} ({summary['total']} "
-                              f"findings in all)")
+        await self.kube.event(_owner(scan), "Normal", "ScanCompleted",
+                              f"{counts} ({summary['total']} findings in all)")
 
-    async def _attempt_failed(self, scan: Obj, reason: str, message: str) -> None:
-        status = scan.get("status") or {}
-        attempts = int(status.get("attempts") or 1)
+    async def _attempt_failed(self, scan: ScanState, reason: str, message: str) -> None:
+        attempts = max(scan.attempts, 1)
         metrics.SCAN_FAILURES.labels(reason).inc()
         if attempts < self.settings.max_scan_attempts:
-            delay = self.retry_backoff * 2 ** (attempts - 1)
-            text = (f"attempt {attempts} of {self.settings.max_scan_attempts} failed: {message}; "
-                    f"retrying in {int(delay.total_seconds())}s")
+            delay = _backoff(self.retry_backoff, attempts - 1)
+            text = _clip(f"attempt {attempts} of {self.settings.max_scan_attempts} failed: "
+                         f"{message}; retrying in {int(delay.total_seconds())}s")
             await self._set(scan, {
                 "phase": "Queued", "reason": reason, "message": text,
-                "retryAfter": stamp(datetime.now(UTC) + delay),
-                "conditions": _condition(False, reason, text, scan["metadata"].get("generation"))})
+                "retryAfter": stamp(datetime.now(UTC) + delay)}, False, reason, text)
             metrics.SCANS.labels("retried").inc()
-            await self.kube.event(scan, "Warning", reason, text)
+            await self.kube.event(_owner(scan), "Warning", reason, text)
             return
         await self._fail(scan, reason, f"{message} (after {attempts} attempts)")
 
-    async def _fail(self, scan: Obj, reason: str, message: str) -> None:
+    async def _fail(self, scan: ScanState, reason: str, message: str) -> None:
+        message = _clip(message)
         await self._set(scan, {
             "phase": "Failed", "reason": reason, "message": message, "completionTime": now(),
-            "retryAfter": None,
-            "conditions": _condition(False, reason, message, scan["metadata"].get("generation"))})
+            "retryAfter": None}, False, reason, message)
         metrics.SCANS.labels("failed").inc()
-        await self.kube.event(scan, "Warning", "ScanFailed", message)
+        await self.kube.event(_owner(scan), "Warning", "ScanFailed", message)

@@ -1,0 +1,405 @@
+"""The operator's in-memory picture of ImageScans and scan Jobs, kept from watch events.
+
+Each object is held as a small projection (what the queue, the digest index and
+admission need; never the findings), and every derived index is updated by the
+event that changes it, so that a reconciliation pass costs what is pending,
+queued or scanning, never what is stored. Pure: no I/O, no clock of its own.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
+Ref = tuple[str, str]
+"""(namespace, name)"""
+
+
+def parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def scan_key(digest: str, scanners: Iterable[str], ignore_unfixed: bool) -> str:
+    """What makes two results interchangeable: the digest and the options of the scan."""
+    return f"{digest}|{','.join(sorted(scanners))}|{'unfixed-ignored' if ignore_unfixed else 'all'}"
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _counts(value: object) -> tuple[int, ...] | None:
+    if not isinstance(value, dict):
+        return None
+    return tuple(_int(value.get(k)) for k in (*SEVERITY_KEYS, "total"))
+
+
+def resource_version(obj: dict[str, Any]) -> int:
+    """resourceVersion as a number to order events (etcd's revisions; -1 if not one)."""
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion", -1))
+    except (TypeError, ValueError):
+        return -1
+
+
+@dataclass(frozen=True, slots=True)
+class ScanState:
+    """What the operator keeps of one ImageScan."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+    generation: int = 0
+    version: int = -1
+    """resourceVersion, to drop events older than what is held."""
+    image: str = ""
+    rule: str | None = None
+    scanners: tuple[str, ...] = ("vuln",)
+    ignore_unfixed: bool = False
+    platform: str | None = None
+    timeout: str | None = None
+    phase: str | None = None
+    digest: str | None = None
+    attempts: int = 0
+    queued_at: datetime | None = None
+    start_time: datetime | None = None
+    scanned_at: datetime | None = None
+    retry_after: datetime | None = None
+    job_name: str | None = None
+    result_key: str | None = None
+    """The key of the stored result: its digest and the options it was produced with."""
+    summary: tuple[int, ...] | None = None
+    """critical, high, medium, low, unknown, total."""
+    fixable: tuple[int, ...] | None = None
+
+    @property
+    def ref(self) -> Ref:
+        return (self.namespace, self.name)
+
+    @property
+    def key(self) -> str | None:
+        """The key this scan asks for now (its digest with its spec's options)."""
+        return scan_key(self.digest, self.scanners, self.ignore_unfixed) if self.digest else None
+
+    def same_as(self, other: ScanState | None) -> bool:
+        """Equal but for the resourceVersion: an event that changes nothing we act on."""
+        return other is not None and replace(other, version=self.version) == self
+
+
+def project_scan(obj: dict[str, Any]) -> ScanState:
+    """The projection of an ImageScan object (tolerant of anything a user may write)."""
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    status = obj.get("status") or {}
+    if not isinstance(status, dict):
+        status = {}
+    scanners = spec.get("scanners")
+    scanned_with = status.get("scannedWith") or {}
+    summary = _counts(status.get("summary"))
+    digest = status.get("digest") if isinstance(status.get("digest"), str) else None
+    result_key = None
+    if summary is not None and digest:
+        # A result made before scannedWith existed was made with the spec's options.
+        used = scanned_with if isinstance(scanned_with, dict) and scanned_with else {
+            "scanners": scanners, "ignoreUnfixed": spec.get("ignoreUnfixed")}
+        result_key = scan_key(digest, list(used.get("scanners") or ["vuln"]),
+                              bool(used.get("ignoreUnfixed")))
+    rule_ref = spec.get("ruleRef")
+    return ScanState(
+        namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")), generation=_int(meta.get("generation")),
+        version=resource_version(obj), image=str(spec.get("image", "")),
+        rule=rule_ref.get("name") if isinstance(rule_ref, dict) else None,
+        scanners=tuple(scanners) if isinstance(scanners, list) and scanners else ("vuln",),
+        ignore_unfixed=bool(spec.get("ignoreUnfixed")),
+        platform=spec.get("platform") if isinstance(spec.get("platform"), str) else None,
+        timeout=spec.get("timeout") if isinstance(spec.get("timeout"), str) else None,
+        phase=status.get("phase"), digest=digest, attempts=_int(status.get("attempts")),
+        queued_at=parse_time(status.get("queuedAt")) or parse_time(meta.get("creationTimestamp")),
+        start_time=parse_time(status.get("startTime")),
+        scanned_at=parse_time(status.get("scannedAt")),
+        retry_after=parse_time(status.get("retryAfter")),
+        job_name=status.get("jobName"), result_key=result_key,
+        summary=summary, fixable=_counts(status.get("fixable")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """What the operator keeps of one scan Job."""
+
+    namespace: str
+    name: str
+    scan: str
+    """The owning ImageScan's name."""
+    version: int = -1
+    finished: str | None = None
+    """'Complete' or 'Failed' once the Job has finished."""
+    deadline_exceeded: bool = False
+
+    @property
+    def ref(self) -> Ref:
+        return (self.namespace, self.name)
+
+
+def project_job(obj: dict[str, Any]) -> JobState:
+    meta = obj.get("metadata") or {}
+    owner = next((o.get("name", "") for o in meta.get("ownerReferences") or []
+                  if o.get("kind") == "ImageScan" and o.get("controller")), "")
+    finished, deadline = None, False
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
+            finished = c["type"]
+            deadline = deadline or c.get("reason") == "DeadlineExceeded"
+    return JobState(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+                    scan=str(owner), version=resource_version(obj), finished=finished,
+                    deadline_exceeded=deadline)
+
+
+# -- what a pass decides ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Start:
+    scan: ScanState
+
+
+@dataclass(frozen=True)
+class Reuse:
+    scan: ScanState
+    source: ScanState
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """A completed result has gone stale: resolve the tag again and scan."""
+
+    scan: ScanState
+
+
+Action = Start | Reuse | Requeue
+
+
+@dataclass
+class ScanIndex:
+    """ImageScans and scan Jobs with the indexes the reconciler and admission read."""
+
+    rescan_interval: timedelta
+    scans: dict[Ref, ScanState] = field(default_factory=dict)
+    jobs: dict[Ref, JobState] = field(default_factory=dict)
+    _running: set[Ref] = field(default_factory=set)
+    _pending: dict[Ref, ScanState] = field(default_factory=dict)
+    _queued: dict[Ref, ScanState] = field(default_factory=dict)
+    _scanning: dict[Ref, ScanState] = field(default_factory=dict)
+    _in_flight: dict[str, set[Ref]] = field(default_factory=dict)
+    _results: dict[str, dict[Ref, datetime]] = field(default_factory=dict)
+    """Completed results by key: which scans hold one, and when it was made."""
+    _by_digest: dict[str, set[Ref]] = field(default_factory=dict)
+    _expiry: list[tuple[datetime, Ref, datetime]] = field(default_factory=list)
+    """Completed results by the time they go stale (a heap; entries checked when popped)."""
+    _gone: set[Ref] = field(default_factory=set)
+    """Jobs deleted while their scan was Scanning: lost at once, without a grace period."""
+    totals: dict[str, list[int]] = field(default_factory=dict)
+    """Finding counts by namespace over the latest results: critical..unknown, total."""
+
+    # -- events --------------------------------------------------------------------
+
+    def upsert_scan(self, state: ScanState) -> bool:
+        """Apply an ImageScan event; False when it is older than what is held or changes
+        nothing the operator acts on (its own status write coming back, say)."""
+        old = self.scans.get(state.ref)
+        if old is not None and 0 <= state.version < old.version:
+            return False
+        if state.same_as(old):
+            self.scans[state.ref] = state
+            return False
+        if old is not None:
+            self._forget(old)
+            if old.job_name and (state.phase, state.job_name) != ("Scanning", old.job_name):
+                self._gone.discard((old.namespace, old.job_name))
+        self.scans[state.ref] = state
+        self._index(state, old)
+        return True
+
+    def delete_scan(self, ref: Ref) -> bool:
+        old = self.scans.pop(ref, None)
+        if old is not None:
+            self._forget(old)
+            self._gone.discard((old.namespace, old.job_name or ""))
+        return old is not None
+
+    def upsert_job(self, job: JobState) -> bool:
+        old = self.jobs.get(job.ref)
+        if old is not None and 0 <= job.version < old.version:
+            return False
+        self.jobs[job.ref] = job
+        if job.finished is None:
+            self._running.add(job.ref)
+        else:
+            self._running.discard(job.ref)
+        return old is None or (old.finished, old.scan) != (job.finished, job.scan)
+
+    def delete_job(self, ref: Ref) -> bool:
+        self._running.discard(ref)
+        job = self.jobs.pop(ref, None)
+        if job is not None:
+            scan = self._scanning.get((job.namespace, job.scan))
+            if scan is not None and scan.job_name == job.name:
+                self._gone.add(ref)
+        return job is not None
+
+    def replace_scans(self, states: Iterable[ScanState]) -> None:
+        """A relist: what it holds is the whole truth, so the rest was deleted meanwhile."""
+        seen = set()
+        for state in states:
+            seen.add(state.ref)
+            self.upsert_scan(state)
+        for ref in [r for r in self.scans if r not in seen]:
+            self.delete_scan(ref)
+
+    def replace_jobs(self, jobs: Iterable[JobState]) -> None:
+        seen = set()
+        for job in jobs:
+            seen.add(job.ref)
+            self.upsert_job(job)
+        for ref in [r for r in self.jobs if r not in seen]:
+            self.delete_job(ref)
+
+    def _index(self, s: ScanState, old: ScanState | None) -> None:
+        if s.phase in (None, "Pending"):
+            self._pending[s.ref] = s
+        elif s.phase == "Queued" and s.key:
+            self._queued[s.ref] = s
+        elif s.phase == "Scanning":
+            self._scanning[s.ref] = s
+            if s.key:
+                self._in_flight.setdefault(s.key, set()).add(s.ref)
+        if s.digest:
+            self._by_digest.setdefault(s.digest, set()).add(s.ref)
+        if s.phase == "Completed" and s.result_key and s.scanned_at:
+            self._results.setdefault(s.result_key, {})[s.ref] = s.scanned_at
+            if s.key != s.result_key:  # its options were edited: scan with the new ones
+                self.requeue_at(s, s.scanned_at)
+            elif old is None or (old.phase, old.scanned_at) != (s.phase, s.scanned_at):
+                self.requeue_at(s, s.scanned_at + self.rescan_interval)
+        if s.summary is not None:
+            counts = self.totals.setdefault(s.namespace, [0] * 6)
+            for i, n in enumerate(s.summary):
+                counts[i] += n
+
+    def _forget(self, s: ScanState) -> None:
+        self._pending.pop(s.ref, None)
+        self._queued.pop(s.ref, None)
+        self._scanning.pop(s.ref, None)
+        if s.key and s.key in self._in_flight:
+            self._in_flight[s.key].discard(s.ref)
+            if not self._in_flight[s.key]:
+                del self._in_flight[s.key]
+        if s.digest and s.digest in self._by_digest:
+            self._by_digest[s.digest].discard(s.ref)
+            if not self._by_digest[s.digest]:
+                del self._by_digest[s.digest]
+        if s.result_key and s.result_key in self._results:
+            self._results[s.result_key].pop(s.ref, None)
+            if not self._results[s.result_key]:
+                del self._results[s.result_key]
+        if s.summary is not None and s.namespace in self.totals:
+            counts = self.totals[s.namespace]
+            for i, n in enumerate(s.summary):
+                counts[i] -= n
+            if not any(counts):
+                del self.totals[s.namespace]
+
+    # -- reads ---------------------------------------------------------------------
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queued)
+
+    def by_digest(self, digest: str) -> list[ScanState]:
+        """Every ImageScan of a digest (admission's lookup)."""
+        return [self.scans[r] for r in self._by_digest.get(digest, ())]
+
+    def fresh_result(self, key: str, now: datetime) -> ScanState | None:
+        """The newest result of `key` made within the rescan interval."""
+        holders = self._results.get(key)
+        if not holders:
+            return None
+        ref, made = max(holders.items(), key=lambda item: item[1])
+        return self.scans[ref] if now - made < self.rescan_interval else None
+
+    def due_pending(self, now: datetime) -> list[ScanState]:
+        """Pending scans whose digest is to be resolved now."""
+        return [s for s in self._pending.values()
+                if s.retry_after is None or s.retry_after <= now]
+
+    def collectable(self) -> list[tuple[ScanState, JobState]]:
+        """Scanning scans whose Job has finished."""
+        found = []
+        for s in self._scanning.values():
+            job = self.jobs.get((s.namespace, s.job_name or ""))
+            if job is not None and job.finished and job.scan == s.name:
+                found.append((s, job))
+        return found
+
+    def orphaned(self, now: datetime, grace: timedelta) -> list[ScanState]:
+        """Scanning scans whose Job is gone: deleted, or never seen within `grace` of the
+        start (expired while the operator was down, or never created)."""
+        found = []
+        for s in self._scanning.values():
+            job = (s.namespace, s.job_name or "")
+            if job in self._gone or (job not in self.jobs and (
+                    s.start_time is None or now - s.start_time > grace)):
+                found.append(s)
+        return found
+
+    def next_retry(self) -> datetime | None:
+        """The earliest time a waiting Pending or Queued scan becomes due."""
+        times = [s.retry_after for s in (*self._pending.values(), *self._queued.values())
+                 if s.retry_after is not None]
+        return min(times, default=None)
+
+    def plan(self, now: datetime, limit: int) -> list[Action]:
+        """Stale results to requeue; queued scans to answer from a fresh result of their
+        key, or to start in queue order while running Jobs are under `limit`."""
+        actions: list[Action] = list(self._stale(now))
+        slots = max(0, limit - len(self._running))
+        starting: set[str] = set()
+        for s in sorted(self._queued.values(),
+                        key=lambda s: (s.queued_at or now, s.namespace, s.name)):
+            assert s.key is not None
+            source = self.fresh_result(s.key, now)
+            if source is not None:
+                actions.append(Reuse(s, source))
+            elif (s.key in self._in_flight or s.key in starting
+                  or (s.retry_after is not None and s.retry_after > now)):
+                continue
+            elif slots > 0:
+                actions.append(Start(s))
+                starting.add(s.key)
+                slots -= 1
+        return actions
+
+    def requeue_at(self, s: ScanState, when: datetime) -> None:
+        """Have `plan` requeue this completed result at `when` (again, if an earlier
+        requeue could not be written)."""
+        assert s.scanned_at is not None
+        heapq.heappush(self._expiry, (when, s.ref, s.scanned_at))
+
+    def _stale(self, now: datetime) -> Iterator[Requeue]:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, ref, scanned_at = heapq.heappop(self._expiry)
+            s = self.scans.get(ref)
+            if s is not None and s.phase == "Completed" and s.scanned_at == scanned_at:
+                yield Requeue(s)

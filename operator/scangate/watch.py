@@ -1,0 +1,155 @@
+"""A list-then-watch cache feed, as client-go's reflector does it.
+
+One LIST (in pages) at start and after the API server says the watch is too old
+(410 Gone); otherwise one long WATCH resumed from the last resourceVersion seen,
+with bookmarks so that a quiet resource keeps a fresh one. The stream is read in
+a daemon thread (the official client is blocking) and each object is projected
+there, so the event loop only receives small projections, never bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("scangate.watch")
+T = TypeVar("T")
+Obj = dict[str, Any]
+
+PAGE_SIZE = 500
+WATCH_SECONDS = 300
+READ_TIMEOUT = WATCH_SECONDS + 30
+
+
+class Gone(Exception):
+    """The resourceVersion to resume from is too old: relist."""
+
+
+@dataclass
+class Sink(Generic[T]):
+    """Where a feed delivers, on the event loop: a whole listing, or one change."""
+
+    replace: Callable[[list[T]], None]
+    upsert: Callable[[T], None]
+    delete: Callable[[T], None]
+
+
+class Feed(Generic[T]):
+    """Keeps a Sink current with one resource from LIST and WATCH."""
+
+    def __init__(self, name: str, list_fn: Callable[..., Any], project: Callable[[Obj], T],
+                 sink: Sink[T], **selector: Any) -> None:
+        self.name = name
+        self._list = list_fn
+        self._project = project
+        self._sink = sink
+        self._selector = selector
+        self.synced = asyncio.Event()
+        self.relists = 0
+
+    async def run(self) -> None:
+        """Forever; returns only by cancellation."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def worker() -> None:
+            try:
+                self._run_blocking(loop)
+            except BaseException as e:  # pragma: no cover - the loop below never ends
+                loop.call_soon_threadsafe(done.set_exception, e)
+
+        threading.Thread(target=worker, name=f"watch-{self.name}", daemon=True).start()
+        await done
+
+    def _run_blocking(self, loop: asyncio.AbstractEventLoop) -> None:
+        version: str | None = None
+        backoff = 0.5
+        while True:
+            try:
+                if version is None:
+                    version = self._relist(loop)
+                version = self._watch(loop, version)
+                backoff = 0.5
+            except Gone:
+                log.info("watch of %s expired; relisting", self.name)
+                version = None
+            except Exception as e:  # a broken stream is retried, never fatal
+                log.warning("watch of %s failed (%s); retrying in %.1fs", self.name,
+                            e.__class__.__name__, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _relist(self, loop: asyncio.AbstractEventLoop) -> str:
+        items: list[T] = []
+        token: str | None = None
+        while True:
+            kwargs = {"limit": PAGE_SIZE, **self._selector}
+            if token:
+                kwargs["_continue"] = token
+            try:
+                response = self._list(**kwargs, _preload_content=False,
+                                      _request_timeout=(10, 60))
+            except ApiException as e:
+                if e.status == 410:  # the continue token expired mid-listing
+                    items, token = [], None
+                    continue
+                raise
+            body = json.loads(response.data)
+            items += [self._project(obj) for obj in body.get("items") or []]
+            token = body.get("metadata", {}).get("continue")
+            if not token:
+                break
+        self.relists += 1
+        loop.call_soon_threadsafe(self._deliver_listing, items)
+        return str(body["metadata"]["resourceVersion"])
+
+    def _deliver_listing(self, items: list[T]) -> None:
+        self._sink.replace(items)
+        self.synced.set()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, version: str) -> str:
+        try:
+            response = self._list(**self._selector, watch=True, resource_version=version,
+                                  allow_watch_bookmarks=True, timeout_seconds=WATCH_SECONDS,
+                                  _preload_content=False, _request_timeout=(10, READ_TIMEOUT))
+        except ApiException as e:
+            if e.status == 410:
+                raise Gone() from None
+            raise
+        try:
+            for line in _lines(response):
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Gone()
+                    raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('reason')}")
+                new_version = obj.get("metadata", {}).get("resourceVersion")
+                if kind in ("ADDED", "MODIFIED"):
+                    loop.call_soon_threadsafe(self._sink.upsert, self._project(obj))
+                elif kind == "DELETED":
+                    loop.call_soon_threadsafe(self._sink.delete, self._project(obj))
+                if new_version:
+                    version = str(new_version)
+        finally:
+            response.release_conn()
+        return version
+
+
+def _lines(response: Any) -> Iterator[bytes]:
+    """The newline-delimited events of a watch response, as they arrive."""
+    pending = b""
+    for chunk in response.stream(amt=None, decode_content=False):
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from (line for line in complete if line.strip())
+    if pending.strip():
+        yield pending

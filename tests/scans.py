@@ -1,0 +1,87 @@
+"""Helpers of the ImageScan tests: test images with fresh digests, scans and their Jobs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from typing import Any
+
+from conftest import Kubectl, wait_for
+from sandbox.advisories import expected_findings, load_images
+from sandbox.images import Pusher, build_image, platforms
+
+SCAN_LABEL = "scangate.dev/imagescan"
+
+
+def push_variant(env: dict[str, str], name: str, at: str | None = None
+                 ) -> tuple[str, dict[str, Any]]:
+    """Push a fresh-digest variant of a named image (to the reference `at`, or a new
+    tag); its reference and declaration."""
+    decl = load_images()[name]
+    marker = {"files": {"etc/scangate-test-id": uuid.uuid4().hex}}
+    variants = {p: {**d, **marker} for p, d in platforms(decl).items()}
+    pusher = Pusher(f"http://{env['REGISTRY']}")
+    repository, tag = f"variants/{name}", uuid.uuid4().hex[:12]
+    if at:
+        repository, tag = at.split("/", 1)[1].rsplit(":", 1)
+    images = [build_image(d, p) for p, d in variants.items()]
+    if "platforms" in decl:
+        pusher.index(repository, tag, images)
+    else:
+        pusher.image(repository, tag, images[0])
+    pusher.close()
+    return f"{env['REGISTRY']}/{repository}:{tag}", variants
+
+
+def counts(findings: list[dict[str, str]], fixable: bool = False) -> dict[str, int]:
+    chosen = [f for f in findings if f["fixedVersion"] or not fixable]
+    by = Counter(f["severity"].lower() for f in chosen)
+    return {s: by.get(s, 0) for s in ("critical", "high", "medium", "low", "unknown")} | {
+        "total": len(chosen)}
+
+
+def create_scan(kubectl: Kubectl, ns: str, name: str, image: str, **spec: Any) -> None:
+    kubectl.apply(json.dumps({"apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
+                              "metadata": {"name": name}, "spec": {"image": image, **spec}}), ns)
+
+
+def scans(kubectl: Kubectl, ns: str) -> dict[str, dict[str, Any]]:
+    items = json.loads(kubectl("get", "imagescans", "-n", ns, "-o", "json"))["items"]
+    return {i["metadata"]["name"]: i for i in items}
+
+
+def wait_done(kubectl: Kubectl, ns: str, names: list[str], timeout: float = 180
+              ) -> dict[str, dict[str, Any]]:
+    def done() -> dict[str, dict[str, Any]] | None:
+        current = scans(kubectl, ns)
+        finished = all(current.get(n, {}).get("status", {}).get("phase") in ("Completed", "Failed")
+                       for n in names)
+        return current if finished else None
+    result: dict[str, dict[str, Any]] = wait_for(done, timeout, f"scans {names} to finish")
+    return result
+
+
+def jobs(kubectl: Kubectl, ns: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
+        kubectl("get", "jobs", "-n", ns, "-l", SCAN_LABEL, "-o", "json"))["items"]
+    return items
+
+
+def events(kubectl: Kubectl, ns: str, reason: str) -> Counter[str]:
+    items = json.loads(kubectl("get", "events", "-n", ns, "-o", "json"))["items"]
+    return Counter(e["involvedObject"]["name"] for e in items if e["reason"] == reason)
+
+
+def assert_result(scan: dict[str, Any], decl: dict[str, Any]) -> None:
+    expected = expected_findings(decl)
+    status = scan["status"]
+    assert status["phase"] == "Completed", status
+    assert status["summary"] == counts(expected), scan["metadata"]["name"]
+    assert status["fixable"] == counts(expected, fixable=True), scan["metadata"]["name"]
+    got = sorted(({k: f.get(k, "") for k in ("id", "package", "installedVersion",
+                                              "fixedVersion", "severity")}
+                  for f in status.get("findings", [])), key=lambda f: (f["id"], f["package"]))
+    assert got == expected
+    assert status["findingsTruncated"] is False
+    assert status["scanner"]["name"] == "trivy" and status["scanner"]["version"]

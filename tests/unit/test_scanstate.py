@@ -1,0 +1,209 @@
+"""The in-memory scan state: projections, incremental indexes and the queue plan."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from scangate.core.scanstate import (
+    JobState,
+    Requeue,
+    Reuse,
+    ScanIndex,
+    ScanState,
+    Start,
+    project_job,
+    project_scan,
+    scan_key,
+)
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+DAY = timedelta(hours=24)
+
+
+def scan(name: str, phase: str | None = "Queued", digest: str | None = "sha256:1",
+         minute: int = 0, version: int = 1, **kw: Any) -> ScanState:
+    return ScanState("ns", name, uid=f"uid-{name}", version=version, image=f"r/{name}:1",
+                     phase=phase, digest=digest,
+                     queued_at=NOW - timedelta(minutes=60 - minute), **kw)
+
+
+def done(name: str, digest: str = "sha256:1", age: timedelta = timedelta(hours=1),
+         **kw: Any) -> ScanState:
+    return scan(name, "Completed", digest, scanned_at=NOW - age,
+                result_key=scan_key(digest, ["vuln"], False),
+                summary=(1, 2, 3, 4, 0, 10), **kw)
+
+
+def index(*states: ScanState) -> ScanIndex:
+    idx = ScanIndex(DAY)
+    for s in states:
+        idx.upsert_scan(s)
+    return idx
+
+
+def test_starts_in_queue_order_up_to_the_limit_of_running_jobs() -> None:
+    idx = index(*(scan(f"s{i}", digest=f"sha256:{i}", minute=i) for i in reversed(range(6))))
+    idx.upsert_job(JobState("ns", "running", scan="x"))
+    actions = idx.plan(NOW, limit=3)
+    assert [a.scan.name for a in actions] == ["s0", "s1"]
+    assert all(isinstance(a, Start) for a in actions)
+    idx.upsert_job(JobState("ns", "running2", scan="y"))
+    idx.upsert_job(JobState("ns", "running3", scan="z"))
+    assert idx.plan(NOW, limit=3) == []
+
+
+def test_finished_jobs_free_their_slot() -> None:
+    idx = index(scan("a"))
+    idx.upsert_job(JobState("ns", "j", scan="x"))
+    assert idx.plan(NOW, limit=1) == []
+    idx.upsert_job(JobState("ns", "j", scan="x", version=2, finished="Complete"))
+    assert [a.scan.name for a in idx.plan(NOW, limit=1)] == ["a"]
+    idx.delete_job(("ns", "j"))
+    assert idx.running_jobs == 0
+
+
+def test_one_job_per_digest_and_the_rest_wait_then_reuse() -> None:
+    idx = index(*(scan(f"s{i}", digest=f"sha256:{i % 3}", minute=i) for i in range(10)))
+    assert sorted(a.scan.name for a in idx.plan(NOW, 5)) == ["s0", "s1", "s2"]
+    # s0 is scanning: the other queued scans of sha256:0 wait for it.
+    idx.upsert_scan(replace(idx.scans[("ns", "s0")], phase="Scanning", version=2))
+    assert "s3" not in {a.scan.name for a in idx.plan(NOW, 5)}
+    # s0 completes: the rest of its digest reuse its result, without a Job.
+    idx.upsert_scan(replace(done("s0", "sha256:0", timedelta(0)), version=3))
+    reused = {a.scan.name: a.source.name for a in idx.plan(NOW, 0) if isinstance(a, Reuse)}
+    assert reused == {"s3": "s0", "s6": "s0", "s9": "s0"}
+
+
+def test_results_are_reused_only_for_the_options_they_were_made_with() -> None:
+    made_with_unfixed_ignored = replace(
+        done("a"), ignore_unfixed=True, result_key=scan_key("sha256:1", ["vuln"], True))
+    other = scan("b")
+    idx = index(made_with_unfixed_ignored, other)
+    assert idx.plan(NOW, 1) == [Start(other)]
+
+
+def test_stale_results_are_requeued_once() -> None:
+    stale = done("old", age=timedelta(hours=25))
+    idx = index(stale)
+    assert idx.plan(NOW, 1) == [Requeue(stale)]
+    assert idx.plan(NOW, 1) == []  # popped: not requeued again every pass
+    idx.requeue_at(stale, NOW + timedelta(seconds=10))  # the write failed: try again later
+    assert idx.plan(NOW, 1) == []
+    assert idx.plan(NOW + timedelta(seconds=10), 1) == [Requeue(stale)]
+
+
+def test_a_fresh_result_is_not_requeued_before_its_time() -> None:
+    fresh = done("new", age=timedelta(hours=23))
+    idx = index(fresh)
+    assert idx.plan(NOW, 1) == []
+    assert idx.plan(NOW + timedelta(hours=2), 1) == [Requeue(fresh)]
+
+
+def test_retry_after_holds_a_queued_scan_back() -> None:
+    later = scan("later", retry_after=NOW + timedelta(minutes=1))
+    idx = index(later)
+    assert idx.plan(NOW, 1) == []
+    assert idx.plan(NOW + timedelta(minutes=1), 1) == [Start(later)]
+    assert idx.next_retry() == NOW + timedelta(minutes=1)
+
+
+def test_pending_scans_are_due_after_their_retry_time() -> None:
+    now_due, later = scan("p", "Pending", None), scan("q", "Pending", None,
+                                                     retry_after=NOW + timedelta(minutes=1))
+    idx = index(now_due, later)
+    assert idx.due_pending(NOW) == [now_due]
+    assert idx.plan(NOW, 5) == []
+
+
+def test_older_events_and_own_writes_coming_back_change_nothing() -> None:
+    idx = index(scan("a", version=5))
+    assert not idx.upsert_scan(scan("a", "Completed", version=4))
+    assert idx.scans[("ns", "a")].phase == "Queued"
+    assert not idx.upsert_scan(scan("a", version=6))  # same projection, newer version
+    assert idx.scans[("ns", "a")].version == 6
+    assert idx.upsert_scan(scan("a", "Scanning", version=7))
+
+
+def test_relist_drops_what_was_deleted_meanwhile_and_fixes_the_indexes() -> None:
+    idx = index(done("gone", digest="sha256:9"), scan("kept"))
+    idx.replace_scans([scan("kept", version=2)])
+    assert list(idx.scans) == [("ns", "kept")]
+    assert idx.by_digest("sha256:9") == []
+    assert "ns" not in idx.totals
+
+
+def test_totals_by_namespace_follow_each_change() -> None:
+    idx = index(done("a"), done("b"))
+    assert idx.totals["ns"] == [2, 4, 6, 8, 0, 20]
+    idx.upsert_scan(replace(done("a"), summary=(0, 0, 0, 1, 0, 1), version=2))
+    assert idx.totals["ns"] == [1, 2, 3, 5, 0, 11]
+    idx.delete_scan(("ns", "b"))
+    assert idx.totals["ns"] == [0, 0, 0, 1, 0, 1]
+
+
+def test_collectable_and_orphaned_scans() -> None:
+    running = scan("run", "Scanning", job_name="j1", start_time=NOW - timedelta(minutes=5))
+    finished = scan("fin", "Scanning", job_name="j2", start_time=NOW - timedelta(minutes=5))
+    lost = scan("lost", "Scanning", job_name="j3", start_time=NOW - timedelta(minutes=5))
+    young = scan("young", "Scanning", job_name="j4", start_time=NOW - timedelta(seconds=5))
+    idx = index(running, finished, lost, young)
+    idx.upsert_job(JobState("ns", "j1", scan="run"))
+    idx.upsert_job(JobState("ns", "j2", scan="fin", finished="Failed", deadline_exceeded=True))
+    assert [(s.name, j.name) for s, j in idx.collectable()] == [("fin", "j2")]
+    assert [s.name for s in idx.orphaned(NOW, timedelta(minutes=1))] == ["lost"]
+
+
+def test_by_digest_finds_every_scan_of_a_digest() -> None:
+    idx = index(done("a", "sha256:x"), scan("b", digest="sha256:x"), scan("c", digest="sha256:y"))
+    assert sorted(s.name for s in idx.by_digest("sha256:x")) == ["a", "b"]
+
+
+def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:
+    obj = {
+        "metadata": {"namespace": "ns", "name": "a", "uid": "u", "generation": 2,
+                     "resourceVersion": "42", "creationTimestamp": "2026-11-28T11:00:00Z"},
+        "spec": {"image": "r/a:1", "scanners": ["vuln", "secret"], "ignoreUnfixed": True,
+                 "ruleRef": {"name": "rule"}, "platform": "linux/arm64"},
+        "status": {"phase": "Completed", "digest": "sha256:1", "scannedAt": "2026-11-28T11:30:00Z",
+                   "summary": {"critical": 1, "high": 2, "medium": 3, "low": 4, "unknown": 5,
+                               "total": 15},
+                   "scannedWith": {"scanners": ["vuln"], "ignoreUnfixed": False},
+                   "findings": [{"id": "CVE-1"}] * 100},
+    }
+    s = project_scan(obj)
+    assert (s.version, s.rule, s.platform, s.summary) == (42, "rule", "linux/arm64",
+                                                          (1, 2, 3, 4, 5, 15))
+    assert s.key == scan_key("sha256:1", ["secret", "vuln"], True)
+    assert s.result_key == scan_key("sha256:1", ["vuln"], False)  # what the result was made with
+    assert not hasattr(s, "findings")
+    junk = project_scan({"metadata": {"name": "b", "resourceVersion": "x"},
+                         "status": {"summary": "many", "queuedAt": "yesterday", "attempts": "3"}})
+    assert (junk.version, junk.summary, junk.queued_at, junk.attempts) == (-1, None, None, 0)
+
+
+def test_job_projection_from_owner_and_conditions() -> None:
+    job = project_job({
+        "metadata": {"namespace": "ns", "name": "j", "resourceVersion": "7",
+                     "ownerReferences": [{"kind": "ImageScan", "name": "a", "controller": True}]},
+        "status": {"conditions": [{"type": "Failed", "status": "True",
+                                   "reason": "DeadlineExceeded"}]}})
+    assert (job.scan, job.finished, job.deadline_exceeded, job.version) == ("a", "Failed", True, 7)
+
+
+def test_editing_the_options_of_a_completed_scan_rescans_it() -> None:
+    edited = replace(done("a"), ignore_unfixed=True)  # result made with ignoreUnfixed false
+    idx = index(edited)
+    assert idx.plan(NOW, 1) == [Requeue(edited)]
+
+
+def test_a_deleted_job_orphans_its_scan_at_once() -> None:
+    s = scan("a", "Scanning", job_name="j", start_time=NOW)
+    idx = index(s)
+    idx.upsert_job(JobState("ns", "j", scan="a"))
+    assert idx.orphaned(NOW, timedelta(minutes=1)) == []
+    idx.delete_job(("ns", "j"))
+    assert idx.orphaned(NOW, timedelta(minutes=1)) == [s]
+    idx.upsert_scan(replace(s, phase="Queued", version=2))  # requeued: no longer lost
+    assert idx.orphaned(NOW, timedelta(minutes=1)) == []
