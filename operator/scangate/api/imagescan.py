@@ -103,6 +103,16 @@ class Finding(Model):
     """Where it was found: the OS, or a lock file or package directory."""
 
 
+class ScannedWith(Model):
+    """The options a result was produced with: only a scan asking for the same ones may
+    reuse it."""
+
+    scanners: list[Scanner] = Field(default_factory=lambda: [Scanner.VULN], max_length=3)
+    """The scanners that ran."""
+    ignore_unfixed: bool = False
+    """Whether vulnerabilities without a fixed version were left out."""
+
+
 class ImageScanStatus(StatusBase):
     """The scan's progress and result."""
 
@@ -121,6 +131,8 @@ class ImageScanStatus(StatusBase):
     scanned_at: datetime | None = None
     """When the result was produced by a scan (for a reused result: by the source's scan);
     results older than the rescan interval are refreshed."""
+    scanned_with: ScannedWith | None = None
+    """The scan options the result was produced with."""
     retry_after: datetime | None = None
     """A failed attempt is retried, not before this time."""
     attempts: int | None = Field(default=None, ge=0)

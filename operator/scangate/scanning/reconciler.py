@@ -183,18 +183,23 @@ class ScanReconciler:
             try:
                 async with self._api_slots:
                     await work()
-            except ApiException as e:
-                if e.status == 404:  # deleted meanwhile: its DELETED event follows
-                    self.index.delete_scan(scan.ref)
-                else:
-                    log.warning("API error on ImageScan %s/%s: %s %s", *scan.ref, e.status,
-                                e.reason)
             except Exception as e:
-                # One object's surprise must not stop the others: fail this attempt.
+                status = e.status if isinstance(e, ApiException) else 0
+                if status == 404:  # deleted meanwhile: its DELETED event follows
+                    self.index.delete_scan(scan.ref)
+                    return
+                if status is None or status == 429 or status >= 500:
+                    log.warning("API unavailable for ImageScan %s/%s (%s); retrying",
+                                *scan.ref, status)
+                    return
+                # One object's surprise must not stop the others: it costs this scan an
+                # attempt, and the attempts are bounded.
                 log.exception("unexpected error on ImageScan %s/%s", *scan.ref)
+                held = self.index.scans.get(scan.ref, scan)
+                retry = (self._resolve_failed if held.phase in (None, "Pending")
+                         else self._attempt_failed)
                 with contextlib.suppress(Exception):
-                    await self._attempt_failed(self.index.scans.get(scan.ref, scan),
-                                               "InternalError", f"{type(e).__name__}: {e}")
+                    await retry(held, "InternalError", f"{type(e).__name__}: {e}")
             finally:
                 self._busy.discard(scan.ref)
                 self._wake.set()
@@ -240,17 +245,9 @@ class ScanReconciler:
             return await self._fail(scan, "InvalidSpec", str(e))
         except RegistryError as e:
             metrics.REGISTRY_REQUESTS.labels(self._registry_label(scan), e.reason).inc()
-            if not e.transient or scan.attempts + 1 >= self.settings.max_resolve_attempts:
+            if not e.transient:
                 return await self._fail(scan, e.reason, str(e))
-            delay = _backoff(self.retry_backoff, scan.attempts)
-            message = f"{e}; retrying in {int(delay.total_seconds())}s"
-            await self._set(scan, {
-                "phase": "Pending", "reason": e.reason, "message": message,
-                "attempts": scan.attempts + 1,
-                "retryAfter": stamp(datetime.now(UTC) + delay)}, False, e.reason, message)
-            metrics.SCAN_FAILURES.labels(e.reason).inc()
-            await self.kube.event(_owner(scan), "Warning", e.reason, message)
-            return
+            return await self._resolve_failed(scan, e.reason, str(e))
         metrics.REGISTRY_REQUESTS.labels(self._registry_label(scan), "ok").inc()
         await self._set(scan, {
             "phase": "Queued", "digest": resolved.digest, "platform": platform,
@@ -269,6 +266,20 @@ class ScanReconciler:
         if secret is None:
             raise CredentialsError(f"credentials Secret {secret_ref['name']} not found")
         return rule, registry, secret
+
+    async def _resolve_failed(self, scan: ScanState, reason: str, message: str) -> None:
+        """Try the lookup again after a backoff, a bounded number of times."""
+        metrics.SCAN_FAILURES.labels(reason).inc()
+        if scan.attempts + 1 >= self.settings.max_resolve_attempts:
+            return await self._fail(scan, reason, f"{message} (after {scan.attempts + 1} "
+                                                  "attempts)")
+        delay = _backoff(self.retry_backoff, scan.attempts)
+        text = f"{message}; retrying in {int(delay.total_seconds())}s"
+        await self._set(scan, {
+            "phase": "Pending", "reason": reason, "message": text,
+            "attempts": scan.attempts + 1,
+            "retryAfter": stamp(datetime.now(UTC) + delay)}, False, reason, text)
+        await self.kube.event(_owner(scan), "Warning", reason, text)
 
     def _base_url(self, ref: ImageRef, rule: Obj | None) -> str:
         if rule:
@@ -419,14 +430,16 @@ class ScanReconciler:
                               f"{counts} ({summary['total']} findings in all)")
 
     async def _attempt_failed(self, scan: ScanState, reason: str, message: str) -> None:
-        attempts = max(scan.attempts, 1)
+        # A scan that failed before its Job started has not counted the attempt yet.
+        attempts = scan.attempts if scan.phase == "Scanning" else scan.attempts + 1
+        attempts = max(attempts, 1)
         metrics.SCAN_FAILURES.labels(reason).inc()
         if attempts < self.settings.max_scan_attempts:
             delay = _backoff(self.retry_backoff, attempts - 1)
             text = _clip(f"attempt {attempts} of {self.settings.max_scan_attempts} failed: "
                          f"{message}; retrying in {int(delay.total_seconds())}s")
             await self._set(scan, {
-                "phase": "Queued", "reason": reason, "message": text,
+                "phase": "Queued", "reason": reason, "message": text, "attempts": attempts,
                 "retryAfter": stamp(datetime.now(UTC) + delay)}, False, reason, text)
             metrics.SCANS.labels("retried").inc()
             await self.kube.event(_owner(scan), "Warning", reason, text)
