@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     """Attempts per scan before it ends Failed (corrupted logs, crashes and lost pods retry)."""
     retry_backoff: Duration = "10s"
     """First retry delay; it doubles with each attempt."""
+    max_result_log_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """Largest scan-Job log read (the compressed result travels in it); a longer one fails
+    the scan as ResultTooLarge rather than exhaust the operator's memory."""
     findings_budget_bytes: int = Field(default=65536, ge=1024, le=512 * 1024)
     """Size bound of .status.findings of one ImageScan (the counts always cover everything)."""
     reconcile_interval: float = Field(default=2.0, gt=0)

@@ -37,6 +37,10 @@ def load_config() -> None:
         config.load_kube_config()  # type: ignore[no-untyped-call]
 
 
+class LogTooLarge(ValueError):
+    """A pod log longer than scangate reads."""
+
+
 class Kube:
     def __init__(self) -> None:
         api = client.ApiClient()
@@ -93,17 +97,21 @@ class Kube:
             raise
         return True
 
-    async def job_pod_log(self, namespace: str, job: str, container: str) -> str:
-        """The log of a Job's (newest) pod."""
+    async def job_pod_log(self, namespace: str, job: str, container: str,
+                          limit_bytes: int) -> str:
+        """The log of a Job's (newest) pod; LogTooLarge past `limit_bytes`."""
         pods = await self._json(self.core.list_namespaced_pod, namespace,
                                 label_selector=f"job-name={job}")
         if not pods["items"]:
             raise LookupError(f"no pod of Job {namespace}/{job}")
         pod = sorted(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])[-1]
         response = await self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
-                                    namespace, container=container, _preload_content=False)
-        text: str = response.data.decode("utf-8", errors="replace")
-        return text
+                                    namespace, container=container, _preload_content=False,
+                                    limit_bytes=limit_bytes + 1)
+        data: bytes = response.data
+        if len(data) > limit_bytes:
+            raise LogTooLarge(f"the log of Job {namespace}/{job} exceeds {limit_bytes} bytes")
+        return data.decode("utf-8", errors="replace")
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         """Record a Kubernetes Event on `obj`, for `kubectl describe`."""

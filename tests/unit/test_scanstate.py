@@ -170,6 +170,8 @@ def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:
                    "summary": {"critical": 1, "high": 2, "medium": 3, "low": 4, "unknown": 5,
                                "total": 15},
                    "scannedWith": {"scanners": ["vuln"], "ignoreUnfixed": False},
+                   "conditions": [{"type": "Ready", "status": "True",
+                                   "lastTransitionTime": "2026-11-28T11:30:00Z"}],
                    "findings": [{"id": "CVE-1"}] * 100},
     }
     s = project_scan(obj)
@@ -177,6 +179,7 @@ def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:
                                                           (1, 2, 3, 4, 5, 15))
     assert s.key == scan_key("sha256:1", ["secret", "vuln"], True)
     assert s.result_key == scan_key("sha256:1", ["vuln"], False)  # what the result was made with
+    assert s.ready == ("True", "2026-11-28T11:30:00Z")
     assert not hasattr(s, "findings")
     junk = project_scan({"metadata": {"name": "b", "resourceVersion": "x"},
                          "status": {"summary": "many", "queuedAt": "yesterday", "attempts": "3"}})

@@ -80,6 +80,8 @@ class ScanState:
     summary: tuple[int, ...] | None = None
     """critical, high, medium, low, unknown, total."""
     fixable: tuple[int, ...] | None = None
+    ready: tuple[str, str] | None = None
+    """The Ready condition's status and lastTransitionTime."""
 
     @property
     def ref(self) -> Ref:
@@ -113,6 +115,8 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         result_key = scan_key(digest, list(used.get("scanners") or ["vuln"]),
                               bool(used.get("ignoreUnfixed")))
     rule_ref = spec.get("ruleRef")
+    ready = next((c for c in status.get("conditions") or []
+                  if isinstance(c, dict) and c.get("type") == "Ready"), None)
     return ScanState(
         namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")), generation=_int(meta.get("generation")),
@@ -129,6 +133,8 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         retry_after=parse_time(status.get("retryAfter")),
         job_name=status.get("jobName"), result_key=result_key,
         summary=summary, fixable=_counts(status.get("fixable")),
+        ready=(str(ready.get("status")), str(ready.get("lastTransitionTime")))
+        if ready else None,
     )
 
 

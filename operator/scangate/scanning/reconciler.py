@@ -43,7 +43,7 @@ from scangate.core.scanstate import (
     project_scan,
 )
 from scangate.core.trivy import ReportError
-from scangate.kube import Kube, Obj, now, stamp
+from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
 from scangate.registry.auth import CredentialsError, credentials_from_secret
 from scangate.registry.client import Credentials, RegistryClient, RegistryError
 from scangate.scanning.job import SCAN_LABEL, ScanJobSpec, TrivySettings, build_job, job_name
@@ -216,9 +216,12 @@ class ScanReconciler:
         if status.get("message"):
             status["message"] = _clip(status["message"])
         status["observedGeneration"] = scan.generation
+        ready_status = "True" if ready else "False"
+        # kstatus: the time moves only when the condition's status does.
+        since = scan.ready[1] if scan.ready and scan.ready[0] == ready_status else now()
         status["conditions"] = [{
-            "type": "Ready", "status": "True" if ready else "False", "reason": reason,
-            "message": _clip(message, 32768), "lastTransitionTime": now(),
+            "type": "Ready", "status": ready_status, "reason": reason,
+            "message": _clip(message, 32768), "lastTransitionTime": since,
             "observedGeneration": scan.generation}]
         try:
             obj = await self.kube.patch_status(PLURAL, scan.namespace, scan.name, status)
@@ -396,9 +399,12 @@ class ScanReconciler:
             return await self._attempt_failed(scan, "ScanTimeout",
                                               f"scan Job {job.name} exceeded its deadline")
         try:
-            text = await self.kube.job_pod_log(job.namespace, job.name, "trivy")
+            text = await self.kube.job_pod_log(job.namespace, job.name, "trivy",
+                                               self.settings.max_result_log_bytes)
         except LookupError as e:
             return await self._attempt_failed(scan, "PodLost", str(e))
+        except LogTooLarge as e:
+            return await self._fail(scan, "ResultTooLarge", str(e))
         if job.finished == "Failed":
             tail = log_tail(text) or "no output"
             return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")
