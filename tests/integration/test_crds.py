@@ -39,7 +39,7 @@ def notification(name: str, type_: str = "webhook") -> dict[str, Any]:
 
 INVALID = {
     "regex that does not compile": (scanrule(tagFilter="v(1"), "spec.tagFilter"),
-    "catastrophic backtracking": (scanrule(tagFilter="(a+)+$"), "spec.tagFilter"),
+    "regex outside RE2": (scanrule(tagFilter=r"(v)\1"), "spec.tagFilter"),
     "cron out of range": (scanrule(triggers={"schedule": "61 * * * *"}),
                           "spec.triggers.schedule"),
     "cron with three fields": (scanrule(triggers={"schedule": "* * *"}),

@@ -56,7 +56,7 @@ def test_examples_parse_as_models_and_validate() -> None:
 
 
 def test_semantic_validation_names_fields() -> None:
-    errors = validate_scanrule({"tagFilter": "(a+)+", "triggers": {"schedule": "99 * * * *"},
+    errors = validate_scanrule({"tagFilter": "(a)\\1", "triggers": {"schedule": "99 * * * *"},
                                 "scan": {"timeout": "7h"},
                                 "notifications": [{"caBundle": "not pem"}]})
     assert [e.path for e in errors] == ["spec.tagFilter", "spec.triggers.schedule",

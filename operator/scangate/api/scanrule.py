@@ -140,9 +140,9 @@ class ScanRuleSpec(Model):
     )]})
     """The registry namespaces and repositories the rule covers."""
     tag_filter: str = Field(default=".*", min_length=1, max_length=256)
-    """A regular expression that must match the whole tag, e.g. "v[0-9]+\\.[0-9]+\\.[0-9]+".
-    Patterns that could backtrack catastrophically (nested unbounded repetition such as
-    "(a+)+") are refused."""
+    """A regular expression that must match the whole tag, e.g. "v[0-9]+\\.[0-9]+\\.[0-9]+",
+    in RE2 syntax (as Go-based registries use): matching is linear in the tag's length, and
+    back-references and lookarounds, which RE2 lacks, are refused."""
     triggers: Triggers = Field(default_factory=Triggers, json_schema_extra={"default": {}})
     """When the rule scans. A manual run: kubectl annotate scanrule NAME
     scangate.dev/scan-now=<anything new> --overwrite."""
