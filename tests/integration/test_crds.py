@@ -48,6 +48,10 @@ INVALID = {
     "unparseable duration": (scanrule(scan={"timeout": "10 minutes"}), "spec.scan.timeout"),
     "timeout too short": (scanrule(scan={"timeout": "1s"}), "spec.scan.timeout"),
     "missing registry url": (scanrule(registry={}), "spec.registry.url"),
+    "caBundle that holds no certificate": (scanrule(registry={
+        "url": "https://registry.example.com",
+        "caBundle": "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"}),
+        "spec.registry.caBundle"),
     "registry url not http(s)": (scanrule(registry={"url": "ftp://registry.example.com"}),
                                  "spec.registry.url"),
     "unknown notification type": (scanrule(notifications=[notification("n", "slack")]),

@@ -3,7 +3,9 @@
 Pod logs get truncated, interleaved and corrupted under load (trivy-operator's
 "illegal base64" and "bzip2 bad magic" reports). A result is only accepted when
 its frame is complete and its SHA-256 matches; anything else is a failed attempt
-to retry, never a wrong answer. The shell side (the scan Job) writes:
+to retry, never a wrong answer. A log is also refused, rather than exhausting
+memory, when it is too long or its frames decompress past a limit (a gzip bomb:
+a few hundred kilobytes of log can inflate to gigabytes). The shell side (the scan Job) writes:
 
     SCANGATE-FRAME-BEGIN name=<name> size=<bytes of the gzip> sha256=<hex of the gzip>
     <base64 of the gzip, in lines>
@@ -17,12 +19,20 @@ import binascii
 import gzip
 import hashlib
 import re
+import zlib
 
 BEGIN = "SCANGATE-FRAME-BEGIN"
 END = "SCANGATE-FRAME-END"
 _BEGIN_LINE = re.compile(
     rf"^{BEGIN} name=([A-Za-z0-9_.-]+) size=([0-9]+) sha256=([0-9a-f]{{64}})\s*$"
 )
+
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""The most that the frames of one log may decompress to, together."""
+MAX_LOG_CHARS = 256 * 1024 * 1024
+"""The longest log decoded at all."""
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
 
 
 class FrameError(ValueError):
@@ -37,9 +47,15 @@ def encode(name: str, payload: bytes) -> str:
             f"{body}{END} name={name}\n")
 
 
-def decode(log: str) -> dict[str, bytes]:
-    """Every frame in a log, by name; raises FrameError on any damage."""
+def decode(log: str, *, max_bytes: int = MAX_FRAME_BYTES,
+           max_log_chars: int = MAX_LOG_CHARS) -> dict[str, bytes]:
+    """Every frame in a log, by name; raises FrameError on any damage, or when the log
+    is longer than `max_log_chars` or its frames decompress to more than `max_bytes`
+    together (a limit per frame would let many small bombs through)."""
+    if len(log) > max_log_chars:
+        raise FrameError(f"log of {len(log)} characters is longer than {max_log_chars}")
     frames: dict[str, bytes] = {}
+    used = 0
     lines = log.splitlines()
     i = 0
     while i < len(lines):
@@ -65,9 +81,29 @@ def decode(log: str) -> dict[str, bytes]:
             raise FrameError(f"frame {name!r} is truncated: {len(packed)} of {size} bytes")
         if hashlib.sha256(packed).hexdigest() != digest:
             raise FrameError(f"frame {name!r} is corrupted: checksum mismatch")
+        left = max_bytes - used
         try:
-            frames[name] = gzip.decompress(packed)
-        except (OSError, EOFError) as e:
+            frames[name] = _gunzip(packed, left)
+        except zlib.error as e:
             raise FrameError(f"frame {name!r} does not decompress: {e}") from None
+        if len(frames[name]) > left:
+            others = " with the frames before it" if used else ""
+            raise FrameError(f"frame {name!r} decompresses to more than {max_bytes} "
+                             f"bytes{others}")
+        used += len(frames[name])
         i += 1
     return frames
+
+
+def _gunzip(packed: bytes, limit: int) -> bytes:
+    """`packed` decompressed, but cut short after `limit` + 1 bytes so that a bomb
+    never inflates further; raises zlib.error on damage."""
+    out = b""
+    rest = packed
+    while rest and len(out) <= limit:  # members may be concatenated, as gzip(1) allows
+        member = zlib.decompressobj(wbits=_GZIP_WBITS)
+        out += member.decompress(rest, limit + 1 - len(out))
+        if len(out) <= limit and not member.eof:
+            raise zlib.error("truncated gzip stream")
+        rest = member.unused_data.lstrip(b"\0")  # gzip(1) tolerates zero padding
+    return out

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from scangate.core.framing import BEGIN, END, decode
-from scangate.core.trivy import ReportError, VersionInfo, os_info, parse_report, summarize
+from scangate.core.trivy import ReportError, os_info, parse_report, parse_version, summarize
 
 
 def result_from_log(log: str, budget_bytes: int) -> dict[str, Any]:
@@ -17,7 +18,7 @@ def result_from_log(log: str, budget_bytes: int) -> dict[str, Any]:
     result = summarize(report, budget_bytes)
     scanner: dict[str, Any] = {"name": "trivy"}
     # Standalone: the Job's own DB (`trivy version`); client/server: the server's, in the report.
-    local = VersionInfo.model_validate_json(frames["version"]) if "version" in frames else None
+    local = parse_version(frames["version"]) if "version" in frames else None
     server = report.trivy.server if report.trivy else None
     version = (local.version if local else None) or (report.trivy.version if report.trivy
                                                       else None)
@@ -34,9 +35,10 @@ def result_from_log(log: str, budget_bytes: int) -> dict[str, Any]:
     return result
 
 
-def log_tail(log: str, lines: int = 5) -> str:
-    """The last lines of a log outside result frames, for failure messages."""
-    kept: list[str] = []
+def log_tail(log: str, lines: int = 5, max_chars: int = 1024) -> str:
+    """The last lines of a log outside result frames, for failure messages: at most
+    `max_chars` of their end, so that a message quoting them fits status.message."""
+    kept: deque[str] = deque(maxlen=lines)
     in_frame = False
     for line in log.splitlines():
         if line.startswith(BEGIN):
@@ -45,4 +47,5 @@ def log_tail(log: str, lines: int = 5) -> str:
             in_frame = False
         elif not in_frame and line.strip():
             kept.append(line)
-    return "\n".join(kept[-lines:])
+    tail = "\n".join(kept)
+    return tail[max(len(tail) - max_chars, 0):]

@@ -4,20 +4,30 @@ The summary counts every vulnerability entry of every Result, as Trivy's own
 table summary does; a severity Trivy does not define counts as UNKNOWN. The
 findings kept in status are compact, most severe first, and bounded in bytes so
 that an ImageScan never nears etcd's object size limit; the counts always cover
-every finding.
+every finding. A report that does not fit the schema raises ReportError, never
+pydantic's own error, so that callers need to handle one type.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import MaxLen
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scangate.api.imagescan import Finding
+from scangate.core.errors import describe_validation
 
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 DEFAULT_FINDINGS_BUDGET = 64 * 1024
+# The CRD's maxLength of each finding field, by its name in status: the API server
+# refuses a whole status patch for one overlong package name.
+FINDING_MAX_LENGTHS = {field.alias or name: m.max_length
+                       for name, field in Finding.model_fields.items()
+                       for m in field.metadata if isinstance(m, MaxLen)}
 
 
 class _Trivy(BaseModel):
@@ -87,15 +97,34 @@ class ReportError(ValueError):
     """A report that cannot be trusted or understood."""
 
 
-def parse_report(data: bytes | str) -> Report:
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _load(data: bytes | str, what: str) -> Any:
     try:
-        raw = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ReportError(f"Trivy report is not JSON: {e}") from None
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # ValueError: also undecodable bytes
+        raise ReportError(f"{what} is not JSON: {e}") from None
+
+
+def _validate(model: type[_M], raw: Any, what: str) -> _M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ReportError(f"{what} does not fit its schema: {describe_validation(e)}") from None
+
+
+def parse_report(data: bytes | str) -> Report:
+    raw = _load(data, "Trivy report")
     if not isinstance(raw, dict) or raw.get("SchemaVersion") != 2:
         version = raw.get("SchemaVersion") if isinstance(raw, dict) else None
-        raise ReportError(f"unsupported Trivy report SchemaVersion {version!r} (want 2)")
-    return Report.model_validate(raw)
+        raise ReportError(f"unsupported Trivy report SchemaVersion {version!r:.40} (want 2)")
+    return _validate(Report, raw, "Trivy report")
+
+
+def parse_version(data: bytes | str) -> VersionInfo:
+    """The output of `trivy version --format json`."""
+    return _validate(VersionInfo, _load(data, "trivy version output"), "trivy version output")
 
 
 def normalise_severity(severity: str) -> str:
@@ -123,7 +152,9 @@ def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET) -> di
                        "installedVersion": v.installed_version,
                        "fixedVersion": v.fixed_version or None,
                        "class": result.class_, "target": result.target or None}
-            findings.append({k: val for k, val in finding.items() if val is not None})
+            # [:None] for severity, which has no limit
+            findings.append({k: val[:FINDING_MAX_LENGTHS.get(k)]
+                             for k, val in finding.items() if val is not None})
     findings.sort(key=lambda f: (_RANK[f["severity"]], "fixedVersion" not in f, f["id"],
                                  f["package"], f.get("installedVersion", "")))
     kept, truncated = bound_findings(findings, budget_bytes)

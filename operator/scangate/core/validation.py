@@ -6,10 +6,12 @@ of a bad object fails with a message a user can act on.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from scangate.core.durations import parse_duration
 from scangate.core.images import InvalidReference, parse_image
@@ -52,6 +54,11 @@ def _positive_duration(value: str) -> None:
 def _pem(value: str) -> None:
     if "-----BEGIN CERTIFICATE-----" not in value:
         raise ValueError("must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
+    try:
+        # What the operator and Trivy will do with it: load it as trust anchors.
+        ssl.create_default_context(cadata=value)
+    except (ssl.SSLError, ValueError):
+        raise ValueError("holds no PEM certificate that can be loaded") from None
 
 
 def _globs(path: str, values: Iterable[str] | None) -> list[FieldError]:
@@ -104,3 +111,18 @@ VALIDATORS: dict[str, Callable[[Mapping[str, Any]], list[FieldError]]] = {
     "ImageScan": validate_imagescan,
     "ScanPolicy": validate_scanpolicy,
 }
+
+
+def check_image_on_registry(image: str, registry_url: str, rule: str) -> list[FieldError]:
+    """An ImageScan with a ruleRef uses the rule's credentials and TLS settings, so it may
+    only name an image on the rule's own registry."""
+    try:
+        host = parse_image(image).registry
+    except InvalidReference as e:
+        return [FieldError("spec.image", str(e))]
+    expected = urlsplit(registry_url).netloc
+    if host != expected:
+        return [FieldError("spec.image", f"{host} is not the registry of ScanRule {rule} "
+                                         f"({expected}); an ImageScan may only name images on "
+                                         "its rule's registry")]
+    return []

@@ -1,8 +1,12 @@
-"""Registry credentials from Kubernetes Secrets (basic-auth and dockerconfigjson)."""
+"""Registry credentials from Kubernetes Secrets (basic-auth and dockerconfigjson).
+
+Messages name what is wrong with a Secret but never quote its values.
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from typing import Any
 
@@ -16,9 +20,17 @@ class CredentialsError(ValueError):
     """A credentials Secret scangate cannot use."""
 
 
-def _field(secret: dict[str, Any], key: str) -> str | None:
+def _text(value: object, what: str) -> str:
+    """Base64 of UTF-8 text, as Secret data and a dockerconfig `auth` hold it."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # binascii.Error, UnicodeDecodeError
+            return base64.b64decode(value.strip(), validate=True).decode()
+    raise CredentialsError(f"{what} is not base64 of UTF-8 text")
+
+
+def _field(secret: dict[str, Any], name: str, key: str) -> str | None:
     value = (secret.get("data") or {}).get(key)
-    return base64.b64decode(value).decode() if value else None
+    return _text(value, f"Secret {name}: {key}") if value else None
 
 
 def credentials_from_secret(secret: dict[str, Any], registry: str) -> Credentials | None:
@@ -26,27 +38,45 @@ def credentials_from_secret(secret: dict[str, Any], registry: str) -> Credential
     name = secret.get("metadata", {}).get("name", "?")
     kind = secret.get("type")
     if kind == BASIC_AUTH:
-        username, password = _field(secret, "username"), _field(secret, "password")
+        username, password = _field(secret, name, "username"), _field(secret, name, "password")
         if username is None or password is None:
             raise CredentialsError(f"Secret {name} lacks username or password")
         return Credentials(username, password)
     if kind == DOCKER_CONFIG_JSON:
-        raw = _field(secret, ".dockerconfigjson")
-        try:
-            auths = json.loads(raw or "{}").get("auths", {})
-        except json.JSONDecodeError:
-            raise CredentialsError(f"Secret {name}: .dockerconfigjson is not JSON") from None
-        for host, entry in auths.items():
-            if _host(host) != _host(registry):
-                continue
-            if entry.get("username") and entry.get("password"):
-                return Credentials(entry["username"], entry["password"])
-            if entry.get("auth"):
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                return Credentials(user, password)
-        return None
+        return _from_docker_config(_field(secret, name, ".dockerconfigjson") or "{}",
+                                   f"Secret {name}: .dockerconfigjson", registry)
     raise CredentialsError(
         f"Secret {name} has type {kind!r}; use {BASIC_AUTH} or {DOCKER_CONFIG_JSON}")
+
+
+def _from_docker_config(raw: str, what: str, registry: str) -> Credentials | None:
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CredentialsError(f"{what} is not JSON") from None
+    if not isinstance(config, dict):
+        raise CredentialsError(f"{what} is not a JSON object")
+    auths = config.get("auths", {})
+    if not isinstance(auths, dict):
+        raise CredentialsError(f"{what}: auths is not an object")
+    for host, entry in auths.items():
+        if _host(host) != _host(registry):
+            continue
+        # The registry, not the key: a key may be any length of text.
+        where = f"{what}: the entry for {registry}"
+        if not isinstance(entry, dict):
+            raise CredentialsError(f"{where} is not an object")
+        username, password = entry.get("username"), entry.get("password")
+        if username and password:
+            if not isinstance(username, str) or not isinstance(password, str):
+                raise CredentialsError(f"{where} has a username or password that is not text")
+            return Credentials(username, password)
+        if entry.get("auth"):
+            user, colon, password = _text(entry["auth"], f"{where}: auth").partition(":")
+            if not colon:
+                raise CredentialsError(f"{where}: auth is not base64 of username:password")
+            return Credentials(user, password)
+    return None
 
 
 def _host(value: str) -> str:

@@ -50,7 +50,8 @@ class ScanJobSpec:
     credentials_secret: str | None = None
     credentials_type: str | None = None
     """kubernetes.io/basic-auth (env) or kubernetes.io/dockerconfigjson (mounted config)."""
-    ca_bundle_configmap: str | None = None
+    ca_bundle: str | None = None
+    """The ScanRule's registry CA (PEM), trusted by Trivy beside the system's roots."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,16 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
             args += ["--db-repository", trivy.db_repository]
     args.append(spec.image)
     version = ["trivy", "version", "--format", "json", "--cache-dir", f"{WORK}/cache"]
+    trust = []
+    if spec.ca_bundle:
+        # Go reads one file of roots: the system's, then the registry's own CA. (A CA is
+        # public; it travels in the Job's env, not in a Secret.)
+        trust = [f"{{ cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true; "
+                 f"printf '%s\\n' \"$SCANGATE_REGISTRY_CA\"; }} > {WORK}/ca.crt",
+                 f"export SSL_CERT_FILE={WORK}/ca.crt"]
     return "\n".join([
         "set -eu", _EMIT,
-        f"mkdir -p {WORK}/tmp {WORK}/cache",
+        f"mkdir -p {WORK}/tmp {WORK}/cache", *trust,
         shlex.join(args),
         f"{shlex.join(version)} > {WORK}/version.json",
         f"emit version {WORK}/version.json",
@@ -129,10 +137,8 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
             "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}})
         mounts.append({"name": "docker-config", "mountPath": "/etc/scangate/docker",
                        "readOnly": True})
-    if spec.ca_bundle_configmap:
-        env.append({"name": "SSL_CERT_FILE", "value": "/etc/scangate/ca/ca.crt"})
-        volumes.append({"name": "ca", "configMap": {"name": spec.ca_bundle_configmap}})
-        mounts.append({"name": "ca", "mountPath": "/etc/scangate/ca", "readOnly": True})
+    if spec.ca_bundle:
+        env.append({"name": "SCANGATE_REGISTRY_CA", "value": spec.ca_bundle})
     labels = {SCAN_LABEL: scan_label(spec.scan_name), "app.kubernetes.io/managed-by": "scangate"}
     return {
         "apiVersion": "batch/v1",

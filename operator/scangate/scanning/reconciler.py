@@ -305,6 +305,14 @@ class ScanReconciler:
 
     async def _registry(self, scan: ScanState, ref: ImageRef) -> RegistryClient:
         rule, registry, secret = await self._rule_registry(scan)
+        if rule is not None:
+            # A rule's credentials and TLS settings are for its own registry only: an
+            # ImageScan naming another host must never hand them over.
+            host = urlsplit(str(registry.get("url", ""))).netloc
+            if host != ref.registry:
+                raise CredentialsError(
+                    f"spec.image: {ref.registry} is not the registry of ScanRule {scan.rule} "
+                    f"({host})")
         credentials: Credentials | None = None
         if secret is not None:
             credentials = credentials_from_secret(secret, ref.registry)
@@ -345,17 +353,23 @@ class ScanReconciler:
     async def _start(self, scan: ScanState, name: str, attempt: int) -> None:
         assert scan.digest is not None
         ref = parse_image(scan.image).with_digest(scan.digest)
-        rule, _, secret = await self._rule_registry(scan)
+        rule, registry, secret = await self._rule_registry(scan)
         timeout = parse_duration(scan.timeout or self.settings.scan_timeout)
+        on_rule_registry = rule is not None and self._base_url(ref, rule) == str(
+            registry.get("url", "")).rstrip("/")
         job_spec = ScanJobSpec(
             scan_name=scan.name, namespace=scan.namespace, scan_uid=scan.uid,
             image=f"{ref.name}@{ref.digest}", queued_at=stamp(scan.queued_at or datetime.now(UTC)),
             attempt=attempt, timeout_seconds=int(timeout.total_seconds()),
             scanners=scan.scanners, ignore_unfixed=scan.ignore_unfixed,
             platform=scan.platform or "linux/amd64",
-            insecure_registry=self._base_url(ref, rule).startswith("http://"),
-            credentials_secret=secret["metadata"]["name"] if secret else None,
-            credentials_type=secret.get("type") if secret else None)
+            # The rule's TLS settings and credentials are for its own registry only.
+            insecure_registry=self._base_url(ref, rule).startswith("http://") or (
+                on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
+            ca_bundle=registry.get("caBundle") if on_rule_registry else None,
+            credentials_secret=secret["metadata"]["name"] if secret and on_rule_registry
+            else None,
+            credentials_type=secret.get("type") if secret and on_rule_registry else None)
         job = build_job(job_spec, self.trivy)
         assert job["metadata"]["name"] == name
         created = await self.kube.create_job(scan.namespace, job)

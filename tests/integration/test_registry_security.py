@@ -1,0 +1,146 @@
+"""Registry access that cannot be turned against its owners: the tests play the attacker."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from conftest import Kubectl
+from sandbox.advisories import load_images
+from sandbox.controlplane import free_port
+from sandbox.distribution import Registry
+from sandbox.images import Pusher, build_image
+from sandbox.pki import CertificateAuthority
+from scans import assert_result, create_scan, jobs, wait_done
+
+pytestmark = pytest.mark.sandbox
+
+
+class BasicChallenger(BaseHTTPRequestHandler):
+    """A host that asks every visitor for Basic credentials, and notes what it gets."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append(dict(self.headers))
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="give me your password"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def challenger() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    BasicChallenger.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BasicChallenger)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", BasicChallenger.seen
+    server.shutdown()
+
+
+def rule(name: str, url: str, **registry: Any) -> str:
+    return json.dumps({
+        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": {"name": name},
+        "spec": {"registry": {"url": url, **registry}, "scope": {"namespaces": ["team-a"]},
+                 "triggers": {"onPush": False}}})
+
+
+def test_a_rules_credentials_never_go_to_another_host(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+    challenger: tuple[str, list[dict[str, str]]],
+) -> None:
+    attacker, seen = challenger
+    kubectl("create", "secret", "generic", "team-creds", "-n", namespace,
+            "--type=kubernetes.io/basic-auth", "--from-literal=username=team",
+            "--from-literal=password=team-secret")
+    kubectl.apply(rule("team", f"http://{sandbox_env['REGISTRY']}",
+                       credentialsSecretRef={"name": "team-creds"}), namespace)
+    refused = kubectl.run("apply", "-n", namespace, "-f", "-", check=False, input=json.dumps({
+        "apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
+        "metadata": {"name": "steal"},
+        "spec": {"image": f"{attacker}/team-a/app:1", "ruleRef": {"name": "team"}}}))
+    assert refused.returncode != 0
+    assert "spec.image" in refused.stderr and "not the registry of ScanRule team" in \
+        refused.stderr
+    # A rule that does not exist is no way around it.
+    missing = kubectl.run("apply", "-n", namespace, "-f", "-", check=False, input=json.dumps({
+        "apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
+        "metadata": {"name": "steal2"},
+        "spec": {"image": f"{attacker}/team-a/app:1", "ruleRef": {"name": "nope"}}}))
+    assert missing.returncode != 0 and "spec.ruleRef" in missing.stderr
+    assert seen == []  # not even asked
+
+
+def test_a_private_ca_given_in_the_rule_reaches_trivy(
+    kubectl: Kubectl, namespace: str, tmp_path: Path,
+) -> None:
+    ca = CertificateAuthority(tmp_path / "pki", name="team-private-ca")
+    registry = Registry(tmp_path / "registry", free_port(), tls=ca)
+    registry.start()
+    try:
+        decl = load_images()["alpine-mixed"]
+        pusher = Pusher(registry.url, verify=ssl.create_default_context(
+            cafile=str(ca.cert_path)))
+        pusher.image("team-a/app", "1.0", build_image(decl))
+        pusher.close()
+        kubectl.apply(rule("private-ca", registry.url, caBundle=ca.cert_path.read_text()),
+                      namespace)
+        create_scan(kubectl, namespace, "tls", f"{registry.host}/team-a/app:1.0",
+                    ruleRef={"name": "private-ca"})
+        done = wait_done(kubectl, namespace, ["tls"])["tls"]
+        assert_result(done, decl)
+        container = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "SCANGATE_REGISTRY_CA", "value": ca.cert_path.read_text()} in \
+            container["env"]
+    finally:
+        registry.stop()
+
+
+CAN = [
+    ("get", "imagescans.scangate.dev"), ("list", "imagescans.scangate.dev"),
+    ("watch", "imagescans.scangate.dev"), ("patch", "imagescans.scangate.dev", "status"),
+    ("get", "scanrules.scangate.dev"),
+    ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"),
+    ("list", "pods"), ("get", "pods", "log"), ("get", "secrets"), ("create", "events"),
+    ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),
+    ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
+]
+CANNOT = [
+    ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"),
+    ("update", "imagescans.scangate.dev"), ("delete", "imagescans.scangate.dev"),
+    ("patch", "scanrules.scangate.dev", "status"), ("delete", "jobs.batch"),
+    ("create", "pods"), ("create", "pods", "exec"), ("get", "configmaps"),
+    ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/other"),
+    ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io"), ("patch", "namespaces"),
+]
+
+
+def _can(kubectl: Kubectl, verb: str, resource: str, subresource: str = "") -> bool:
+    extra = [f"--subresource={subresource}"] if subresource else []
+    answer = kubectl.run("auth", "can-i", verb, resource, *extra, "--all-namespaces",
+                         "--as=system:serviceaccount:scangate-system:scangate", check=False)
+    return answer.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("check", CAN, ids=[" ".join(c) for c in CAN])
+def test_the_operator_can_do_what_its_work_needs(kubectl: Kubectl, check: tuple[str, ...]
+                                                 ) -> None:
+    assert _can(kubectl, *check)
+
+
+@pytest.mark.parametrize("check", CANNOT, ids=[" ".join(c) for c in CANNOT])
+def test_the_operator_cannot_do_more(kubectl: Kubectl, check: tuple[str, ...]) -> None:
+    assert not _can(kubectl, *check)
