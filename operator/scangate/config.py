@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     """ClientServer: Jobs ask a Trivy server; Standalone: each Job downloads the DB."""
     trivy_server_url: str = "http://scangate-trivy.scangate-system:4954"
     """The Trivy server of ClientServer mode."""
+    trivy_token_secret: str | None = None
+    """A Secret in the operator's namespace whose `token` the Trivy server requires
+    (ClientServer). The operator keeps a copy, Secret scangate-trivy-token, in each
+    namespace where it runs scan Jobs, since a pod reads Secrets of its own namespace."""
     trivy_db_repository: str | None = None
     """OCI repository of the vulnerability DB in Standalone mode (an air-gapped mirror)."""
     trivy_insecure_db_repository: bool = False

@@ -86,6 +86,20 @@ class Kube:
             raise
         return secret
 
+    async def put_secret_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Create the Secret, or set its data if it exists (one the operator owns)."""
+        body = {"metadata": {"name": name, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "scangate"}},
+                "type": "Opaque", "data": data}
+        try:
+            await self._call(self.core.create_namespaced_secret, namespace, body,
+                             _preload_content=False)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            await self._call(self.core.patch_namespaced_secret, name, namespace,
+                             {"data": data}, _preload_content=False)
+
     async def create_job(self, namespace: str, body: Obj) -> bool:
         """Create a Job; False if it already exists (a restart re-creating it)."""
         try:

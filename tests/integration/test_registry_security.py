@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,11 +116,13 @@ CAN = [
     ("get", "scanrules.scangate.dev"),
     ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"),
     ("list", "pods"), ("get", "pods", "log"), ("get", "secrets"), ("create", "events"),
+    ("create", "secrets"), ("patch", "secrets/scangate-trivy-token"),
     ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
 ]
 CANNOT = [
-    ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"),
+    ("list", "secrets"), ("watch", "secrets"), ("patch", "secrets/team-creds"),
+    ("delete", "secrets/scangate-trivy-token"),
     ("update", "imagescans.scangate.dev"), ("delete", "imagescans.scangate.dev"),
     ("patch", "scanrules.scangate.dev", "status"), ("delete", "jobs.batch"),
     ("create", "pods"), ("create", "pods", "exec"), ("get", "configmaps"),
@@ -144,3 +148,24 @@ def test_the_operator_can_do_what_its_work_needs(kubectl: Kubectl, check: tuple[
 @pytest.mark.parametrize("check", CANNOT, ids=[" ".join(c) for c in CANNOT])
 def test_the_operator_cannot_do_more(kubectl: Kubectl, check: tuple[str, ...]) -> None:
     assert not _can(kubectl, *check)
+
+
+def test_the_trivy_server_answers_only_with_its_token(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str], tmp_path: Path,
+) -> None:
+    image = next(i["image"] for i in json.loads(
+        (Path(sandbox_env["SANDBOX_DIR"]) / "images.json").read_text()) if i["name"] == "clean")
+    without = subprocess.run(
+        [sandbox_env["TRIVY"], "image", "--server", sandbox_env["TRIVY_SERVER"], "--insecure",
+         "--quiet", "--cache-dir", str(tmp_path), image],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "TRIVY_TOKEN"})
+    assert without.returncode != 0 and "invalid token" in without.stderr
+    # Scan Jobs read the token from a copy in their own namespace, never from their spec.
+    create_scan(kubectl, namespace, "tokened", image)
+    assert wait_done(kubectl, namespace, ["tokened"])["tokened"]["status"]["phase"] == \
+        "Completed"
+    env = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "TRIVY_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "scangate-trivy-token", "key": "token"}}} in env
+    assert sandbox_env["TRIVY_TOKEN"] not in json.dumps(env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import subprocess
 import threading
@@ -57,7 +58,8 @@ def trivy(env: dict[str, str], tmp: Path, image: dict[str, Any], mode: str) -> d
         args += ["--db-repository", env["TRIVY_DB_REPOSITORY"], "--skip-java-db-update"]
     else:
         args += ["--server", env["TRIVY_SERVER"]]
-    out = subprocess.run([*args, image["image"]], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*args, image["image"]], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRIVY_TOKEN": env["TRIVY_TOKEN"]})
     assert out.returncode == 0, out.stderr
     report: dict[str, Any] = json.loads(out.stdout)
     return report

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -272,13 +273,16 @@ class Sandbox:
         (self.dir / "images.json").write_text(json.dumps(listing, indent=1))
         trivy = str(Path(sys.executable).parent / "trivy")
         trivy_port = free_port()
+        token = secrets.token_hex(20)
         self._spawn("trivy-server", [
             trivy, "server", "--listen", f"127.0.0.1:{trivy_port}", "--insecure",
-            "--db-repository", db_repository, "--cache-dir", str(self.dir / "trivy-server")])
+            "--db-repository", db_repository, "--cache-dir", str(self.dir / "trivy-server")],
+            env={"TRIVY_TOKEN": token})
         trivy_url = f"http://127.0.0.1:{trivy_port}"
         self._until(lambda: _http_ok(httpx.get, f"{trivy_url}/healthz"), timeout, "trivy server")
         self.env.update({"REGISTRY": registry.host, "TRIVY": trivy,
-                         "TRIVY_DB_REPOSITORY": db_repository, "TRIVY_SERVER": trivy_url})
+                         "TRIVY_DB_REPOSITORY": db_repository, "TRIVY_SERVER": trivy_url,
+                         "TRIVY_TOKEN": token})
 
     # -- the operator from the checkout ----------------------------------------------
 
@@ -328,6 +332,10 @@ class Sandbox:
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                      "-f", str(REPO / "crds"))
         kubeconfig = self.operator_kubeconfig()
+        # The Trivy server's token, as the chart keeps it in the operator's namespace.
+        self.kubectl("apply", "-f", "-", input=self.kubectl(
+            "create", "secret", "generic", "scangate-trivy-token", "-n", "scangate-system",
+            f"--from-literal=token={self.env['TRIVY_TOKEN']}", "--dry-run=client", "-o", "yaml"))
         ca = CertificateAuthority(self.dir / "pki")
         cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
         webhook_port, metrics_port, health_port = free_port(), free_port(), free_port()
@@ -342,7 +350,8 @@ class Sandbox:
             "--insecure-registries", json.dumps([self.env["REGISTRY"]]),
             "--trivy-server-url", self.env["TRIVY_SERVER"],
             "--trivy-db-repository", self.env["TRIVY_DB_REPOSITORY"],
-            "--trivy-insecure-db-repository", "--retry-backoff", "1s",
+            "--trivy-insecure-db-repository", "--trivy-token-secret", "scangate-trivy-token",
+            "--retry-backoff", "1s",
             "--reconcile-interval", "1", *extra_args,
         ], env={"KUBECONFIG": str(kubeconfig)})
         self.env["SCANGATE_METRICS"] = f"http://127.0.0.1:{metrics_port}"

@@ -17,6 +17,8 @@ from typing import Any
 from scangate.core.framing import BEGIN, END
 
 SCAN_LABEL = "scangate.dev/imagescan"
+TOKEN_SECRET = "scangate-trivy-token"
+"""The Trivy server's token, copied into each namespace that runs scan Jobs."""
 ATTEMPT_ANNOTATION = "scangate.dev/attempt"
 WORK = "/var/run/scangate"
 
@@ -64,6 +66,9 @@ class TrivySettings:
     db_repository: str | None = None
     insecure_db_repository: bool = False
     run_as_user: int = 65532
+    server_token: bool = False
+    """The Trivy server requires a token: Jobs read it from the TOKEN_SECRET in their own
+    namespace (a copy the operator keeps there)."""
     ttl_seconds_after_finished: int = 3600
     resources: dict[str, dict[str, str]] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "256Mi"},
@@ -126,6 +131,9 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [{"name": "work", "mountPath": WORK}]
     if spec.insecure_registry or trivy.insecure_db_repository:
         env.append({"name": "TRIVY_INSECURE", "value": "true"})
+    if trivy.mode == "ClientServer" and trivy.server_token:
+        env.append({"name": "TRIVY_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": TOKEN_SECRET, "key": "token"}}})
     if spec.credentials_secret and spec.credentials_type == "kubernetes.io/basic-auth":
         for var, key in (("TRIVY_USERNAME", "username"), ("TRIVY_PASSWORD", "password")):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {

@@ -46,7 +46,14 @@ from scangate.core.trivy import ReportError
 from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
 from scangate.registry.auth import CredentialsError, credentials_from_secret
 from scangate.registry.client import Credentials, RegistryClient, RegistryError
-from scangate.scanning.job import SCAN_LABEL, ScanJobSpec, TrivySettings, build_job, job_name
+from scangate.scanning.job import (
+    SCAN_LABEL,
+    TOKEN_SECRET,
+    ScanJobSpec,
+    TrivySettings,
+    build_job,
+    job_name,
+)
 from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")
@@ -83,10 +90,14 @@ class ScanReconciler:
             image=settings.trivy_image, mode=settings.trivy_mode,
             server_url=settings.trivy_server_url, db_repository=settings.trivy_db_repository,
             insecure_db_repository=settings.trivy_insecure_db_repository,
-            run_as_user=settings.scan_run_as_user)
+            run_as_user=settings.scan_run_as_user,
+            server_token=settings.trivy_token_secret is not None)
         self.retry_backoff = parse_duration(settings.retry_backoff)
         self.index = ScanIndex(parse_duration(settings.rescan_interval))
         self._wake = asyncio.Event()
+        self._token: dict[str, str] | None = None
+        """The Trivy server token's Secret data, and the namespaces holding a copy."""
+        self._token_copies: set[str] = set()
         self._busy: set[Ref] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._registry_slots = asyncio.Semaphore(settings.registry_concurrency)
@@ -372,6 +383,7 @@ class ScanReconciler:
             credentials_type=secret.get("type") if secret and on_rule_registry else None)
         job = build_job(job_spec, self.trivy)
         assert job["metadata"]["name"] == name
+        await self._copy_token(scan.namespace)
         created = await self.kube.create_job(scan.namespace, job)
         await self._set(scan, {
             "phase": "Scanning", "jobName": name, "attempts": attempt, "startTime": now(),
@@ -380,6 +392,21 @@ class ScanReconciler:
             await self.kube.event(_owner(scan), "Normal", "ScanStarted",
                                   f"scanning {ref.name}@{ref.digest} in Job {name} "
                                   f"(attempt {attempt})")
+
+    async def _copy_token(self, namespace: str) -> None:
+        """Keep the Trivy server's token where this namespace's scan pods can read it."""
+        if not self.trivy.server_token or namespace in self._token_copies:
+            return
+        if self._token is None:
+            name = str(self.settings.trivy_token_secret)
+            secret = await self.kube.get_secret(self.settings.namespace, name)
+            token = ((secret or {}).get("data") or {}).get("token")
+            if not token:
+                raise CredentialsError(f"Trivy token Secret {self.settings.namespace}/{name} "
+                                       "has no key 'token'")
+            self._token = {"token": token}
+        await self.kube.put_secret_data(namespace, TOKEN_SECRET, self._token)
+        self._token_copies.add(namespace)
 
     async def _reuse(self, scan: ScanState, source: ScanState) -> None:
         obj = await self.kube.get_custom(PLURAL, source.namespace, source.name)
