@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= $(CURDIR)/.sandbox
 
-.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean
+.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench-scale
 
 all: test
 
@@ -41,6 +41,11 @@ sandbox-down: venv
 
 demo: deps venv testbin
 	hack/demo
+
+# The scale benchmark on a sandbox of its own (bench/README.md); e.g.
+# make bench-scale ARGS="--count 1000 --new 100 --sandbox-dir /tmp/sb"
+bench-scale: deps venv testbin
+	$(BIN)/python bench/scale.py $(ARGS)
 
 clean:
 	-hack/sandbox down --dir $(SANDBOX_DIR)

@@ -102,3 +102,8 @@ class Settings(BaseSettings):
     """Registries (host:port) spoken to over plain HTTP, like Docker's insecure-registries."""
     registry_timeout: Duration = "10s"
     """Timeout of one registry request."""
+    allowed_networks: list[str] = Field(default_factory=list)
+    """Networks (CIDR, JSON list) that registries and token services may be reached at
+    although they are loopback, link-local or cloud-metadata addresses, which are refused
+    by default (a user must not make the operator probe its own pod or the metadata
+    service). The API server's own address and port are refused even then."""

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -35,6 +38,23 @@ def load_config() -> None:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def api_server_endpoints() -> list[tuple[str, int]]:
+    """The API server's addresses and ports, as this process reaches it (and, inside a
+    cluster, as its Service is named), so that no user-named URL can point there."""
+    endpoints = []
+    url = urlsplit(client.Configuration.get_default_copy().host)
+    if url.hostname:
+        endpoints.append((url.hostname, url.port or 443))
+    service = os.environ.get("KUBERNETES_SERVICE_HOST")
+    if service:
+        endpoints.append((service, int(os.environ.get("KUBERNETES_SERVICE_PORT", "443"))))
+    resolved = []
+    for host, port in endpoints:
+        with contextlib.suppress(OSError):
+            resolved += [(str(info[4][0]), port) for info in socket.getaddrinfo(host, port)]
+    return resolved
 
 
 class LogTooLarge(ValueError):

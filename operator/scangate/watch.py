@@ -24,7 +24,9 @@ log = logging.getLogger("scangate.watch")
 T = TypeVar("T")
 Obj = dict[str, Any]
 
-PAGE_SIZE = 500
+PAGE_SIZE = 100
+"""Objects per LIST page: each page is parsed at once, and a smaller one keeps the
+start-up's peak memory down."""
 WATCH_SECONDS = 300
 READ_TIMEOUT = WATCH_SECONDS + 30
 

@@ -348,6 +348,8 @@ class Sandbox:
             "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
             "--webhook-ca-file", str(ca.cert_path),
             "--insecure-registries", json.dumps([self.env["REGISTRY"]]),
+            # The sandbox's registries live on loopback, which is refused by default.
+            "--allowed-networks", json.dumps(["127.0.0.0/8"]),
             "--trivy-server-url", self.env["TRIVY_SERVER"],
             "--trivy-db-repository", self.env["TRIVY_DB_REPOSITORY"],
             "--trivy-insecure-db-repository", "--trivy-token-secret", "scangate-trivy-token",
