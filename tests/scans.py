@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from conftest import Kubectl, wait_for
@@ -85,3 +89,23 @@ def assert_result(scan: dict[str, Any], decl: dict[str, Any]) -> None:
     assert got == expected
     assert status["findingsTruncated"] is False
     assert status["scanner"]["name"] == "trivy" and status["scanner"]["version"]
+
+
+def scan_rule(name: str, url: str, **registry: Any) -> str:
+    """A ScanRule over `url` that scans nothing by itself (no push trigger): for
+    ImageScans that name it as their ruleRef."""
+    return json.dumps({
+        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": {"name": name},
+        "spec": {"registry": {"url": url, **registry}, "scope": {"namespaces": ["team-a"]},
+                 "triggers": {"onPush": False}}})
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on loopback for the test's lifetime: its host:port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

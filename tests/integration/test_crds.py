@@ -166,3 +166,14 @@ def test_crds_in_the_repository_are_what_the_api_server_serves(kubectl: Kubectl)
     served = json.loads(kubectl("get", "crd", "scanrules.scangate.dev", "-o", "json"))
     on_disk = yaml.safe_load((EXAMPLES.parent / "crds" / "scanrules.scangate.dev.yaml").read_text())
     assert served["spec"]["versions"][0]["schema"] == on_disk["spec"]["versions"][0]["schema"]
+
+
+@pytest.mark.parametrize("tag_filter", ["((a|b)|a)*c", "(a?){50}a{50}", ".*.*.*.*.*x"])
+def test_backtracking_bombs_are_plain_re2_and_accepted(
+    kubectl: Kubectl, namespace: str, tag_filter: str
+) -> None:
+    """A backtracking engine would hang on these; RE2 matches them in linear time, so
+    they are accepted as what they are: valid expressions."""
+    rule = scanrule(tagFilter=tag_filter)
+    rule["metadata"]["name"] = "bomb"
+    kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(rule))

@@ -33,6 +33,7 @@ from scans import (
     events,
     jobs,
     push_variant,
+    scan_rule,
     scans,
     wait_done,
 )
@@ -242,13 +243,6 @@ def token_registry(tmp_path: Path) -> Iterator[tuple[Registry, TokenServer]]:
     tokens.stop()
 
 
-def scan_rule(name: str, registry: Registry, secret: str) -> str:
-    return json.dumps({
-        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": {"name": name},
-        "spec": {"registry": {"url": registry.url, "credentialsSecretRef": {"name": secret}},
-                 "scope": {"namespaces": ["team-a"]}, "triggers": {"onPush": False}}})
-
-
 def test_private_registry_credentials_reach_trivy_from_the_secret(
     kubectl: Kubectl, namespace: str, token_registry: tuple[Registry, TokenServer]
 ) -> None:
@@ -265,7 +259,8 @@ def test_private_registry_credentials_reach_trivy_from_the_secret(
         kubectl("create", "secret", "generic", f"creds-{name}", "-n", namespace,
                 "--type=kubernetes.io/basic-auth", "--from-literal=username=ci",
                 f"--from-literal=password={password}")
-        kubectl.apply(scan_rule(f"rule-{name}", registry, f"creds-{name}"), namespace)
+        kubectl.apply(scan_rule(f"rule-{name}", registry.url,
+                                credentialsSecretRef={"name": f"creds-{name}"}), namespace)
         create_scan(kubectl, namespace, f"scan-{name}", f"{registry.host}/team-a/app:1.0",
                     ruleRef={"name": f"rule-{name}"})
     done = wait_done(kubectl, namespace, ["scan-good", "scan-bad"])

@@ -6,9 +6,8 @@ import json
 import os
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +19,7 @@ from sandbox.controlplane import free_port
 from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image
 from sandbox.pki import CertificateAuthority
-from scans import assert_result, create_scan, jobs, wait_done
+from scans import assert_result, create_scan, http_server, jobs, scan_rule, wait_done
 
 pytestmark = pytest.mark.sandbox
 
@@ -46,17 +45,8 @@ class BasicChallenger(BaseHTTPRequestHandler):
 @pytest.fixture
 def challenger() -> Iterator[tuple[str, list[dict[str, str]]]]:
     BasicChallenger.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BasicChallenger)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}", BasicChallenger.seen
-    server.shutdown()
-
-
-def rule(name: str, url: str, **registry: Any) -> str:
-    return json.dumps({
-        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": {"name": name},
-        "spec": {"registry": {"url": url, **registry}, "scope": {"namespaces": ["team-a"]},
-                 "triggers": {"onPush": False}}})
+    with http_server(BasicChallenger) as host:
+        yield host, BasicChallenger.seen
 
 
 def test_a_rules_credentials_never_go_to_another_host(
@@ -67,7 +57,7 @@ def test_a_rules_credentials_never_go_to_another_host(
     kubectl("create", "secret", "generic", "team-creds", "-n", namespace,
             "--type=kubernetes.io/basic-auth", "--from-literal=username=team",
             "--from-literal=password=team-secret")
-    kubectl.apply(rule("team", f"http://{sandbox_env['REGISTRY']}",
+    kubectl.apply(scan_rule("team", f"http://{sandbox_env['REGISTRY']}",
                        credentialsSecretRef={"name": "team-creds"}), namespace)
     refused = kubectl.run("apply", "-n", namespace, "-f", "-", check=False, input=json.dumps({
         "apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
@@ -97,7 +87,7 @@ def test_a_private_ca_given_in_the_rule_reaches_trivy(
             cafile=str(ca.cert_path)))
         pusher.image("team-a/app", "1.0", build_image(decl))
         pusher.close()
-        kubectl.apply(rule("private-ca", registry.url, caBundle=ca.cert_path.read_text()),
+        kubectl.apply(scan_rule("private-ca", registry.url, caBundle=ca.cert_path.read_text()),
                       namespace)
         create_scan(kubectl, namespace, "tls", f"{registry.host}/team-a/app:1.0",
                     ruleRef={"name": "private-ca"})
@@ -169,3 +159,22 @@ def test_the_trivy_server_answers_only_with_its_token(
     assert {"name": "TRIVY_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": "scangate-trivy-token", "key": "token"}}} in env
     assert sandbox_env["TRIVY_TOKEN"] not in json.dumps(env)
+
+
+def test_no_probing_of_metadata_link_local_or_the_api_server(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+) -> None:
+    server = kubectl("config", "view", "--minify", "-o",
+                     "jsonpath={.clusters[0].cluster.server}").split("://", 1)[1]
+    probes = {"metadata": "169.254.169.254/latest/meta-data:1",
+              "link-local": "169.254.7.7/x/y:1", "api-server": f"{server}/api/v1:1"}
+    for name, image in probes.items():
+        create_scan(kubectl, namespace, name, image)
+    done = wait_done(kubectl, namespace, list(probes), timeout=60)
+    for name in probes:
+        status = done[name]["status"]
+        assert (status["phase"], status["reason"]) == ("Failed", "RegistryRefused"), name
+    assert "cloud metadata" in done["metadata"]["status"]["message"]
+    assert "link-local" in done["link-local"]["status"]["message"]
+    assert "API server" in done["api-server"]["status"]["message"]
+    assert jobs(kubectl, namespace) == []

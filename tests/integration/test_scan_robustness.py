@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,10 @@ from scans import (
     counts,
     create_scan,
     events,
+    http_server,
     jobs,
     push_variant,
+    scan_rule,
     scans,
     wait_done,
 )
@@ -85,17 +86,8 @@ class HostileRegistry(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hostile_registry() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HostileRegistry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def rule(name: str, url: str, **registry: Any) -> str:
-    return json.dumps({
-        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": {"name": name},
-        "spec": {"registry": {"url": url, **registry}, "scope": {"namespaces": ["x"]},
-                 "triggers": {"onPush": False}}})
+    with http_server(HostileRegistry) as host:
+        yield host
 
 
 def test_poison_pills_fail_alone_while_the_rest_complete(
@@ -113,9 +105,9 @@ def test_poison_pills_fail_alone_while_the_rest_complete(
     kubectl("create", "secret", "generic", "odd-config", "-n", namespace,
             "--type=kubernetes.io/dockerconfigjson",
             f"--from-literal=.dockerconfigjson={docker_config}")
-    kubectl.apply(rule("odd-config", f"http://{registry}",
+    kubectl.apply(scan_rule("odd-config", f"http://{registry}",
                        credentialsSecretRef={"name": "odd-config"}), namespace)
-    kubectl.apply(rule("hostile", f"http://{hostile_registry}"), namespace)
+    kubectl.apply(scan_rule("hostile", f"http://{hostile_registry}"), namespace)
 
     # One digest each: scans of one digest would share one Job and its result.
     variants = {name: push_variant(env, "alpine-mixed")

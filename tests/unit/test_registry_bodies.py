@@ -8,73 +8,137 @@ fixed response, not a mocked transport: the client runs its real httpx stack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
 import re
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from scangate.core.images import parse_image
+from scangate.registry import client as registry_client
 from scangate.registry.client import (
+    IMAGE_TYPES,
     INDEX_TYPES,
+    MANIFEST_LIMIT,
+    PAGE_LIMIT,
+    TOKEN_LIMIT,
     ImageNotFound,
     RegistryAuthError,
     RegistryClient,
     RegistryError,
+    RegistryUnavailable,
     Resolved,
 )
 
 MARKER = "HOSTILE-BODY"
 """In every hostile body: an error message must not quote it."""
 
-Answer = tuple[int, dict[str, str], bytes]
+Body = bytes | Iterator[bytes]
+"""Bytes are sent with a Content-Length; an iterator's chunks until it ends or the
+client hangs up, the end of the body being the end of the connection (HTTP/1.0)."""
+Answer = tuple[int, dict[str, str], Body]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+Responder = Callable[[Seen], Answer]
 
 
 class Registry(ThreadingHTTPServer):
-    answers: dict[str, Answer]
+    """Answers each path (with or without its query) as told; 404 otherwise."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+    answers: dict[str, Answer | Responder]
+    seen: list[Seen]
+    written: int
+    """Bytes of iterator bodies sent so far."""
+    url: str
 
     def answer(self, path: str, body: Any, status: int = 200, **headers: str) -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.answers[path] = (status, {k.replace("_", "-"): v for k, v in headers.items()},
-                              data)
+        self.answers[path] = reply(body, status, **headers)
+
+
+def reply(body: Any, status: int = 200, **headers: str) -> Answer:
+    """`headers` as keywords: Docker_Content_Digest is Docker-Content-Digest."""
+    data = body if isinstance(body, bytes | Iterator) else json.dumps(body).encode()
+    return status, {k.replace("_", "-"): v for k, v in headers.items()}, data
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Registry
 
     def do_GET(self) -> None:
-        status, headers, body = self.server.answers.get(
+        seen = Seen(self.command, self.path, dict(self.headers))
+        self.server.seen.append(seen)
+        answer = self.server.answers.get(
             self.path, self.server.answers.get(self.path.split("?")[0], (404, {}, b"{}")))
+        status, headers, body = answer(seen) if callable(answer) else answer
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
+        if isinstance(body, bytes):  # a HEAD too: a registry sends the GET's length
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        if isinstance(body, bytes):
+            self.wfile.write(body)
+            return
+        with contextlib.suppress(OSError):  # the client hung up
+            for chunk in body:
+                self.wfile.write(chunk)
+                self.server.written += len(chunk)
+
+    do_HEAD = do_GET
 
     def log_message(self, *_: Any) -> None:
         pass
 
 
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
-    for proxy in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(proxy, raising=False)
-    server = Registry(("127.0.0.1", 0), Handler)
-    server.answers = {}
+@contextlib.contextmanager
+def serve(bind: str = "127.0.0.1", name: str | None = None,
+          tls: ssl.SSLContext | None = None) -> Iterator[Registry]:
+    """A registry on `bind`, port 0, called `name` in its URL (localhost for 127.0.0.1 is
+    another host to a client)."""
+    server = Registry((bind, 0), Handler)
+    server.answers, server.seen, server.written = {}, [], 0
+    if tls:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    server.url = f"{'https' if tls else 'http'}://{name or bind}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for proxy in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                  "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    with serve() as server:
+        yield server
 
 
 REF = parse_image("127.0.0.1/team/app:1.0")
@@ -83,17 +147,19 @@ TAGS = "/v2/team/app/tags/list"
 DIGEST = "sha256:" + "a" * 64
 
 
-def run(registry: Registry, call: str, *args: Any) -> Any:
+def run(registry: Registry | str, call: str, *args: Any, **options: Any) -> Any:
+    """`call` of a RegistryClient(registry, **options)."""
     async def go() -> Any:
-        async with RegistryClient(registry.url) as client:
+        url = registry if isinstance(registry, str) else registry.url
+        async with RegistryClient(url, **options) as client:
             return await getattr(client, call)(*args)
     return asyncio.run(go())
 
 
-def refused(registry: Registry, call: str, *args: Any,
-            error: type[RegistryError] = RegistryError) -> str:
+def refused(registry: Registry | str, call: str, *args: Any,
+            error: type[RegistryError] = RegistryError, **options: Any) -> str:
     with pytest.raises(error) as caught:
-        run(registry, call, *args)
+        run(registry, call, *args, **options)
     assert MARKER not in str(caught.value)
     return str(caught.value)
 
@@ -195,3 +261,124 @@ def test_a_good_token_is_used(registry: Registry) -> None:
     registry.answer("/token", {"token": "eyJhbGciOi.abc-_~+/=="})
     # The server does not check the token: a second 401 means it was sent and refused.
     assert "refused access" in refused(registry, "resolve", REF, error=RegistryAuthError)
+
+
+# -- HEAD first: a manifest GET counts against Docker Hub's pull limit ---------------------
+
+IMAGE = IMAGE_TYPES[0]
+INDEX_DIGEST = "sha256:" + "c" * 64
+
+
+def methods(registry: Registry) -> list[str]:
+    return [seen.method for seen in registry.seen]
+
+
+def test_an_image_manifest_is_resolved_by_head_alone(registry: Registry) -> None:
+    registry.answer(MANIFEST, {"mediaType": IMAGE}, Content_Type=f"{IMAGE}; charset=utf-8",
+                    Docker_Content_Digest=DIGEST)
+    assert run(registry, "resolve", REF) == Resolved(DIGEST, IMAGE)
+    assert methods(registry) == ["HEAD"]
+    assert "application/vnd.oci.image.index.v1+json" in registry.seen[0].headers["Accept"]
+
+
+@pytest.mark.parametrize("head", [
+    reply({}, Content_Type=INDEX_TYPES[1], Docker_Content_Digest=INDEX_DIGEST),
+    reply({}, Content_Type=IMAGE),
+    reply({}, Docker_Content_Digest=INDEX_DIGEST),
+    reply({}, Content_Type="application/vnd.docker.distribution.manifest.v1+prettyjws",
+          Docker_Content_Digest=INDEX_DIGEST),
+    reply({}, 405),
+    reply({}, 400),
+    reply({}, 501),
+], ids=["an index", "no digest", "no type", "another type", "405", "400", "501"])
+def test_a_get_where_head_is_not_enough(registry: Registry, head: Answer) -> None:
+    get = reply(index(entry({"os": "linux", "architecture": "amd64"})),
+                Docker_Content_Digest=INDEX_DIGEST)
+    registry.answers[MANIFEST] = lambda seen: head if seen.method == "HEAD" else get
+    assert run(registry, "resolve", REF) == Resolved(DIGEST, IMAGE, INDEX_DIGEST)
+    assert methods(registry) == ["HEAD", "GET"]
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (404, ImageNotFound), (403, RegistryAuthError), (429, RegistryUnavailable),
+    (503, RegistryUnavailable),
+])
+def test_a_head_that_answers_is_believed(registry: Registry, status: int,
+                                         error: type[RegistryError]) -> None:
+    registry.answer(MANIFEST, {"mediaType": IMAGE}, status, Docker_Content_Digest=DIGEST)
+    refused(registry, "resolve", REF, error=error)
+    assert methods(registry) == ["HEAD"]
+
+
+# -- bounded bodies and pagination ---------------------------------------------------------
+
+
+def padded(body: Any, size: int) -> bytes:
+    """`body` as JSON of exactly `size` bytes: trailing whitespace is still valid JSON."""
+    data = json.dumps(body).encode()
+    return data + b" " * (size - len(data))
+
+
+@pytest.mark.parametrize("encode", [bytes, gzip.compress], ids=["plain", "gzip bomb"])
+def test_a_manifest_is_read_up_to_its_limit(registry: Registry,
+                                            encode: Callable[[bytes], bytes]) -> None:
+    manifest = index(entry({"os": "linux", "architecture": "amd64"}))
+    headers = {"Docker_Content_Digest": INDEX_DIGEST}
+    if encode is not bytes:
+        headers["Content_Encoding"] = "gzip"
+    registry.answer(MANIFEST, encode(padded(manifest, MANIFEST_LIMIT)), 200, **headers)
+    assert run(registry, "resolve", REF).index_digest == INDEX_DIGEST
+    registry.answer(MANIFEST, encode(padded(manifest, MANIFEST_LIMIT + 1)), 200, **headers)
+    assert refused(registry, "resolve", REF) == (
+        f"registry {registry.url}'s answer for {MANIFEST} exceeds 4096 KiB")
+
+
+def test_an_endless_manifest_is_not_read_to_its_end() -> None:
+    offered = 64 << 20
+    with serve() as registry:
+        registry.answer(MANIFEST, iter([b"{"] + [b" " * (1 << 16)] * (offered >> 16)),
+                        Docker_Content_Digest=DIGEST)
+        assert "exceeds 4096 KiB" in refused(registry, "resolve", REF)
+    # The client hung up; what the server wrote before noticing sat in socket buffers.
+    assert MANIFEST_LIMIT < registry.written < offered // 2
+
+
+def test_a_token_is_read_up_to_its_limit(registry: Registry) -> None:
+    challenge(registry, f"{registry.url}/token")
+    registry.answer("/token", padded({"token": "t"}, TOKEN_LIMIT))
+    assert "refused access" in refused(registry, "resolve", REF)  # it was used
+    registry.answer("/token", padded({"token": "t"}, TOKEN_LIMIT + 1))
+    assert "/token exceeds 64 KiB" in refused(registry, "resolve", REF)
+
+
+def test_a_page_is_read_up_to_its_limit(registry: Registry) -> None:
+    registry.answer(TAGS, padded({"tags": ["a"]}, PAGE_LIMIT))
+    assert run(registry, "tags", "team/app") == ["a"]
+    registry.answer(TAGS, padded({"tags": ["a"]}, PAGE_LIMIT + 1))
+    assert "exceeds 16384 KiB" in refused(registry, "tags", "team/app")
+
+
+def endless_pages(registry: Registry, size: int) -> None:
+    """Pages of `size` bytes, each with a Link to a new one."""
+    def page(seen: Seen) -> Answer:
+        n = len(registry.seen)
+        return reply(padded({"tags": [f"t{n}"]}, size), Link=f'<{TAGS}?last=t{n}>; rel="next"')
+    registry.answers[TAGS] = page
+
+
+def test_the_number_of_pages_is_bounded(registry: Registry,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_client, "MAX_PAGES", 5)
+    endless_pages(registry, 100)
+    assert "has more than 5 pages of /v2/team/app/tags/list?n=1000" in refused(
+        registry, "tags", "team/app")
+    assert len(registry.seen) == 5
+
+
+def test_all_pages_together_are_bounded(registry: Registry,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_client, "LIST_LIMIT", 3 << 10)
+    endless_pages(registry, 1 << 10)
+    assert "sent more than 3 KiB for /v2/team/app/tags/list" in refused(
+        registry, "tags", "team/app")
+    assert len(registry.seen) == 4

@@ -157,7 +157,7 @@ class ScanRuleSpec(Model):
     )
     """Receivers of this rule's events."""
     suspend: bool = False
-    """Stop scheduled and push-triggered scans; manual runs still work."""
+    """Stop every trigger of the rule: spec changes, schedule, pushes and scan-now."""
 
 
 class LastRun(Model):

@@ -6,21 +6,31 @@ answered with the credentials, Bearer by fetching a token for the scope from
 the realm (with the credentials, if any) and retrying.
 
 A registry is not trusted to answer well: a body that is not what the API
-promises raises RegistryError naming what was wrong, without quoting the body.
+promises raises RegistryError naming what was wrong, without quoting the body;
+bodies, pages and redirects are bounded. Nor is it trusted with where requests
+go: an Authorization header goes only to the registry's own origin (a token
+realm's Basic credentials only to the realm), never over plain HTTP unless the
+registry itself is plain HTTP (configured insecure), and with `destinations`
+every request is checked against the operator's address policy first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ipaddress
 import re
+import socket
 import ssl
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 from urllib.parse import urljoin
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from scangate.core.destinations import DestinationRefused, Destinations
 from scangate.core.errors import describe_validation
 from scangate.core.images import ImageRef
 
@@ -31,12 +41,27 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 INDEX_TYPES = MANIFEST_TYPES[:2]
+IMAGE_TYPES = MANIFEST_TYPES[2:]
+
+# What a registry can make scangate read or do. Manifests are a few KiB (registries
+# need only accept 4 MiB); a page of tags rarely reaches 1 MiB.
+MANIFEST_LIMIT = 4 << 20
+PAGE_LIMIT = 16 << 20
+LIST_LIMIT = 64 << 20
+"""All pages of one tag list or catalog together: each page is bounded, their number too,
+but 10,000 pages of 16 MiB would still not fit in the operator's memory."""
+TOKEN_LIMIT = 64 << 10
+MAX_PAGES = 10_000
+MAX_REDIRECTS = 5
+
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
-# Not transport failures but URLs that no retry can reach.
-_BAD_URL = (httpx.InvalidURL, httpx.UnsupportedProtocol)
 # RFC 6750 b64token: anything else cannot go into an Authorization header.
 _TOKEN = r"^[A-Za-z0-9._~+/-]+=*$"
+_PORTS = {"http": 80, "https": 443}
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+_Origin = tuple[str, str, int]
 
 
 class RegistryError(Exception):
@@ -57,6 +82,12 @@ class RegistryAuthError(RegistryError):
 class RegistryUnavailable(RegistryError):
     transient = True
     reason = "RegistryUnavailable"
+
+
+class RegistryRefused(RegistryError):
+    """A request the destination policy forbids (see scangate.core.destinations)."""
+
+    reason = "RegistryRefused"
 
 
 class _Body(BaseModel):
@@ -97,12 +128,55 @@ class _Token(_Body):
 _B = TypeVar("_B", bound=_Body)
 
 
-def _parse(model: type[_B], response: httpx.Response, what: str,
+@dataclass(frozen=True)
+class _Answer:
+    """A response, its body read (within a limit) only when it was wanted."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    url: httpx.URL
+    """The URL that answered, after redirects."""
+
+    @property
+    def media_type(self) -> str:
+        return str(self.headers.get("Content-Type", "")).split(";")[0].strip()
+
+
+def _parse(model: type[_B], answer: _Answer, what: str,
            error: type[RegistryError] = RegistryError) -> _B:
     try:
-        return model.model_validate_json(response.content)
+        return model.model_validate_json(answer.body)
     except ValidationError as e:
         raise error(f"{what} is malformed: {describe_validation(e)}") from None
+
+
+def _url(text: str, what: str, error: type[RegistryError],
+         base: httpx.URL | None = None) -> httpx.URL:
+    """`text` (relative to `base`) as an absolute http(s) URL; anything else is refused
+    here, before httpx, which would try a scheme-less or odd URL in its own way."""
+    try:
+        url: httpx.URL | None = base.join(text) if base else httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in _PORTS or not url.host:
+        raise error(f"{what} {text[:200]!r}, not an http(s) URL")
+    return url
+
+
+def _origin(url: httpx.URL) -> _Origin:
+    return url.scheme, url.host, url.port or _PORTS.get(url.scheme, 0)
+
+
+async def _read(response: httpx.Response, limit: int, what: str) -> bytes:
+    """The body, refused as soon as it exceeds `limit` bytes. Counted after decompression,
+    so that a small gzip bomb is refused too."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise RegistryError(f"{what} exceeds {limit >> 10} KiB")
+    return bytes(body)
 
 
 @dataclass(frozen=True)
@@ -112,6 +186,12 @@ class Credentials:
 
     def __repr__(self) -> str:  # never print a password
         return f"Credentials(username={self.username!r}, password=***)"
+
+    @property
+    def basic(self) -> str:
+        """As an Authorization header value."""
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
 
 
 @dataclass(frozen=True)
@@ -126,7 +206,11 @@ class Resolved:
 
 
 class RegistryClient:
-    """One registry, one set of credentials; use as an async context manager."""
+    """One registry, one set of credentials; use as an async context manager.
+
+    An `http://` base_url means the registry is configured insecure (plain HTTP): only
+    then may credentials travel over plain HTTP, e.g. to a token realm.
+    """
 
     def __init__(
         self,
@@ -135,11 +219,19 @@ class RegistryClient:
         credentials: Credentials | None = None,
         verify: ssl.SSLContext | bool = True,
         timeout: float = 10.0,
+        destinations: Destinations | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.credentials = credentials
-        self._http = httpx.AsyncClient(verify=verify, timeout=timeout, follow_redirects=True)
+        self.destinations = destinations
+        self._insecure = self.base_url.lower().startswith("http://")
+        hooks = {"request": [self._check_destination]} if destinations else None
+        # Redirects are followed in _send, which decides where Authorization may go.
+        self._http = httpx.AsyncClient(verify=verify, timeout=timeout, follow_redirects=False,
+                                       event_hooks=hooks)
         self._tokens: dict[str, str] = {}
+        self._withheld_from: str | None = None
+        """The plain-HTTP token realm host the credentials were withheld from, if any."""
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -147,74 +239,142 @@ class RegistryClient:
     async def __aexit__(self, *_: object) -> None:
         await self._http.aclose()
 
+    # -- where requests go -----------------------------------------------------------
+
+    @cached_property
+    def _registry_origin(self) -> _Origin:
+        return _origin(_url(self.base_url, "the registry URL is", RegistryError))
+
+    def _may_carry_credentials(self, url: httpx.URL) -> bool:
+        return url.scheme == "https" or self._insecure
+
+    async def _check_destination(self, request: httpx.Request) -> None:
+        """httpx's request hook: it runs before every request, redirects included."""
+        assert self.destinations is not None
+        host, port = request.url.host, _origin(request.url)[2]
+        try:
+            ipaddress.ip_address(host)
+            addresses = [host]
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM)
+            except OSError as e:  # as httpx would fail on its own lookup: unreachable
+                raise httpx.ConnectError(f"cannot resolve {host}: {e}", request=request
+                                         ) from None
+            addresses = [str(info[4][0]) for info in infos]
+        try:
+            self.destinations.check(host, port, addresses)
+        except DestinationRefused as e:
+            raise RegistryRefused(str(e)) from None
+
+    async def _send(self, method: str, url: httpx.URL, who: str, *,
+                    error: type[RegistryError] = RegistryError,
+                    authorization: str | None = None, origin: _Origin | None = None,
+                    headers: dict[str, str] | None = None, limit: int = 0) -> _Answer:
+        """One request and its redirects. `authorization` goes only to `origin` (by
+        default `url`'s own) and over plain HTTP only for an insecure registry: a redirect
+        elsewhere is followed without it. The body of a 200 is read up to `limit` bytes;
+        other bodies (and any with limit 0) are not read at all."""
+        origin = origin or _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers or {})
+            if authorization and _origin(url) == origin and self._may_carry_credentials(url):
+                sent["Authorization"] = authorization
+            try:
+                response = await self._http.send(
+                    self._http.build_request(method, url, headers=sent), stream=True)
+                try:
+                    location = response.headers.get("Location")
+                    if response.status_code in _REDIRECTS and location:
+                        url = _url(location, f"{who} redirected to", error, base=url)
+                        continue
+                    body = b""
+                    if limit and response.status_code == 200:
+                        body = await _read(response, limit,
+                                           f"{who}'s answer for {url.path[:200]}")
+                finally:
+                    await response.aclose()
+            except httpx.HTTPError as e:
+                raise RegistryUnavailable(f"{who} unreachable: {e}") from None
+            return _Answer(response.status_code, response.headers, body, url)
+        raise error(f"{who} redirected more than {MAX_REDIRECTS} times")
+
     # -- requests with auth --------------------------------------------------------
 
     async def _request(self, method: str, path: str, scope: str,
-                       headers: dict[str, str] | None = None) -> httpx.Response:
-        url = path if path.startswith("http") else f"{self.base_url}{path}"
-        headers = dict(headers or {})
+                       headers: dict[str, str] | None = None, limit: int = 0) -> _Answer:
+        who, origin = f"registry {self.base_url}", self._registry_origin
+        # A path of the API, or a Link the registry sent (made absolute by _paginate).
+        url = _url(f"{self.base_url}{path}" if path.startswith("/") else path,
+                   f"{who} linked to", RegistryError)
         for _ in range(2):
-            if scope in self._tokens:
-                headers["Authorization"] = self._tokens[scope]
-            try:
-                response = await self._http.request(method, url, headers=headers)
-            except _BAD_URL:  # our own URLs are sound: this is a Link the registry sent
-                raise RegistryError(
-                    f"registry {self.base_url} linked to {url[:200]!r}, not an http(s) URL"
-                ) from None
-            except httpx.HTTPError as e:
-                raise RegistryUnavailable(f"registry {self.base_url} unreachable: {e}") from None
-            if response.status_code != 401 or not await self._authenticate(response, scope):
+            answer = await self._send(method, url, who, authorization=self._tokens.get(scope),
+                                      origin=origin, headers=headers, limit=limit)
+            # Only the registry's own challenge is answered: a host it links or redirects
+            # to must not name a token realm that would receive the credentials.
+            if (answer.status != 401 or _origin(answer.url) != origin
+                    or not await self._authenticate(answer, scope)):
                 break
-        if response.status_code in (401, 403):
-            who = f"as {self.credentials.username!r}" if self.credentials else "anonymously"
+        if answer.status in (401, 403):
+            user = f"as {self.credentials.username!r}" if self.credentials else "anonymously"
+            withheld = (f"; the credentials were withheld from the plain-HTTP token service "
+                        f"{self._withheld_from}" if self._withheld_from else "")
             raise RegistryAuthError(
-                f"registry {self.base_url} refused access to {scope} {who} "
-                f"(HTTP {response.status_code})")
-        if response.status_code >= 500 or response.status_code == 429:
+                f"registry {self.base_url} refused access to {scope} {user} "
+                f"(HTTP {answer.status}){withheld}")
+        # 501 to a HEAD is a registry that does not implement HEAD: resolve() reads with GET.
+        unsupported = method == "HEAD" and answer.status == 501
+        if (answer.status >= 500 and not unsupported) or answer.status == 429:
             raise RegistryUnavailable(
-                f"registry {self.base_url} answered HTTP {response.status_code}")
-        return response
+                f"registry {self.base_url} answered HTTP {answer.status}")
+        return answer
 
-    async def _authenticate(self, response: httpx.Response, scope: str) -> bool:
+    async def _authenticate(self, answer: _Answer, scope: str) -> bool:
         """Obtain an Authorization header for the challenge; False when there is nothing to try."""
-        challenge = response.headers.get("WWW-Authenticate", "")
+        challenge = answer.headers.get("WWW-Authenticate", "")
         scheme, _, params_text = challenge.partition(" ")
         if scope in self._tokens and self._tokens[scope].startswith(scheme.capitalize()):
             return False  # our credentials were just refused
         if scheme.lower() == "basic":
             if not self.credentials:
                 return False
-            pair = f"{self.credentials.username}:{self.credentials.password}".encode()
-            self._tokens[scope] = "Basic " + base64.b64encode(pair).decode()
+            self._tokens[scope] = self.credentials.basic
             return True
         if scheme.lower() != "bearer":
             return False
         params = dict(_CHALLENGE_PARAM.findall(params_text))
         if "realm" not in params:
             return False
+        # The realm may be another host (Docker Hub's is), but the credentials go there only
+        # over HTTPS or for an insecure registry (_send withholds them); without them the
+        # realm may still grant an anonymous token that is enough.
+        realm = _url(params["realm"], f"registry {self.base_url} sent a token realm",
+                     RegistryAuthError)
+        withheld = self.credentials is not None and not self._may_carry_credentials(realm)
+        if withheld:
+            self._withheld_from = realm.host
         query = {"service": params.get("service", "")}
         if scope:
             query["scope"] = scope
-        basic = (httpx.BasicAuth(self.credentials.username, self.credentials.password)
-                 if self.credentials else None)
-        realm = params["realm"]
-        try:
-            token_response = await self._http.get(realm, params=query, auth=basic)
-        except _BAD_URL:
+        token_answer = await self._send(
+            "GET", realm.copy_merge_params(query), f"token service {realm.host}",
+            error=RegistryAuthError, limit=TOKEN_LIMIT,
+            authorization=self.credentials.basic if self.credentials else None)
+        if token_answer.status in (401, 403):
+            user = f"of {self.credentials.username!r}" if self.credentials else "(none given)"
+            if withheld:
+                raise RegistryAuthError(
+                    f"token service {realm.host} of {self.base_url} refused an anonymous token "
+                    f"for {scope} (HTTP {token_answer.status}); the credentials {user} were "
+                    "withheld from it because it is plain HTTP and the registry is not "
+                    "configured insecure")
             raise RegistryAuthError(
-                f"registry {self.base_url} sent a token realm {realm[:200]!r}, not an http(s) URL"
-            ) from None
-        except httpx.HTTPError as e:
-            raise RegistryUnavailable(f"token service {realm[:200]} unreachable: {e}") from None
-        if token_response.status_code in (401, 403):
-            who = f"of {self.credentials.username!r}" if self.credentials else "(none given)"
-            raise RegistryAuthError(
-                f"token service of {self.base_url} refused the credentials {who} for {scope}")
-        if token_response.status_code != 200:
+                f"token service of {self.base_url} refused the credentials {user} for {scope}")
+        if token_answer.status != 200:
             raise RegistryUnavailable(
-                f"token service answered HTTP {token_response.status_code}")
-        body = _parse(_Token, token_response, f"the token service's answer to {self.base_url}",
+                f"token service answered HTTP {token_answer.status}")
+        body = _parse(_Token, token_answer, f"the token service's answer to {self.base_url}",
                       RegistryAuthError)
         token = body.token or body.access_token
         if not token:
@@ -227,18 +387,26 @@ class RegistryClient:
     async def resolve(self, ref: ImageRef, platform: str = "linux/amd64") -> Resolved:
         """The digest of `ref`'s image manifest for `platform`."""
         scope = f"repository:{ref.repository}:pull"
-        reference = ref.digest or ref.tag or "latest"
-        response = await self._request(
-            "GET", f"/v2/{ref.repository}/manifests/{reference}", scope,
-            {"Accept": ", ".join(MANIFEST_TYPES)})
-        if response.status_code == 404:
+        path = f"/v2/{ref.repository}/manifests/{ref.digest or ref.tag or 'latest'}"
+        accept = {"Accept": ", ".join(MANIFEST_TYPES)}
+        # HEAD first: for an image manifest its headers are all that is needed, and Docker
+        # Hub counts GETs of manifests against its pull limit but not HEADs.
+        head = await self._request("HEAD", path, scope, accept)
+        digest = head.headers.get("Docker-Content-Digest") or ref.digest
+        if head.status == 200 and digest and head.media_type in IMAGE_TYPES:
+            return Resolved(digest=digest, media_type=head.media_type)
+        if head.status == 404:
             raise ImageNotFound(f"image {ref} not found in registry {self.base_url}")
-        if response.status_code != 200:
-            raise RegistryError(f"registry answered HTTP {response.status_code} for {ref}")
-        media_type = response.headers.get("Content-Type", "").split(";")[0]
+        # An index (the platforms are in its body), a HEAD without a digest or of a type
+        # not known to be an image manifest, or a registry that does not answer HEAD.
+        response = await self._request("GET", path, scope, accept, MANIFEST_LIMIT)
+        if response.status == 404:
+            raise ImageNotFound(f"image {ref} not found in registry {self.base_url}")
+        if response.status != 200:
+            raise RegistryError(f"registry answered HTTP {response.status} for {ref}")
         digest = response.headers.get("Docker-Content-Digest") or ref.digest
         body = _parse(_Manifest, response, f"the manifest of {ref} from {self.base_url}")
-        media_type = body.media_type or media_type
+        media_type = body.media_type or response.media_type
         if media_type not in INDEX_TYPES and body.manifests is None:
             if not digest:
                 raise RegistryError(f"registry sent no digest for {ref}")
@@ -266,22 +434,29 @@ class RegistryClient:
 
     async def _paginate(self, path: str, scope: str, key: str) -> list[str]:
         items: list[str] = []
-        url: str | None = path
+        url = path
         seen: set[str] = set()
-        while url:
+        read = 0
+        for _ in range(MAX_PAGES):
             if url in seen:  # a Link back to an earlier page would never end
                 raise RegistryError(f"registry {self.base_url} paginates {path} in a loop")
             seen.add(url)
-            response = await self._request("GET", url, scope)
-            if response.status_code == 404:
+            response = await self._request("GET", url, scope, limit=PAGE_LIMIT)
+            if response.status == 404:
                 raise ImageNotFound(f"{path.split('?')[0]} not found in {self.base_url}")
-            if response.status_code != 200:
-                raise RegistryError(f"registry answered HTTP {response.status_code} for {path}")
+            if response.status != 200:
+                raise RegistryError(f"registry answered HTTP {response.status} for {path}")
+            read += len(response.body)
+            if read > LIST_LIMIT:
+                raise RegistryError(
+                    f"registry {self.base_url} sent more than {LIST_LIMIT >> 10} KiB for {path}")
             page = _parse(_Page, response, f"a page of {path} from {self.base_url}")
             items += getattr(page, key) or []
             link = _NEXT_LINK.search(response.headers.get("Link", ""))
-            url = urljoin(self.base_url + "/", link.group(1)) if link else None
-        return items
+            if not link:
+                return items
+            url = urljoin(self.base_url + "/", link.group(1))
+        raise RegistryError(f"registry {self.base_url} has more than {MAX_PAGES} pages of {path}")
 
 
 def _platform(text: str) -> tuple[str, str, str | None]:

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from scangate import metrics
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
+from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.framing import FrameError
 from scangate.core.images import ImageRef, InvalidReference, parse_image
@@ -44,7 +45,7 @@ from scangate.core.scanstate import (
     project_scan,
 )
 from scangate.core.trivy import ReportError
-from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
+from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
 from scangate.registry.auth import CredentialsError, credentials_from_secret
 from scangate.registry.client import Credentials, RegistryClient, RegistryError
 from scangate.scanning.job import (
@@ -103,6 +104,7 @@ class ScanReconciler:
             server_token=settings.trivy_token_secret is not None)
         self.retry_backoff = parse_duration(settings.retry_backoff)
         self.index = ScanIndex(parse_duration(settings.rescan_interval))
+        self.destinations = Destinations.of(settings.allowed_networks, api_server_endpoints())
         self._wake = asyncio.Event()
         self._token: dict[str, str] | None = None
         """The Trivy server token's Secret data, and the namespaces holding a copy."""
@@ -346,7 +348,7 @@ class ScanReconciler:
             verify = _tls(registry["caBundle"])
         return RegistryClient(self._base_url(ref, rule), credentials=credentials, verify=verify,
                               timeout=parse_duration(self.settings.registry_timeout)
-                              .total_seconds())
+                              .total_seconds(), destinations=self.destinations)
 
     # -- Queued: start, reuse, or requeue a stale result ------------------------------
 
