@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import yaml
 
 from conftest import Kubectl
 from sandbox.advisories import load_images
-from sandbox.controlplane import free_port
+from sandbox.controlplane import REPO, free_port
 from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image
 from sandbox.pki import CertificateAuthority
-from scans import assert_result, create_scan, http_server, jobs, scan_rule, wait_done
+from scans import SCAN_LABEL, assert_result, create_scan, http_server, jobs, scan_rule, wait_done
 
 pytestmark = pytest.mark.sandbox
 
@@ -178,3 +179,28 @@ def test_no_probing_of_metadata_link_local_or_the_api_server(
     assert "link-local" in done["link-local"]["status"]["message"]
     assert "API server" in done["api-server"]["status"]["message"]
     assert jobs(kubectl, namespace) == []
+
+
+def test_the_chart_lets_only_scan_pods_reach_the_trivy_server(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+) -> None:
+    rendered = subprocess.run(
+        [sandbox_env["HELM"], "template", "scangate", str(REPO / "charts" / "scangate"),
+         "--namespace", namespace, "--show-only", "templates/trivy-server.yaml"],
+        check=True, capture_output=True, text=True).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered) if d}
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == docs["StatefulSet"]["spec"]["selector"][
+        "matchLabels"]
+    peer = policy["ingress"][0]["from"][0]
+    # The labels every scan pod carries (scanning.job), in any namespace.
+    assert peer["namespaceSelector"] == {}
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "scangate"}
+    assert peer["podSelector"]["matchExpressions"] == [
+        {"key": SCAN_LABEL, "operator": "Exists"}]
+    assert policy["ingress"][0]["ports"] == [{"port": 4954}]
+    env = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "TRIVY_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "scangate-trivy-token", "key": "token"}}} in env
+    # What the chart renders, the API server accepts.
+    kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered)
