@@ -33,11 +33,17 @@ def now() -> str:
     return stamp(datetime.now(UTC))
 
 
-def load_config() -> None:
+def load_config(connections: int = 32) -> None:
+    """The API server's address and credentials, in a cluster or from a kubeconfig; with
+    enough pooled connections for the calls in flight at once (urllib3's default of 10
+    would open and discard connections under load)."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
+    settings = client.Configuration.get_default_copy()
+    settings.connection_pool_maxsize = connections
+    client.Configuration.set_default(settings)
 
 
 def api_server_endpoints() -> list[tuple[str, int]]:

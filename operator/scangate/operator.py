@@ -62,7 +62,8 @@ def configure(config: Settings) -> None:
 async def main(settings: Settings) -> None:
     import scangate.handlers.validation  # noqa: F401  (registers the handlers)
 
-    load_config()
+    # Work in flight, plus the watches and kopf's own calls.
+    load_config(settings.api_concurrency + settings.registry_concurrency + 8)
     reconciler = ScanReconciler(Kube(), settings)
     configure(settings)
     if settings.metrics_port:

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from sandbox.advisories import expected_findings
+from sandbox.controlplane import Sandbox
 from scangate.core.framing import encode
 from scans import (
     SCAN_LABEL,
@@ -221,3 +222,27 @@ def test_a_rescan_follows_a_moved_tag_and_edited_options_are_never_reused(
     assert again["summary"] == counts(expected_findings(moved_variants["linux/amd64"]),
                                       fixable=True)
     assert len(jobs(kubectl, namespace)) == 3
+
+
+def test_a_job_gone_while_the_operator_was_down_is_requeued(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str], sandbox: Sandbox,
+) -> None:
+    image, variants = push_variant(sandbox_env, "all-low")
+    inject(sandbox_env, "replaceCommand", "orphan", ["sleep", "120"])
+    create_scan(kubectl, namespace, "orphan", image)
+
+    def scanning() -> str | None:
+        status = scans(kubectl, namespace)["orphan"].get("status", {})
+        return status.get("jobName") if status.get("phase") == "Scanning" else None
+
+    job = wait_for(scanning, 60, "the scan to run")
+    sandbox.stop_operator()
+    try:
+        # As if its TTL ran out while nobody watched: no DELETED event will ever come.
+        kubectl("delete", "job", job, "-n", namespace, "--wait=true")
+    finally:
+        sandbox.start_operator()
+    done = wait_done(kubectl, namespace, ["orphan"], timeout=180)["orphan"]
+    assert_result(done, variants["linux/amd64"])
+    assert done["status"]["attempts"] == 2
+    assert events(kubectl, namespace, "JobLost") == {"orphan": 1}
