@@ -94,6 +94,26 @@ class Kube:
             raise
         return obj
 
+    async def create_custom(self, plural: str, namespace: str, body: Obj) -> bool:
+        """Create one of scangate's objects; False if it exists already."""
+        try:
+            await self._call(self.custom.create_namespaced_custom_object, GROUP, VERSION,
+                             namespace, plural, body, _preload_content=False)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    async def delete_custom(self, plural: str, namespace: str, name: str) -> None:
+        """Delete one of scangate's objects; gone already is fine."""
+        try:
+            await self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION,
+                             namespace, plural, name, _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     async def patch_status(self, plural: str, namespace: str, name: str, status: Obj) -> Obj:
         """Merge-patch an object's status; the object as the API server now holds it."""
         obj: Obj = await self._json(

@@ -14,6 +14,7 @@ from scangate.config import Settings
 from scangate.kube import Kube, load_config
 from scangate.logs import setup_logging
 from scangate.scanning.reconciler import ScanReconciler
+from scangate.scanning.rules import RuleController
 
 log = logging.getLogger("scangate")
 
@@ -64,13 +65,16 @@ async def main(settings: Settings) -> None:
 
     # Work in flight, plus the watches and kopf's own calls.
     load_config(settings.api_concurrency + settings.registry_concurrency + 8)
-    reconciler = ScanReconciler(Kube(), settings)
+    kube = Kube()
+    reconciler = ScanReconciler(kube, settings)
+    rules = RuleController(kube, settings, reconciler.index, reconciler.destinations)
+    reconciler.rule_scan_changed.append(rules.touch)
     configure(settings)
     if settings.metrics_port:
         prometheus_client.start_http_server(settings.metrics_port)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     tasks = [asyncio.create_task(kopf.operator(clusterwide=True, liveness_endpoint=liveness)),
-             asyncio.create_task(reconciler.run())]
+             asyncio.create_task(reconciler.run()), asyncio.create_task(rules.run())]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()

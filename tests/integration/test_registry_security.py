@@ -104,7 +104,9 @@ def test_a_private_ca_given_in_the_rule_reaches_trivy(
 CAN = [
     ("get", "imagescans.scangate.dev"), ("list", "imagescans.scangate.dev"),
     ("watch", "imagescans.scangate.dev"), ("patch", "imagescans.scangate.dev", "status"),
-    ("get", "scanrules.scangate.dev"),
+    ("get", "scanrules.scangate.dev"), ("watch", "scanrules.scangate.dev"),
+    ("patch", "scanrules.scangate.dev", "status"), ("create", "imagescans.scangate.dev"),
+    ("delete", "imagescans.scangate.dev"),
     ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"),
     ("list", "pods"), ("get", "pods", "log"), ("get", "secrets"), ("create", "events"),
     ("create", "secrets"), ("patch", "secrets/scangate-trivy-token"),
@@ -114,8 +116,9 @@ CAN = [
 CANNOT = [
     ("list", "secrets"), ("watch", "secrets"), ("patch", "secrets/team-creds"),
     ("delete", "secrets/scangate-trivy-token"),
-    ("update", "imagescans.scangate.dev"), ("delete", "imagescans.scangate.dev"),
-    ("patch", "scanrules.scangate.dev", "status"), ("delete", "jobs.batch"),
+    ("update", "imagescans.scangate.dev"), ("patch", "imagescans.scangate.dev"),
+    ("update", "scanrules.scangate.dev"), ("delete", "scanrules.scangate.dev"),
+    ("delete", "jobs.batch"),
     ("create", "pods"), ("create", "pods", "exec"), ("get", "configmaps"),
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/other"),
     ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),

@@ -210,3 +210,12 @@ def test_a_deleted_job_orphans_its_scan_at_once() -> None:
     assert idx.orphaned(NOW, timedelta(minutes=1)) == [s]
     idx.upsert_scan(replace(s, phase="Queued", version=2))  # requeued: no longer lost
     assert idx.orphaned(NOW, timedelta(minutes=1)) == []
+
+
+def test_scans_by_rule_follow_changes() -> None:
+    idx = index(scan("a", owner="r"), scan("b", owner="r"), scan("c", owner="other"),
+                scan("mine", rule="r"))  # a user's scan naming the rule is not the rule's
+    assert sorted(s.name for s in idx.by_rule("ns", "r")) == ["a", "b"]
+    idx.delete_scan(("ns", "a"))
+    assert [s.name for s in idx.by_rule("ns", "r")] == ["b"]
+    assert idx.by_rule("ns", "none") == []

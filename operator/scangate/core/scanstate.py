@@ -63,6 +63,10 @@ class ScanState:
     """resourceVersion, to drop events older than what is held."""
     image: str = ""
     rule: str | None = None
+    """spec.ruleRef: the ScanRule whose registry settings the scan uses."""
+    owner: str | None = None
+    """The ScanRule that created the scan and keeps it (its controller owner reference);
+    scans a user made with a ruleRef are the user's."""
     scanners: tuple[str, ...] = ("vuln",)
     ignore_unfixed: bool = False
     platform: str | None = None
@@ -115,6 +119,9 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         result_key = scan_key(digest, list(used.get("scanners") or ["vuln"]),
                               bool(used.get("ignoreUnfixed")))
     rule_ref = spec.get("ruleRef")
+    owner = next((o.get("name") for o in meta.get("ownerReferences") or []
+                  if isinstance(o, dict) and o.get("kind") == "ScanRule" and o.get("controller")),
+                 None)
     ready = next((c for c in status.get("conditions") or []
                   if isinstance(c, dict) and c.get("type") == "Ready"), None)
     return ScanState(
@@ -122,6 +129,7 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         uid=str(meta.get("uid", "")), generation=_int(meta.get("generation")),
         version=resource_version(obj), image=str(spec.get("image", "")),
         rule=rule_ref.get("name") if isinstance(rule_ref, dict) else None,
+        owner=str(owner) if owner else None,
         scanners=tuple(scanners) if isinstance(scanners, list) and scanners else ("vuln",),
         ignore_unfixed=bool(spec.get("ignoreUnfixed")),
         platform=spec.get("platform") if isinstance(spec.get("platform"), str) else None,
@@ -208,6 +216,8 @@ class ScanIndex:
     _results: dict[str, dict[Ref, datetime]] = field(default_factory=dict)
     """Completed results by key: which scans hold one, and when it was made."""
     _by_digest: dict[str, set[Ref]] = field(default_factory=dict)
+    _by_rule: dict[Ref, set[str]] = field(default_factory=dict)
+    """ImageScan names by the ScanRule (namespace, name) that owns them."""
     _expiry: list[tuple[datetime, Ref, datetime]] = field(default_factory=list)
     """Completed results by the time they go stale (a heap; entries checked when popped)."""
     _gone: set[Ref] = field(default_factory=set)
@@ -289,6 +299,8 @@ class ScanIndex:
                 self._in_flight.setdefault(s.key, set()).add(s.ref)
         if s.digest:
             self._by_digest.setdefault(s.digest, set()).add(s.ref)
+        if s.owner:
+            self._by_rule.setdefault((s.namespace, s.owner), set()).add(s.name)
         if s.phase == "Completed" and s.result_key and s.scanned_at:
             self._results.setdefault(s.result_key, {})[s.ref] = s.scanned_at
             if s.key != s.result_key:  # its options were edited: scan with the new ones
@@ -312,6 +324,11 @@ class ScanIndex:
             self._by_digest[s.digest].discard(s.ref)
             if not self._by_digest[s.digest]:
                 del self._by_digest[s.digest]
+        rule = (s.namespace, s.owner or "")
+        if rule in self._by_rule:
+            self._by_rule[rule].discard(s.name)
+            if not self._by_rule[rule]:
+                del self._by_rule[rule]
         if s.result_key and s.result_key in self._results:
             self._results[s.result_key].pop(s.ref, None)
             if not self._results[s.result_key]:
@@ -336,6 +353,10 @@ class ScanIndex:
     def by_digest(self, digest: str) -> list[ScanState]:
         """Every ImageScan of a digest (admission's lookup)."""
         return [self.scans[r] for r in self._by_digest.get(digest, ())]
+
+    def by_rule(self, namespace: str, rule: str) -> list[ScanState]:
+        """The ImageScans a ScanRule created and keeps."""
+        return [self.scans[(namespace, n)] for n in self._by_rule.get((namespace, rule), ())]
 
     def fresh_result(self, key: str, now: datetime) -> ScanState | None:
         """The newest result of `key` made within the rescan interval."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -46,8 +45,8 @@ from scangate.core.scanstate import (
 )
 from scangate.core.trivy import ReportError
 from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
-from scangate.registry.auth import CredentialsError, credentials_from_secret
-from scangate.registry.client import Credentials, RegistryClient, RegistryError
+from scangate.registry.auth import CredentialsError
+from scangate.registry.client import RegistryClient, RegistryError
 from scangate.scanning.job import (
     SCAN_LABEL,
     TOKEN_SECRET,
@@ -56,6 +55,7 @@ from scangate.scanning.job import (
     build_job,
     job_name,
 )
+from scangate.scanning.registries import registry_client
 from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")
@@ -76,14 +76,6 @@ def _backoff(first: timedelta, attempt: int) -> timedelta:
 
 def _clip(message: str, limit: int = MESSAGE_LIMIT) -> str:
     return message if len(message) <= limit else message[:limit - 1] + "…"
-
-
-@functools.lru_cache(maxsize=64)
-def _tls(ca_bundle: str | None) -> ssl.SSLContext:
-    """A TLS context per trust store, made once: loading the system's roots costs ~17 ms
-    of CPU, which a new context per lookup paid every time."""
-    return ssl.create_default_context(cadata=ca_bundle) if ca_bundle else (
-        ssl.create_default_context())
 
 
 def _owner(s: ScanState) -> Obj:
@@ -109,6 +101,8 @@ class ScanReconciler:
         self._token: dict[str, str] | None = None
         """The Trivy server token's Secret data, and the namespaces holding a copy."""
         self._token_copies: set[str] = set()
+        self.rule_scan_changed: list[Callable[[str, str], None]] = []
+        """Called with (namespace, rule) when one of a ScanRule's ImageScans changes."""
         self._results: dict[tuple[str, str, int], Obj] = {}
         self._busy: set[Ref] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -135,7 +129,11 @@ class ScanReconciler:
         self._wake.set()
 
     def _on_scan(self, state: ScanState) -> None:
-        self._changed(self.index.upsert_scan(state))
+        changed = self.index.upsert_scan(state)
+        self._changed(changed)
+        if changed and state.owner:
+            for hook in self.rule_scan_changed:
+                hook(state.namespace, state.owner)
 
     def _on_scan_deleted(self, state: ScanState) -> None:
         self._changed(self.index.delete_scan(state.ref))
@@ -258,7 +256,7 @@ class ScanReconciler:
             # the scan from retrying the same write forever.
             return await self._fail(scan, "InvalidResult",
                                     f"the API server refused the result: {e.reason}")
-        self.index.upsert_scan(project_scan(obj))
+        self._on_scan(project_scan(obj))
 
     # -- Pending: resolve the digest -----------------------------------------------
 
@@ -338,17 +336,8 @@ class ScanReconciler:
                 raise CredentialsError(
                     f"spec.image: {ref.registry} is not the registry of ScanRule {scan.rule} "
                     f"({host})")
-        credentials: Credentials | None = None
-        if secret is not None:
-            credentials = credentials_from_secret(secret, ref.registry)
-        verify: ssl.SSLContext | bool = _tls(None)
-        if registry.get("insecureSkipTLSVerify"):
-            verify = False
-        elif registry.get("caBundle"):
-            verify = _tls(registry["caBundle"])
-        return RegistryClient(self._base_url(ref, rule), credentials=credentials, verify=verify,
-                              timeout=parse_duration(self.settings.registry_timeout)
-                              .total_seconds(), destinations=self.destinations)
+        return registry_client(self._base_url(ref, rule), registry, secret, ref.registry,
+                               self.settings, self.destinations)
 
     # -- Queued: start, reuse, or requeue a stale result ------------------------------
 

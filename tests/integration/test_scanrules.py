@@ -1,0 +1,146 @@
+"""ScanRules keep the matching images of a registry scope scanned (real registry, real
+pushes; push events are not handled yet)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Kubectl, wait_for
+from sandbox.advisories import load_images
+from sandbox.controlplane import free_port
+from sandbox.distribution import Registry
+from sandbox.images import Pusher, build_image
+from scans import create_scan, scan_rule, wait_done
+
+pytestmark = pytest.mark.sandbox
+RULE_LABEL = "scangate.dev/scanrule"
+
+
+def push(url: str, repository: str, tag: str, auth: tuple[str, str] | None = None) -> str:
+    """Push an image of its own digest; that digest."""
+    decl = {**load_images()["clean"], "files": {"etc/scangate-test-id": uuid.uuid4().hex}}
+    pusher = Pusher(url, auth=auth)
+    try:
+        return pusher.image(repository, tag, build_image(decl))
+    finally:
+        pusher.close()
+
+
+def rule_scans(kubectl: Kubectl, namespace: str, rule: str) -> dict[str, dict[str, Any]]:
+    items = json.loads(kubectl("get", "imagescans", "-n", namespace, "-l",
+                               f"{RULE_LABEL}={rule}", "-o", "json"))["items"]
+    return {i["spec"]["image"].split("/", 1)[1]: i for i in items}
+
+
+def rule_status(kubectl: Kubectl, namespace: str, rule: str) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(kubectl("get", "scanrule", rule, "-n", namespace,
+                                                "-o", "json")).get("status", {})
+    return status
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+@pytest.fixture
+def team() -> str:
+    """A registry namespace of this test's own (the sandbox registry is shared)."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def test_a_rule_scans_exactly_its_matching_tags_and_follows_the_registry(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str], team: str,
+) -> None:
+    url = f"http://{sandbox_env['REGISTRY']}"
+    digests = {f"{team}-a/api:{tag}": push(url, f"{team}-a/api", tag)
+               for tag in ("v1.0.0", "v1.1.0", "latest", "v1.2.0-rc1")}
+    push(url, f"{team}-a/web", "v2.0.0")
+    push(url, f"{team}-a/web", "dev")
+    push(url, f"{team}-b/api", "v1.0.0")
+    push(url, f"{team}-ab/api", "v1.0.0")
+    rule = json.loads(scan_rule("release", url))
+    rule["spec"].update({"scope": {"namespaces": [f"{team}-a"]},
+                         "tagFilter": r"v\d+\.\d+\.\d+"})
+    kubectl.apply(json.dumps(rule), namespace)
+    expected = {f"{team}-a/api:v1.0.0", f"{team}-a/api:v1.1.0", f"{team}-a/web:v2.0.0"}
+
+    def all_completed() -> dict[str, dict[str, Any]] | None:
+        found = rule_scans(kubectl, namespace, "release")
+        done = set(found) == expected and all(
+            s.get("status", {}).get("phase") == "Completed" for s in found.values())
+        return found if done else None
+
+    first = wait_for(all_completed, 180, "the rule's scans")
+    assert {s["spec"]["ruleRef"]["name"] for s in first.values()} == {"release"}
+    assert all(s["metadata"]["ownerReferences"][0]["kind"] == "ScanRule"
+               for s in first.values())
+    status = rule_status(kubectl, namespace, "release")
+    assert status["lastRun"]["tags"] == 3 and status["lastRun"]["repositories"] == 2
+    assert condition(status, "RegistryReachable")["status"] == "True"
+    assert status["images"] == 3 and status["totals"]["total"] == 0
+
+    # A manual run again creates nothing.
+    kubectl("annotate", "scanrule", "release", "-n", namespace, "scangate.dev/scan-now=1")
+    wait_for(lambda: rule_status(kubectl, namespace, "release").get("lastScanNow") == "1",
+             60, "the manual run")
+    assert rule_status(kubectl, namespace, "release")["lastRun"]["scansCreated"] == 0
+    uids = {k: s["metadata"]["uid"] for k, s in rule_scans(kubectl, namespace,
+                                                             "release").items()}
+    assert uids == {k: s["metadata"]["uid"] for k, s in first.items()}
+
+    # A tag deleted from the registry loses its ImageScan on the next run.
+    httpx.delete(f"{url}/v2/{team}-a/api/manifests/{digests[f'{team}-a/api:v1.0.0']}"
+                 ).raise_for_status()
+    kubectl("annotate", "scanrule", "release", "-n", namespace, "scangate.dev/scan-now=2",
+            "--overwrite")
+    wait_for(lambda: set(rule_scans(kubectl, namespace, "release")) == expected - {
+        f"{team}-a/api:v1.0.0"}, 60, "the deleted tag's ImageScan to go")
+
+    # Deleting the rule deletes its ImageScans (they are owned by it).
+    kubectl("delete", "scanrule", "release", "-n", namespace)
+    wait_for(lambda: rule_scans(kubectl, namespace, "release") == {}, 60,
+             "the rule's ImageScans to be collected")
+
+
+@pytest.fixture
+def basic_registry(tmp_path: Path) -> Iterator[Registry]:
+    registry = Registry(tmp_path / "registry", free_port(), users={"ci": "right"})
+    registry.start()
+    yield registry
+    registry.stop()
+
+
+def test_listed_repositories_with_credentials_and_wrong_credentials(
+    kubectl: Kubectl, namespace: str, basic_registry: Registry,
+) -> None:
+    push(basic_registry.url, "team-a/api", "v1.0.0", auth=("ci", "right"))
+    for name, password in (("good", "right"), ("bad", "wrong")):
+        kubectl("create", "secret", "generic", f"creds-{name}", "-n", namespace,
+                "--type=kubernetes.io/basic-auth", "--from-literal=username=ci",
+                f"--from-literal=password={password}")
+        rule = json.loads(scan_rule(name, basic_registry.url,
+                                    credentialsSecretRef={"name": f"creds-{name}"}))
+        rule["spec"]["scope"] = {"namespaces": ["team-a"], "repositories": ["api", "none"]}
+        kubectl.apply(json.dumps(rule), namespace)
+    # A user's own ImageScan naming the rule is the user's: the rule's runs leave it be.
+    create_scan(kubectl, namespace, "mine", f"{basic_registry.host}/team-a/api:v1.0.0",
+                ruleRef={"name": "good"})
+    good = wait_for(lambda: rule_scans(kubectl, namespace, "good"), 60, "the good rule's scan")
+    assert list(good) == ["team-a/api:v1.0.0"]
+    bad = wait_for(lambda: condition(rule_status(kubectl, namespace, "bad"),
+                                     "RegistryReachable"), 60, "the bad rule's condition")
+    assert (bad["status"], bad["reason"]) == ("False", "RegistryAuthFailed")
+    assert "'ci'" in bad["message"] and "wrong" not in bad["message"]
+    assert rule_scans(kubectl, namespace, "bad") == {}
+    kubectl("annotate", "scanrule", "good", "-n", namespace, "scangate.dev/scan-now=1")
+    wait_for(lambda: rule_status(kubectl, namespace, "good").get("lastScanNow") == "1", 60,
+             "a run after the user's scan exists")
+    mine = wait_done(kubectl, namespace, ["mine"])["mine"]
+    assert mine["status"]["phase"] == "Completed"
