@@ -103,6 +103,20 @@ def test_a_rule_scans_exactly_its_matching_tags_and_follows_the_registry(
     wait_for(lambda: set(rule_scans(kubectl, namespace, "release")) == expected - {
         f"{team}-a/api:v1.0.0"}, 60, "the deleted tag's ImageScan to go")
 
+    # A tag moved to another image is scanned again at its new digest.
+    web = f"{team}-a/web:v2.0.0"
+    before = rule_scans(kubectl, namespace, "release")[web]["status"]["digest"]
+    moved = push(url, f"{team}-a/web", "v2.0.0")
+    kubectl("annotate", "scanrule", "release", "-n", namespace, "scangate.dev/scan-now=3",
+            "--overwrite")
+
+    def rescanned() -> bool:
+        status = rule_scans(kubectl, namespace, "release")[web].get("status", {})
+        return bool(status.get("digest") == moved and status.get("phase") == "Completed")
+
+    wait_for(rescanned, 120, "the moved tag's rescan")
+    assert moved != before
+
     # Deleting the rule deletes its ImageScans (they are owned by it).
     kubectl("delete", "scanrule", "release", "-n", namespace)
     wait_for(lambda: rule_scans(kubectl, namespace, "release") == {}, 60,

@@ -5,8 +5,9 @@ changed, on each new value of its scangate.dev/scan-now annotation, and when its
 schedule is due (the last run lives in its status, so a restart neither misses nor
 doubles a run). A run lists the scope's repositories (from the catalog, or the ones
 named) and their tags, keeps those whose whole tag matches the RE2 filter, creates
-the ImageScans missing, owned by the rule, and deletes those of tags gone. Push
-events are not handled yet.
+the ImageScans missing, owned by the rule, deletes those of tags gone, and sends the
+scans of tags moved to another digest back to Pending. Push events are not handled
+yet.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from kubernetes.client.exceptions import ApiException
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
+from scangate.core.images import InvalidReference, parse_image
 from scangate.core.patterns import PatternError, check_tag_filter
 from scangate.core.rules import (
+    Plan,
     Scope,
     Wanted,
     manual_run_requested,
@@ -36,7 +39,14 @@ from scangate.core.rules import (
     trigger_of,
     wanted,
 )
-from scangate.core.scanstate import SEVERITY_KEYS, Ref, ScanIndex, parse_time, resource_version
+from scangate.core.scanstate import (
+    SEVERITY_KEYS,
+    Ref,
+    ScanIndex,
+    ScanState,
+    parse_time,
+    resource_version,
+)
 from scangate.kube import Kube, Obj, now
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import ImageNotFound, RegistryClient, RegistryError
@@ -202,13 +212,15 @@ class RuleController:
                                      self.destinations)
             async with client:
                 tags = await self._tags(client, scope)
+                plan = reconcile(wanted(rule.name, tags, tag_filter),
+                                 [s.name for s in self.index.by_rule(rule.namespace,
+                                                                     rule.name)])
+                await self._rescan_moved(rule, client, plan)
         except (RegistryError, CredentialsError, PatternError) as e:
             reason = e.reason if isinstance(e, RegistryError) else "InvalidSpec"
             return await self._status(rule, trigger, started, None, {
                 "type": "RegistryReachable", "status": "False", "reason": reason,
                 "message": str(e)[:4096]})
-        plan = reconcile(wanted(rule.name, tags, tag_filter),
-                         [s.name for s in self.index.by_rule(rule.namespace, rule.name)])
         for scan in plan.create:
             await self._create_scan(rule, scan, host, trigger)
         for name in plan.delete:
@@ -220,6 +232,28 @@ class RuleController:
             "scansCreated": len(plan.create)}, {
             "type": "RegistryReachable", "status": "True", "reason": "Listed",
             "message": f"listed {len(tags)} repositories of {host}"})
+
+    async def _rescan_moved(self, rule: RuleState, client: RegistryClient, plan: Plan) -> None:
+        """Scan again the kept tags that point at another digest than the one scanned:
+        back to Pending, the scan resolves the tag anew (one HEAD per tag here)."""
+        platform = (rule.spec.get("scan") or {}).get("platform") or "linux/amd64"
+        slots = asyncio.Semaphore(TAG_LISTS_IN_FLIGHT)
+
+        async def check(state: ScanState) -> None:
+            try:
+                async with slots:
+                    resolved = await client.resolve(parse_image(state.image), platform)
+            except (ImageNotFound, InvalidReference):
+                return  # gone since the listing: the next run removes its scan
+            if resolved.digest != state.digest:
+                await self.kube.patch_status("imagescans", state.namespace, state.name, {
+                    "phase": "Pending", "attempts": 0, "retryAfter": None, "reason": None,
+                    "message": f"the tag moved to {resolved.digest}: scanning again"})
+
+        settled = [s for s in self.index.by_rule(rule.namespace, rule.name)
+                   if s.name not in plan.delete and s.digest
+                   and s.phase in ("Completed", "Failed")]
+        await asyncio.gather(*(check(s) for s in settled))
 
     async def _tags(self, client: RegistryClient, scope: Scope) -> dict[str, list[str]]:
         repositories = scope.listed() or [r for r in await client.catalog() if scope.covers(r)]
