@@ -94,16 +94,20 @@ class Kube:
             raise
         return obj
 
-    async def create_custom(self, plural: str, namespace: str, body: Obj) -> bool:
-        """Create one of scangate's objects; False if it exists already."""
+    async def _create(self, fn: Any, *args: Any) -> bool:
+        """Create an object; False if it exists already (a rerun, or a restart)."""
         try:
-            await self._call(self.custom.create_namespaced_custom_object, GROUP, VERSION,
-                             namespace, plural, body, _preload_content=False)
+            await self._call(fn, *args, _preload_content=False)
         except ApiException as e:
             if e.status == 409:
                 return False
             raise
         return True
+
+    async def create_custom(self, plural: str, namespace: str, body: Obj) -> bool:
+        """Create one of scangate's objects; False if it exists already."""
+        return await self._create(self.custom.create_namespaced_custom_object, GROUP, VERSION,
+                                  namespace, plural, body)
 
     async def delete_custom(self, plural: str, namespace: str, name: str) -> None:
         """Delete one of scangate's objects; gone already is fine."""
@@ -137,25 +141,13 @@ class Kube:
         body = {"metadata": {"name": name, "namespace": namespace,
                              "labels": {"app.kubernetes.io/managed-by": "scangate"}},
                 "type": "Opaque", "data": data}
-        try:
-            await self._call(self.core.create_namespaced_secret, namespace, body,
-                             _preload_content=False)
-        except ApiException as e:
-            if e.status != 409:
-                raise
+        if not await self._create(self.core.create_namespaced_secret, namespace, body):
             await self._call(self.core.patch_namespaced_secret, name, namespace,
                              {"data": data}, _preload_content=False)
 
     async def create_job(self, namespace: str, body: Obj) -> bool:
         """Create a Job; False if it already exists (a restart re-creating it)."""
-        try:
-            await self._call(self.batch.create_namespaced_job, namespace, body,
-                             _preload_content=False)
-        except ApiException as e:
-            if e.status == 409:
-                return False
-            raise
-        return True
+        return await self._create(self.batch.create_namespaced_job, namespace, body)
 
     async def job_pod_log(self, namespace: str, job: str, container: str,
                           limit_bytes: int) -> str:

@@ -55,7 +55,6 @@ class Feed(Generic[T]):
         self._sink = sink
         self._selector = selector
         self.synced = asyncio.Event()
-        self.relists = 0
 
     async def run(self) -> None:
         """Forever; returns only by cancellation."""
@@ -109,7 +108,6 @@ class Feed(Generic[T]):
             token = body.get("metadata", {}).get("continue")
             if not token:
                 break
-        self.relists += 1
         loop.call_soon_threadsafe(self._deliver_listing, items)
         return str(body["metadata"]["resourceVersion"])
 

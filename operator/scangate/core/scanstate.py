@@ -391,12 +391,6 @@ class ScanIndex:
                 found.append(s)
         return found
 
-    def next_retry(self) -> datetime | None:
-        """The earliest time a waiting Pending or Queued scan becomes due."""
-        times = [s.retry_after for s in (*self._pending.values(), *self._queued.values())
-                 if s.retry_after is not None]
-        return min(times, default=None)
-
     def plan(self, now: datetime, limit: int) -> list[Action]:
         """Stale results to requeue; queued scans to answer from a fresh result of their
         key, or to start in queue order while running Jobs are under `limit`."""

@@ -44,6 +44,7 @@ from scangate.core.scanstate import (
     project_scan,
 )
 from scangate.core.trivy import ReportError
+from scangate.core.validation import check_image_on_registry
 from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import RegistryClient, RegistryError
@@ -147,9 +148,6 @@ class ScanReconciler:
 
     def _on_job_deleted(self, job: JobState) -> None:
         self._changed(self.index.delete_job(job.ref))
-
-    def wake(self) -> None:
-        self._wake.set()
 
     # -- the loop ------------------------------------------------------------------
 
@@ -326,16 +324,19 @@ class ScanReconciler:
                 return host
         return "rule" if scan.rule else "other"
 
+    @staticmethod
+    def _on_rule_registry(scan: ScanState, registry: Obj) -> bool:
+        """The check the ImageScan webhook makes at apply, made again where it matters."""
+        return not check_image_on_registry(scan.image, str(registry.get("url", "")),
+                                           scan.rule or "")
+
     async def _registry(self, scan: ScanState, ref: ImageRef) -> RegistryClient:
         rule, registry, secret = await self._rule_registry(scan)
-        if rule is not None:
+        if rule is not None and not self._on_rule_registry(scan, registry):
             # A rule's credentials and TLS settings are for its own registry only: an
             # ImageScan naming another host must never hand them over.
-            host = urlsplit(str(registry.get("url", ""))).netloc
-            if host != ref.registry:
-                raise CredentialsError(
-                    f"spec.image: {ref.registry} is not the registry of ScanRule {scan.rule} "
-                    f"({host})")
+            raise CredentialsError(str(check_image_on_registry(
+                scan.image, str(registry.get("url", "")), scan.rule or "")[0]))
         return registry_client(self._base_url(ref, rule), registry, secret, ref.registry,
                                self.settings, self.destinations)
 
@@ -369,8 +370,7 @@ class ScanReconciler:
         ref = parse_image(scan.image).with_digest(scan.digest)
         rule, registry, secret = await self._rule_registry(scan)
         timeout = parse_duration(scan.timeout or self.settings.scan_timeout)
-        on_rule_registry = rule is not None and self._base_url(ref, rule) == str(
-            registry.get("url", "")).rstrip("/")
+        on_rule_registry = rule is not None and self._on_rule_registry(scan, registry)
         job_spec = ScanJobSpec(
             scan_name=scan.name, namespace=scan.namespace, scan_uid=scan.uid,
             image=f"{ref.name}@{ref.digest}", queued_at=stamp(scan.queued_at or datetime.now(UTC)),

@@ -212,9 +212,9 @@ class RuleController:
                                      self.destinations)
             async with client:
                 tags = await self._tags(client, scope)
-                plan = reconcile(wanted(rule.name, tags, tag_filter),
-                                 [s.name for s in self.index.by_rule(rule.namespace,
-                                                                     rule.name)])
+                matched = wanted(rule.name, tags, tag_filter)
+                plan = reconcile(matched, [s.name for s in self.index.by_rule(rule.namespace,
+                                                                              rule.name)])
                 await self._rescan_moved(rule, client, plan)
         except (RegistryError, CredentialsError, PatternError) as e:
             reason = e.reason if isinstance(e, RegistryError) else "InvalidSpec"
@@ -227,8 +227,7 @@ class RuleController:
             with contextlib.suppress(ApiException):
                 await self.kube.delete_custom("imagescans", rule.namespace, name)
         await self._status(rule, trigger, started, {
-            "repositories": len(tags), "tags": sum(1 for _ in wanted(rule.name, tags,
-                                                                      tag_filter)),
+            "repositories": len(tags), "tags": len(matched),
             "scansCreated": len(plan.create)}, {
             "type": "RegistryReachable", "status": "True", "reason": "Listed",
             "message": f"listed {len(tags)} repositories of {host}"})
