@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= $(CURDIR)/.sandbox
 
-.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench-scale
+.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench-scale \
+	bench-registry
 
 all: test
 
@@ -46,6 +47,11 @@ demo: deps venv testbin
 # make bench-scale ARGS="--count 1000 --new 100 --sandbox-dir /tmp/sb"
 bench-scale: deps venv testbin
 	$(BIN)/python bench/scale.py $(ARGS)
+
+# Push latency and the enumeration of 5,000 tags (bench/README.md), e.g.
+# make bench-registry ARGS="--repositories 20 --tags 5 --sandbox-dir /tmp/sb"
+bench-registry: deps venv testbin
+	$(BIN)/python bench/registry.py $(ARGS)
 
 clean:
 	-hack/sandbox down --dir $(SANDBOX_DIR)

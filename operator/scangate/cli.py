@@ -7,11 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from scangate import __version__
 from scangate.core.trivy import DEFAULT_FINDINGS_BUDGET
+
+if TYPE_CHECKING:
+    from scangate.core.policy import Policy
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -54,6 +58,87 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A bad argument or an unreadable or invalid input file: exit status 2."""
+
+
+def _policies_from(path: str) -> list[Policy]:
+    """The ScanPolicy documents of a manifest, as `kubectl apply -f` reads it (several
+    documents, and List objects, are accepted; other kinds are left alone)."""
+    from scangate.core.policy import PolicyError, parse_policy
+
+    try:
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
+    # ValueError: also undecodable bytes, and PyYAML's for an impossible date (2026-02-30).
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read policy file {path}: {_one_line(e)}") from None
+    objects: list[Any] = []
+    for doc in docs:
+        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+        objects += items if isinstance(items, list) else []
+    policies = []
+    for obj in objects:
+        if not isinstance(obj, dict) or obj.get("kind") != "ScanPolicy":
+            continue
+        if obj.get("apiVersion") != "scangate.dev/v1alpha1":
+            raise UsageError(f"{path}: a ScanPolicy needs apiVersion scangate.dev/v1alpha1")
+        try:
+            policies.append(parse_policy(obj))
+        except PolicyError as e:
+            raise UsageError(f"{path}: {e}") from None
+    if not policies:
+        raise UsageError(f"{path} holds no ScanPolicy")
+    return policies
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from scangate.core.images import InvalidReference, parse_image
+    from scangate.core.policy import ImageResult, decide
+    from scangate.core.trivy import ReportError, parse_report, summarize
+
+    try:
+        policies = _policies_from(args.policy)
+        try:
+            report = parse_report(Path(args.report).read_bytes())
+        except (OSError, ReportError) as e:
+            raise UsageError(f"cannot use report {args.report}: {_one_line(e)}") from None
+        reference = args.image or report.artifact_name
+        if not reference:
+            raise UsageError("the report names no image (ArtifactName): pass --image")
+        try:
+            image = str(parse_image(reference))
+        except InvalidReference as e:
+            if args.image:
+                raise UsageError(str(e)) from None
+            image = reference  # e.g. a `trivy fs` report: judge it under its own name
+        labels = {"kubernetes.io/metadata.name": args.namespace}
+        for label in args.namespace_label:
+            key, sep, value = label.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--namespace-label {label!r}: use KEY=VALUE")
+            labels[key] = value
+    except UsageError as e:
+        print(f"scangate: {e}", file=sys.stderr)
+        return 2
+    now = datetime.now(UTC)
+    repo_digests = (report.metadata.repo_digests if report.metadata else None) or []
+    digest = image.partition("@")[2] or next(
+        (d.partition("@")[2] for d in repo_digests if "@" in d), None)
+    status = {**summarize(report), "phase": "Completed", "digest": digest,
+              "scannedAt": now.isoformat()}
+    decision = decide(policies, {image: ImageResult.from_status(status)}, args.namespace,
+                      labels, {}, now)
+    json.dump(decision.to_json(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0 if decision.allowed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scangate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"scangate {__version__}")
@@ -71,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--budget-bytes", type=int, default=DEFAULT_FINDINGS_BUDGET,
                            help="size bound of the findings list (default %(default)s)")
     summarize.set_defaults(func=_summarize)
+
+    policy = sub.add_parser("policy", help="work with ScanPolicies")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+    check = policy_sub.add_parser(
+        "check", help="the admission decision for a Trivy report under ScanPolicy manifests, "
+                      "as JSON; exit status 1 when blocked")
+    check.add_argument("--policy", required=True, metavar="FILE",
+                       help="a ScanPolicy manifest (YAML; every ScanPolicy in it applies)")
+    check.add_argument("--report", required=True, metavar="TRIVY_JSON",
+                       help="a Trivy JSON report, judged as the image's result scanned now")
+    check.add_argument("--namespace", default="default",
+                       help="the workload's namespace (default %(default)s)")
+    check.add_argument("--namespace-label", action="append", default=[], metavar="KEY=VALUE",
+                       help="a label of that namespace, for namespaceSelector (repeatable)")
+    check.add_argument("--image", help="the image reference (default: the report's "
+                                       "ArtifactName)")
+    check.set_defaults(func=_policy_check)
 
     # `run` parses its own flags from the Settings model (see scangate.config).
     sub.add_parser("run", help="run the operator (flags: scangate run --help)", add_help=False)

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     """Create and keep up to date the ValidatingWebhookConfiguration for scangate's own
     resources."""
 
+    push_port: int = Field(default=9444, ge=0, le=65535)
+    """Port of the HTTPS push receiver (POST /push), served with the webhook's certificate
+    (0 disables)."""
+    push_token_secret: str = "scangate-push-token"
+    """A Secret in the operator's namespace whose `token` a push notification must carry
+    (Authorization: Bearer <token>, the bare token, or X-Scangate-Token)."""
+
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint (0 disables)."""
     health_port: int = Field(default=8081, ge=0, le=65535)

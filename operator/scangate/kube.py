@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -68,14 +69,24 @@ class LogTooLarge(ValueError):
 
 
 class Kube:
-    def __init__(self) -> None:
+    """The API calls of one part of the operator, on threads of its own.
+
+    The kubernetes client blocks, so calls run on threads; each Kube has its own, never
+    the event loop's default executor. The operator's admission webhooks answer the
+    API server while it holds the operator's own writes: had they shared threads, a
+    burst of writes would take every one and wait for webhooks that wait for a thread.
+    """
+
+    def __init__(self, threads: int = 16) -> None:
         api = client.ApiClient()
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(partial(fn, *args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, partial(fn, *args, **kwargs))
 
     async def _json(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call returning the raw JSON body (no model deserialisation)."""

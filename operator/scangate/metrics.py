@@ -23,6 +23,10 @@ RUNNING_JOBS = Gauge("scangate_scan_jobs_running", "Scan Jobs that have not fini
 REGISTRY_REQUESTS = Counter("scangate_registry_requests_total",
                             "Registry operations by registry and result.", ["registry", "result"])
 
+PUSH_EVENTS = Counter("scangate_push_notifications_total",
+                      "Push notifications received, by result: accepted, unauthorized, "
+                      "malformed, unavailable, failed.", ["result"])
+
 _SEVERITIES = ("critical", "high", "medium", "low", "unknown")
 
 

@@ -13,6 +13,7 @@ import prometheus_client
 from scangate.config import Settings
 from scangate.kube import Kube, load_config
 from scangate.logs import setup_logging
+from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
 
@@ -61,20 +62,24 @@ def configure(config: Settings) -> None:
 
 
 async def main(settings: Settings) -> None:
-    import scangate.handlers.validation  # noqa: F401  (registers the handlers)
+    from scangate.handlers import validation  # registers the handlers
 
     # Work in flight, plus the watches and kopf's own calls.
     load_config(settings.api_concurrency + settings.registry_concurrency + 8)
-    kube = Kube()
+    kube = Kube(settings.api_concurrency + settings.registry_concurrency)
     reconciler = ScanReconciler(kube, settings)
-    rules = RuleController(kube, settings, reconciler.index, reconciler.destinations)
+    rules = RuleController(kube, settings, reconciler.index, reconciler.destinations,
+                           reconciler.rescan)
     reconciler.rule_scan_changed.append(rules.touch)
+    validation.use_rules(rules.registry_url)
     configure(settings)
     if settings.metrics_port:
         prometheus_client.start_http_server(settings.metrics_port)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     tasks = [asyncio.create_task(kopf.operator(clusterwide=True, liveness_endpoint=liveness)),
              asyncio.create_task(reconciler.run()), asyncio.create_task(rules.run())]
+    if settings.push_port:
+        tasks.append(asyncio.create_task(PushReceiver(kube, settings, rules.on_push).run()))
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()

@@ -188,7 +188,7 @@ def test_registry_client_resolves_platforms_and_paginates(sandbox_env: dict[str,
     images = {(i["name"], i.get("platform")): i for i in named_images(sandbox_env)}
     ref = images[("multiarch", "linux/arm64")]["image"]
 
-    async def go() -> tuple[str, str, list[str], list[str]]:
+    async def go() -> tuple[str, str, list[str], list[list[str]]]:
         async with RegistryClient(url) as client:
             arm = await client.resolve(parse_image(ref), "linux/arm64")
             amd = await client.resolve(parse_image(ref), "linux/amd64")
@@ -199,8 +199,10 @@ def test_registry_client_resolves_platforms_and_paginates(sandbox_env: dict[str,
             pusher.close()
             # distribution 2.8 pages the catalog (Link: rel="next"); pages of 3 need several.
             return (arm.digest, amd.digest, await client.tags("paging/app"),
-                    await client.catalog(page_size=3))
-    arm, amd, tags, catalog = asyncio.run(go())
+                    [page async for page in client.catalog(page_size=3)])
+    arm, amd, tags, pages = asyncio.run(go())
+    catalog = [repository for page in pages for repository in page]
+    assert len(pages) > 1 and all(len(page) <= 3 for page in pages)
     assert arm == images[("multiarch", "linux/arm64")]["digest"]
     assert amd == images[("multiarch", "linux/amd64")]["digest"]
     assert sorted(tags) == [f"t{i:02d}" for i in range(25)]

@@ -249,8 +249,15 @@ class Sandbox:
     # -- registry, Trivy DB, test images, Trivy server ---------------------------------
 
     def _start_registry_and_trivy(self, timeout: float) -> None:
-        registry = Registry(self.dir / "registry", free_port())
-        self._spawn("registry", registry.command())
+        # The registry notifies the operator's push receiver of every push, as a real
+        # registry would; it trusts the sandbox CA that issues the receiver's certificate.
+        push_port, push_token = free_port(), secrets.token_hex(20)
+        registry = Registry(self.dir / "registry", free_port(),
+                            notify=[f"https://127.0.0.1:{push_port}/push"],
+                            notify_headers={"Authorization": [f"Bearer {push_token}"]})
+        self._spawn("registry", registry.command(),
+                    env={"SSL_CERT_FILE": str(self.dir / "pki" / "ca.crt")})
+        self.env.update({"PUSH_PORT": str(push_port), "PUSH_TOKEN": push_token})
         self._until(registry.ready, timeout, "registry")
         pusher = Pusher(registry.url)
         archive = build_db(self.dir / "trivydb")
@@ -336,6 +343,9 @@ class Sandbox:
         self.kubectl("apply", "-f", "-", input=self.kubectl(
             "create", "secret", "generic", "scangate-trivy-token", "-n", "scangate-system",
             f"--from-literal=token={self.env['TRIVY_TOKEN']}", "--dry-run=client", "-o", "yaml"))
+        self.kubectl("apply", "-f", "-", input=self.kubectl(
+            "create", "secret", "generic", "scangate-push-token", "-n", "scangate-system",
+            f"--from-literal=token={self.env['PUSH_TOKEN']}", "--dry-run=client", "-o", "yaml"))
         ca = CertificateAuthority(self.dir / "pki")
         cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
         webhook_port, metrics_port, health_port = free_port(), free_port(), free_port()
@@ -344,7 +354,7 @@ class Sandbox:
             "--namespace", "scangate-system", "--log-format", "text",
             "--webhook-host", "127.0.0.1", "--webhook-address", "127.0.0.1",
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
-            "--health-port", str(health_port),
+            "--health-port", str(health_port), "--push-port", self.env["PUSH_PORT"],
             "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
             "--webhook-ca-file", str(ca.cert_path),
             "--insecure-registries", json.dumps([self.env["REGISTRY"]]),

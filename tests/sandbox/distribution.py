@@ -32,6 +32,8 @@ class Registry:
     tls: CertificateAuthority | None = None
     users: dict[str, str] = field(default_factory=dict)
     notify: list[str] = field(default_factory=list)
+    notify_headers: dict[str, list[str]] = field(default_factory=dict)
+    """Headers of every notification, e.g. the receiver's token."""
     token_auth: dict[str, object] | None = None
     """The `auth:` section for token auth (see sandbox.tokenserver)."""
     proc: subprocess.Popen[bytes] | None = None
@@ -68,7 +70,8 @@ class Registry:
         if self.notify:
             config["notifications"] = {"endpoints": [
                 {"name": f"endpoint-{i}", "url": url, "timeout": "2s", "threshold": 5,
-                 "backoff": "1s", "ignore": {"actions": ["pull"]}}
+                 "backoff": "1s", "ignore": {"actions": ["pull"]},
+                 **({"headers": self.notify_headers} if self.notify_headers else {})}
                 for i, url in enumerate(self.notify)]}
         return config
 

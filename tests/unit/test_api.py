@@ -97,7 +97,7 @@ def test_chart_values_mirror_the_settings() -> None:
     # Set by the chart's templates from the release, not by values.
     derived = {"namespace", "webhook_address", "webhook_host", "webhook_service",
                "webhook_cert_file", "webhook_key_file", "webhook_ca_file", "trivy_server_url",
-               "trivy_token_secret"}
+               "trivy_token_secret", "push_token_secret"}
     expected = {to_camel(name) for name in Settings.model_fields if name not in derived}
     assert set(values["config"]) == expected
     defaults = Settings()

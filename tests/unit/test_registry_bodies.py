@@ -152,7 +152,10 @@ def run(registry: Registry | str, call: str, *args: Any, **options: Any) -> Any:
     async def go() -> Any:
         url = registry if isinstance(registry, str) else registry.url
         async with RegistryClient(url, **options) as client:
-            return await getattr(client, call)(*args)
+            result = getattr(client, call)(*args)
+            if hasattr(result, "__aiter__"):  # the catalog, page by page
+                return [item async for page in result for item in page]
+            return await result
     return asyncio.run(go())
 
 
@@ -382,3 +385,48 @@ def test_all_pages_together_are_bounded(registry: Registry,
     assert "sent more than 3 KiB for /v2/team/app/tags/list" in refused(
         registry, "tags", "team/app")
     assert len(registry.seen) == 4
+
+
+def flaky(registry: Registry, path: str, failures: list[Answer], then: Answer) -> None:
+    """`path` answers each of `failures` in turn, then `then` for good."""
+    def answer(seen: Seen) -> Answer:
+        return failures.pop(0) if failures else then
+    registry.answers[path] = answer
+
+
+def test_429_and_5xx_are_retried_honouring_retry_after(registry: Registry) -> None:
+    flaky(registry, TAGS, [reply({}, 429, Retry_After="0"), reply({}, 503),
+                           reply({}, 502, Retry_After="Wed, 21 Oct 2015 07:28:00 GMT")],
+          reply({"tags": ["a"]}))
+    assert run(registry, "tags", "team/app", retries=3, backoff=0.01) == ["a"]
+    assert len(registry.seen) == 4
+
+
+def test_retries_are_bounded(registry: Registry) -> None:
+    registry.answer(TAGS, {}, 503)
+    message = refused(registry, "tags", "team/app", error=RegistryUnavailable, retries=2,
+                      backoff=0.01)
+    assert "answered HTTP 503" in message
+    assert len(registry.seen) == 3
+
+
+def test_a_retry_after_beyond_the_limit_is_not_waited_for(registry: Registry) -> None:
+    registry.answer(TAGS, {}, 429, Retry_After="3600")
+    with pytest.raises(RegistryUnavailable) as caught:
+        run(registry, "tags", "team/app", retries=5)
+    assert caught.value.retry_after == 3600
+    assert len(registry.seen) == 1
+
+
+def test_the_catalog_is_streamed_page_by_page(registry: Registry) -> None:
+    registry.answer("/v2/_catalog?n=2", {"repositories": ["a/1", "a/2"]},
+                    Link='</v2/_catalog?last=a/2&n=2>; rel="next"')
+    registry.answer("/v2/_catalog?last=a/2&n=2", {"repositories": ["b/1"]})
+
+    async def pages() -> list[tuple[list[str], int]]:
+        async with RegistryClient(registry.url) as client:
+            out = []
+            async for page in client.catalog(page_size=2):
+                out.append((page, len(registry.seen)))  # requests made when it arrived
+            return out
+    assert asyncio.run(pages()) == [(["a/1", "a/2"], 1), (["b/1"], 2)]

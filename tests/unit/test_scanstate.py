@@ -125,6 +125,20 @@ def test_older_events_and_own_writes_coming_back_change_nothing() -> None:
     assert idx.upsert_scan(scan("a", "Scanning", version=7))
 
 
+def test_the_event_of_the_version_held_does_not_undo_a_claim() -> None:
+    """The operator claims a queued scan (Scanning, same version) before its Job exists;
+    the watch then delivers that very version, still Queued: the claim must stand, or a
+    second scan of the same digest would start."""
+    idx = index(scan("a", version=5), scan("b", version=5, minute=1))
+    assert [a.scan.name for a in idx.plan(NOW, 5)] == ["a"]
+    idx.upsert_scan(replace(idx.scans[("ns", "a")], phase="Scanning"), claim=True)
+    assert not idx.upsert_scan(scan("a", version=5))
+    assert idx.scans[("ns", "a")].phase == "Scanning"
+    assert idx.plan(NOW, 5) == []
+    assert idx.upsert_scan(scan("a", "Scanning", version=6))  # the API's own word
+    assert not idx.scans[("ns", "a")].claimed
+
+
 def test_relist_drops_what_was_deleted_meanwhile_and_fixes_the_indexes() -> None:
     idx = index(done("gone", digest="sha256:9"), scan("kept"))
     idx.replace_scans([scan("kept", version=2)])

@@ -157,6 +157,14 @@ class ImageScanStatus(StatusBase):
     """The findings, most severe first, bounded in size; summary counts cover all of them."""
     findings_truncated: bool | None = None
     """True when some findings were left out of .status.findings to bound the object's size."""
+    vulnerability_index: str | None = Field(default=None, max_length=256 * 1024)
+    """Exact counts per vulnerability ID, covering every finding even when .status.findings is
+    truncated, so that allowlist entries subtract exactly what they name: zlib-compressed,
+    base64-encoded text, a header line then sorted lines "ID<TAB>S<TAB>count<TAB>fixable"
+    (S: C, H, M, L or U for the severity; IDs upper-cased)."""
+    vulnerability_index_truncated: bool | None = None
+    """True when IDs were left out of .status.vulnerabilityIndex to bound its size (those of
+    the most severe findings are kept); an allowlist entry for an ID not in it does not apply."""
 
 
 class ImageScan(Model):

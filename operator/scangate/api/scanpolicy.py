@@ -13,6 +13,9 @@ from scangate.api.common import Duration, LabelSelector, Model, StatusBase
 
 # Field-level item constraints replace pydantic's items schema, so they repeat the type.
 GLOB_LIST: JsonDict = {"items": {"type": "string", "minLength": 1, "maxLength": 512}}
+# The vulnerability IDs an allowlist entry may name (and so the IDs worth indexing exactly).
+ALLOWLIST_ID_MAX_LENGTH = 128
+ALLOWLIST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 
 
 class Action(StrEnum):
@@ -58,7 +61,8 @@ class Thresholds(Model):
 class AllowlistEntry(Model):
     """A finding that does not count against the thresholds, until it expires."""
 
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    id: str = Field(min_length=1, max_length=ALLOWLIST_ID_MAX_LENGTH,
+                    pattern=ALLOWLIST_ID_PATTERN)
     """The vulnerability ID, e.g. CVE-2023-4863."""
     expires: date | None = None
     """The last day the entry applies (UTC); after it the entry stops applying by itself."""
@@ -96,6 +100,9 @@ class ScanPolicySpec(Model):
     """What to do with an image whose scan failed."""
     break_glass: BreakGlass = Field(default_factory=BreakGlass, json_schema_extra={"default": {}})
     """Emergency override."""
+    pin_digests: bool = False
+    """A mutating webhook rewrites each admitted image reference to the digest that was
+    judged (repo:tag@sha256:...), so that what runs is what passed."""
 
 
 class ScanPolicyStatus(StatusBase):

@@ -186,6 +186,9 @@ class ScanRuleStatus(StatusBase):
     """Findings by severity over the rule's images."""
     last_scan_now: str | None = Field(default=None, max_length=256)
     """The scangate.dev/scan-now value last acted on."""
+    last_schedule_time: datetime | None = None
+    """The scheduled time of the last scheduled run: the next one is the schedule's first
+    time after it, so a restart neither misses nor doubles a run."""
 
 
 class ScanRule(Model):

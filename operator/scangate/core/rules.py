@@ -89,13 +89,19 @@ def reconcile(wanted_scans: Mapping[str, Wanted], existing: Iterable[str]) -> Pl
                 delete=sorted(have - set(wanted_scans)))
 
 
-def schedule_due(schedule: str, last_run: datetime | None, created: datetime,
-                 now: datetime) -> datetime | None:
-    """The scheduled time to run for now, if one has come since the last run (or the
-    rule's creation): at most one run per due time, however long the operator was down,
-    and none missed, since the last run is kept in the rule's status."""
-    since = last_run or created
+def next_due(schedule: str, since: datetime) -> datetime:
+    """The first scheduled time after `since`."""
     due: datetime = croniter(schedule, since.astimezone(UTC)).get_next(datetime)
+    return due
+
+
+def schedule_due(schedule: str, last_scheduled: datetime | None, created: datetime,
+                 now: datetime) -> datetime | None:
+    """The scheduled time to run for now, if one has come since the last scheduled run
+    (or the rule's creation): at most one run per due time, however long the operator
+    was down, and none missed, since the last scheduled time is kept in the rule's
+    status (as a CronJob keeps lastScheduleTime)."""
+    due = next_due(schedule, last_scheduled or created)
     if due > now:
         return None
     # Several due times passed while the operator was down: one run stands for them all.
@@ -128,3 +134,11 @@ def matching_rules(rules: Sequence[tuple[str, str, Scope, TagFilter, bool]], hos
     return [ref for ref, rule_host, scope, tag_filter, on_push in rules
             if on_push and rule_host == host and scope.covers(repository)
             and tag_matches(tag_filter, tag)]
+
+
+def registry_host(netloc: str) -> str:
+    """A registry's host as events and URLs name it: lowercase, without a default port."""
+    host = netloc.lower()
+    for default in (":443", ":80"):
+        host = host.removesuffix(default)
+    return host

@@ -86,6 +86,8 @@ class ScanState:
     fixable: tuple[int, ...] | None = None
     ready: tuple[str, str] | None = None
     """The Ready condition's status and lastTransitionTime."""
+    claimed: bool = False
+    """Changed by the operator ahead of the API (see ScanIndex.upsert_scan)."""
 
     @property
     def ref(self) -> Ref:
@@ -227,12 +229,18 @@ class ScanIndex:
 
     # -- events --------------------------------------------------------------------
 
-    def upsert_scan(self, state: ScanState) -> bool:
+    def upsert_scan(self, state: ScanState, claim: bool = False) -> bool:
         """Apply an ImageScan event; False when it is older than what is held or changes
-        nothing the operator acts on (its own status write coming back, say)."""
+        nothing the operator acts on (its own status write coming back, say).
+
+        `claim`: the operator's own change of the version held (a Job starting, before
+        the API knows). An event of the version held is then old news: it would undo
+        the claim, and a second scan of the same digest could start."""
         old = self.scans.get(state.ref)
-        if old is not None and 0 <= state.version < old.version:
+        if old is not None and not claim and 0 <= state.version <= old.version and (
+                state.version < old.version or old.claimed):
             return False
+        state = replace(state, claimed=claim) if claim != state.claimed else state
         if state.same_as(old):
             self.scans[state.ref] = state
             return False

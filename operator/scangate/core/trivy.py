@@ -6,18 +6,27 @@ findings kept in status are compact, most severe first, and bounded in bytes so
 that an ImageScan never nears etcd's object size limit; the counts always cover
 every finding. A report that does not fit the schema raises ReportError, never
 pydantic's own error, so that callers need to handle one type.
+
+Beside the bounded findings, a summary carries an exact per-ID index (ID, severity,
+count, fixable count) so that a policy's allowlist subtracts exactly the findings it
+names even when most findings were left out of status; see encode_index.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import zlib
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from annotated_types import MaxLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scangate.api.imagescan import Finding
+from scangate.api.imagescan import Finding, ImageScanStatus
+from scangate.api.scanpolicy import ALLOWLIST_ID_MAX_LENGTH, ALLOWLIST_ID_PATTERN
 from scangate.core.errors import describe_validation
 
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
@@ -28,6 +37,10 @@ DEFAULT_FINDINGS_BUDGET = 64 * 1024
 FINDING_MAX_LENGTHS = {field.alias or name: m.max_length
                        for name, field in Finding.model_fields.items()
                        for m in field.metadata if isinstance(m, MaxLen)}
+# The CRD's maxLength of status.vulnerabilityIndex: the index's byte budget (base64 is ASCII).
+INDEX_MAX_BYTES = next(m.max_length for m in
+                       ImageScanStatus.model_fields["vulnerability_index"].metadata
+                       if isinstance(m, MaxLen))
 
 
 class _Trivy(BaseModel):
@@ -136,10 +149,13 @@ def _counts() -> dict[str, int]:
     return {s.lower(): 0 for s in SEVERITIES} | {"total": 0}
 
 
-def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET) -> dict[str, Any]:
-    """The summary, fixable counts and bounded findings scangate stores for a report."""
+def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET,
+              index_budget_bytes: int = INDEX_MAX_BYTES) -> dict[str, Any]:
+    """The summary, fixable counts, bounded findings and per-ID index scangate stores for a
+    report."""
     summary, fixable = _counts(), _counts()
     findings: list[dict[str, Any]] = []
+    per_id: dict[str, dict[str, list[int]]] = {}
     for result in report.results or []:
         for v in result.vulnerabilities or []:
             severity = normalise_severity(v.severity)
@@ -148,6 +164,11 @@ def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET) -> di
             if v.fixed_version:
                 fixable[severity.lower()] += 1
                 fixable["total"] += 1
+            key = v.vulnerability_id.upper()
+            if _indexable(key):
+                tally = per_id.setdefault(key, {}).setdefault(severity, [0, 0])
+                tally[0] += 1
+                tally[1] += bool(v.fixed_version)
             finding = {"id": v.vulnerability_id, "severity": severity, "package": v.pkg_name,
                        "installedVersion": v.installed_version,
                        "fixedVersion": v.fixed_version or None,
@@ -158,8 +179,12 @@ def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET) -> di
     findings.sort(key=lambda f: (_RANK[f["severity"]], "fixedVersion" not in f, f["id"],
                                  f["package"], f.get("installedVersion", "")))
     kept, truncated = bound_findings(findings, budget_bytes)
+    index, index_truncated = encode_index(
+        {vid: {sev: IdCounts(*tally) for sev, tally in by_severity.items()}
+         for vid, by_severity in per_id.items()}, index_budget_bytes)
     return {"summary": summary, "fixable": fixable, "findings": kept,
-            "findingsTruncated": truncated}
+            "findingsTruncated": truncated, "vulnerabilityIndex": index,
+            "vulnerabilityIndexTruncated": index_truncated}
 
 
 def bound_findings(
@@ -182,3 +207,93 @@ def os_info(report: Report) -> dict[str, Any] | None:
         return None
     info = {"family": os_.family, "name": os_.name, "eosl": os_.eosl}
     return {k: v for k, v in info.items() if v is not None}
+
+
+# -- The per-ID index ---------------------------------------------------------------------
+
+class IdCounts(NamedTuple):
+    """The findings of one vulnerability ID at one severity."""
+
+    total: int
+    fixable: int
+
+
+VulnIndex = dict[str, dict[str, IdCounts]]
+"""Upper-cased vulnerability ID -> severity (CRITICAL, ...) -> counts."""
+
+INDEX_HEADER = "scangate-index/1"
+_LETTER = {"CRITICAL": "C", "HIGH": "H", "MEDIUM": "M", "LOW": "L", "UNKNOWN": "U"}
+_SEVERITY_OF = {letter: severity for severity, letter in _LETTER.items()}
+# Only IDs an allowlist entry could name are indexed: that also keeps tabs and newlines
+# out of the lines. IDs are upper-cased so that an entry matches whatever case it uses.
+_ALLOWABLE_ID = re.compile(ALLOWLIST_ID_PATTERN)
+_COUNT = re.compile(r"[0-9]{1,9}")
+# A 256 KiB index inflates to a few MiB at most; anything past this is not ours.
+_MAX_PLAIN_BYTES = 32 * 1024 * 1024
+
+
+def _indexable(vid: str) -> bool:
+    return len(vid) <= ALLOWLIST_ID_MAX_LENGTH and _ALLOWABLE_ID.fullmatch(vid) is not None
+
+
+def _pack(groups: Iterable[tuple[str, Mapping[str, IdCounts]]]) -> str:
+    lines = sorted(f"{vid}\t{_LETTER[severity]}\t{c.total}\t{c.fixable}"
+                   for vid, by_severity in groups for severity, c in by_severity.items())
+    text = "\n".join([INDEX_HEADER, *lines]).encode()
+    return base64.b64encode(zlib.compress(text, 9)).decode("ascii")
+
+
+def encode_index(index: Mapping[str, Mapping[str, IdCounts]],
+                 budget_bytes: int = INDEX_MAX_BYTES) -> tuple[str, bool]:
+    """The index as compact text, and whether IDs were left out to fit `budget_bytes`.
+
+    An ID is kept or left out whole (all its severities), so the counts of every ID in
+    the text are exact; the IDs of the most severe findings are kept first. An empty
+    index still yields a header, which tells "no findings" from "no index".
+    """
+    text = _pack(index.items())
+    if len(text) <= budget_bytes:
+        return text, False
+    groups = sorted(index.items(), key=lambda g: (min(_RANK[s] for s in g[1]), g[0]))
+    # Compressed size grows with the prefix, near enough to bisect on it; every candidate
+    # kept is checked against the budget itself.
+    lo, hi = 0, len(groups) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_pack(groups[:mid])) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _pack(groups[:lo]), True
+
+
+def decode_index(text: object) -> VulnIndex | None:
+    """The index encoded by encode_index, or None for anything else (missing, damaged,
+    hostile): the caller then cannot count by ID and must not pretend to."""
+    if not isinstance(text, str) or len(text) > 2 * INDEX_MAX_BYTES:
+        return None
+    try:
+        inflater = zlib.decompressobj()
+        plain = inflater.decompress(base64.b64decode(text, validate=True), _MAX_PLAIN_BYTES)
+        if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+            return None
+        header, *lines = plain.decode().split("\n")
+    except (ValueError, zlib.error):  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return None
+    if header != INDEX_HEADER:
+        return None
+    index: VulnIndex = {}
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) != 4:
+            return None
+        vid, letter, count, fixable = parts
+        severity = _SEVERITY_OF.get(letter)
+        if (severity is None or not _indexable(vid) or not _COUNT.fullmatch(count)
+                or not _COUNT.fullmatch(fixable) or int(fixable) > int(count)):
+            return None
+        by_severity = index.setdefault(vid, {})
+        if severity in by_severity:
+            return None
+        by_severity[severity] = IdCounts(int(count), int(fixable))
+    return index

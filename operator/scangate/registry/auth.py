@@ -28,7 +28,8 @@ def _text(value: object, what: str) -> str:
     raise CredentialsError(f"{what} is not base64 of UTF-8 text")
 
 
-def _field(secret: dict[str, Any], name: str, key: str) -> str | None:
+def secret_field(secret: dict[str, Any], name: str, key: str) -> str | None:
+    """A text value of a Secret; None when the key is absent."""
     value = (secret.get("data") or {}).get(key)
     return _text(value, f"Secret {name}: {key}") if value else None
 
@@ -38,12 +39,13 @@ def credentials_from_secret(secret: dict[str, Any], registry: str) -> Credential
     name = secret.get("metadata", {}).get("name", "?")
     kind = secret.get("type")
     if kind == BASIC_AUTH:
-        username, password = _field(secret, name, "username"), _field(secret, name, "password")
+        username = secret_field(secret, name, "username")
+        password = secret_field(secret, name, "password")
         if username is None or password is None:
             raise CredentialsError(f"Secret {name} lacks username or password")
         return Credentials(username, password)
     if kind == DOCKER_CONFIG_JSON:
-        return _from_docker_config(_field(secret, name, ".dockerconfigjson") or "{}",
+        return _from_docker_config(secret_field(secret, name, ".dockerconfigjson") or "{}",
                                    f"Secret {name}: .dockerconfigjson", registry)
     raise CredentialsError(
         f"Secret {name} has type {kind!r}; use {BASIC_AUTH} or {DOCKER_CONFIG_JSON}")

@@ -22,7 +22,10 @@ import ipaddress
 import re
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from functools import cached_property
 from typing import TypeVar
 from urllib.parse import urljoin
@@ -53,6 +56,8 @@ but 10,000 pages of 16 MiB would still not fit in the operator's memory."""
 TOKEN_LIMIT = 64 << 10
 MAX_PAGES = 10_000
 MAX_REDIRECTS = 5
+MAX_RETRY_DELAY = 30.0
+"""The longest wait for a Retry-After; a registry asking for more is unavailable now."""
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
@@ -82,6 +87,11 @@ class RegistryAuthError(RegistryError):
 class RegistryUnavailable(RegistryError):
     transient = True
     reason = "RegistryUnavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds the registry asked to wait (Retry-After), if it did."""
 
 
 class RegistryRefused(RegistryError):
@@ -220,8 +230,14 @@ class RegistryClient:
         verify: ssl.SSLContext | bool = True,
         timeout: float = 10.0,
         destinations: Destinations | None = None,
+        retries: int = 0,
+        backoff: float = 0.5,
     ) -> None:
+        """`retries`: how often a request answered 429 or 5xx, or not answered at all, is
+        sent again, after `backoff` seconds doubling each time or the registry's
+        Retry-After (at most MAX_RETRY_DELAY)."""
         self.base_url = base_url.rstrip("/")
+        self.retries, self.backoff = retries, backoff
         self.credentials = credentials
         self.destinations = destinations
         self._insecure = self.base_url.lower().startswith("http://")
@@ -304,8 +320,20 @@ class RegistryClient:
 
     async def _request(self, method: str, path: str, scope: str,
                        headers: dict[str, str] | None = None, limit: int = 0) -> _Answer:
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._request_once(method, path, scope, headers, limit)
+            except RegistryUnavailable as e:
+                delay = self.backoff * 2 ** attempt if e.retry_after is None else e.retry_after
+                if attempt == self.retries or delay > MAX_RETRY_DELAY:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _request_once(self, method: str, path: str, scope: str,
+                            headers: dict[str, str] | None, limit: int) -> _Answer:
         who, origin = f"registry {self.base_url}", self._registry_origin
-        # A path of the API, or a Link the registry sent (made absolute by _paginate).
+        # A path of the API, or a Link the registry sent (made absolute by _pages).
         url = _url(f"{self.base_url}{path}" if path.startswith("/") else path,
                    f"{who} linked to", RegistryError)
         for _ in range(2):
@@ -327,7 +355,8 @@ class RegistryClient:
         unsupported = method == "HEAD" and answer.status == 501
         if (answer.status >= 500 and not unsupported) or answer.status == 429:
             raise RegistryUnavailable(
-                f"registry {self.base_url} answered HTTP {answer.status}")
+                f"registry {self.base_url} answered HTTP {answer.status}",
+                retry_after=_retry_after(answer.headers.get("Retry-After")))
         return answer
 
     async def _authenticate(self, answer: _Answer, scope: str) -> bool:
@@ -424,19 +453,29 @@ class RegistryClient:
 
     async def tags(self, repository: str, page_size: int = 1000) -> list[str]:
         """Every tag of a repository, following pagination."""
-        return await self._paginate(f"/v2/{repository}/tags/list?n={page_size}",
-                                    f"repository:{repository}:pull", "tags")
+        path = f"/v2/{repository}/tags/list?n={page_size}"
+        tags: list[str] = []
+        read = 0
+        async for page, size in self._pages(path, f"repository:{repository}:pull", "tags"):
+            read += size
+            if read > LIST_LIMIT:
+                raise RegistryError(
+                    f"registry {self.base_url} sent more than {LIST_LIMIT >> 10} KiB for {path}")
+            tags += page
+        return tags
 
-    async def catalog(self, page_size: int = 1000) -> list[str]:
-        """Every repository the credentials may see, following pagination."""
-        return await self._paginate(f"/v2/_catalog?n={page_size}", "registry:catalog:*",
-                                    "repositories")
+    async def catalog(self, page_size: int = 1000) -> AsyncIterator[list[str]]:
+        """The repositories the credentials may see, page by page: a catalog of any size
+        is read in the memory of one page."""
+        async for page, _ in self._pages(f"/v2/_catalog?n={page_size}", "registry:catalog:*",
+                                         "repositories"):
+            yield page
 
-    async def _paginate(self, path: str, scope: str, key: str) -> list[str]:
-        items: list[str] = []
+    async def _pages(self, path: str, scope: str, key: str
+                     ) -> AsyncIterator[tuple[list[str], int]]:
+        """The items of each page and the page's size in bytes, following Link headers."""
         url = path
         seen: set[str] = set()
-        read = 0
         for _ in range(MAX_PAGES):
             if url in seen:  # a Link back to an earlier page would never end
                 raise RegistryError(f"registry {self.base_url} paginates {path} in a loop")
@@ -446,17 +485,28 @@ class RegistryClient:
                 raise ImageNotFound(f"{path.split('?')[0]} not found in {self.base_url}")
             if response.status != 200:
                 raise RegistryError(f"registry answered HTTP {response.status} for {path}")
-            read += len(response.body)
-            if read > LIST_LIMIT:
-                raise RegistryError(
-                    f"registry {self.base_url} sent more than {LIST_LIMIT >> 10} KiB for {path}")
             page = _parse(_Page, response, f"a page of {path} from {self.base_url}")
-            items += getattr(page, key) or []
+            yield getattr(page, key) or [], len(response.body)
             link = _NEXT_LINK.search(response.headers.get("Link", ""))
             if not link:
-                return items
+                return
             url = urljoin(self.base_url + "/", link.group(1))
         raise RegistryError(f"registry {self.base_url} has more than {MAX_PAGES} pages of {path}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
 def _platform(text: str) -> tuple[str, str, str | None]:

@@ -61,8 +61,8 @@ from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
-RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "os", "scanner",
-                 "scannedAt", "scannedWith")
+RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "vulnerabilityIndex",
+                 "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith")
 MESSAGE_LIMIT = 4096  # status.message in the CRD
 JOB_GRACE = timedelta(seconds=60)
 """How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
@@ -350,7 +350,7 @@ class ScanReconciler:
         placeholder = JobState(scan.namespace, name, scan=scan.name)
         self.index.upsert_job(placeholder)
         self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name,
-                                       start_time=current, attempts=attempt))
+                                       start_time=current, attempts=attempt), claim=True)
 
         async def start() -> None:
             try:
@@ -360,7 +360,7 @@ class ScanReconciler:
                     self.index.delete_job(placeholder.ref)
                 held = self.index.scans.get(scan.ref)
                 if held is not None and held.version == scan.version:
-                    self.index.upsert_scan(replace(scan, version=-1))
+                    self.index.upsert_scan(replace(scan, version=-1), claim=True)
                 raise
 
         return start
@@ -438,12 +438,16 @@ class ScanReconciler:
         await self.kube.event(_owner(scan), "Normal", "ResultReused",
                               f"reused the result of {origin} for digest {source.digest}")
 
+    async def rescan(self, scan: ScanState, message: str) -> None:
+        """Resolve the tag again and scan: the result is stale, or the tag was pushed or
+        moved to another digest. The result held stays until a new one replaces it."""
+        await self._set(scan, {"phase": "Pending", "attempts": 0, "retryAfter": None,
+                               "reason": None, "message": None}, True, "Rescanning", message)
+
     async def _requeue(self, scan: ScanState) -> None:
         """A stale result: resolve the tag again (it may have moved) and scan."""
         try:
-            await self._set(scan, {"phase": "Pending", "attempts": 0, "retryAfter": None,
-                                   "reason": None, "message": None},
-                            True, "Rescanning", "result older than the rescan interval")
+            await self.rescan(scan, "result older than the rescan interval")
         except Exception:
             self.index.requeue_at(scan, datetime.now(UTC) + self.retry_backoff)
             raise

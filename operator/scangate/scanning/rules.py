@@ -2,22 +2,28 @@
 
 ScanRules come from a watch (scangate.watch); a rule runs when it is new or its spec
 changed, on each new value of its scangate.dev/scan-now annotation, and when its
-schedule is due (the last run lives in its status, so a restart neither misses nor
-doubles a run). A run lists the scope's repositories (from the catalog, or the ones
-named) and their tags, keeps those whose whole tag matches the RE2 filter, creates
-the ImageScans missing, owned by the rule, deletes those of tags gone, and sends the
-scans of tags moved to another digest back to Pending. Push events are not handled
-yet.
+schedule is due (the last scheduled time lives in its status, so a restart neither
+misses nor doubles a run); a failed run is retried with a doubling backoff. A run
+streams the scope's repositories (from the catalog, page by page, or the ones named)
+and their tags with a bounded number of requests in flight per registry, keeps the
+tags whose whole name matches the RE2 filter, creates the ImageScans missing, owned
+by the rule, deletes those of tags gone, and sends the scans of tags moved to another
+digest back to Pending. A push (scangate.scanning.push) creates or rescans the
+ImageScan of the pushed tag under each rule that covers it.
+
+Each pass looks only at the rules that changed, whose schedule or retry is due (a heap
+of due times), or that are dirty: not at every rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,14 +33,19 @@ from kubernetes.client.exceptions import ApiException
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
+from scangate.core.durations import parse_duration
 from scangate.core.images import InvalidReference, parse_image
-from scangate.core.patterns import PatternError, check_tag_filter
+from scangate.core.patterns import PatternError, TagFilter, check_tag_filter
 from scangate.core.rules import (
     Plan,
     Scope,
     Wanted,
     manual_run_requested,
+    matching_rules,
+    next_due,
     reconcile,
+    registry_host,
+    scan_name,
     schedule_due,
     trigger_of,
     wanted,
@@ -49,7 +60,14 @@ from scangate.core.scanstate import (
 )
 from scangate.kube import Kube, Obj, now
 from scangate.registry.auth import CredentialsError
-from scangate.registry.client import ImageNotFound, RegistryClient, RegistryError
+from scangate.registry.client import (
+    MAX_RETRY_DELAY,
+    ImageNotFound,
+    RegistryClient,
+    RegistryError,
+    RegistryUnavailable,
+)
+from scangate.registry.events import PushedImage
 from scangate.scanning.job import scan_label
 from scangate.scanning.registries import registry_client
 from scangate.watch import Feed, Sink
@@ -58,9 +76,13 @@ log = logging.getLogger("scangate.rules")
 PLURAL = "scanrules"
 SCAN_NOW = "scangate.dev/scan-now"
 RULE_LABEL = "scangate.dev/scanrule"
-TAG_LISTS_IN_FLIGHT = 4
+REQUEST_RETRIES = 3
+"""Retries of one registry request answered 429 or 5xx during a run (Retry-After honoured)."""
+MAX_RUN_BACKOFF = timedelta(minutes=5)
+Work = Callable[[], Awaitable[None]]
 # The ImageScan's trigger for what started the rule's run.
-SCAN_TRIGGER = {"Create": "Manual", "Manual": "Manual", "Schedule": "Schedule"}
+SCAN_TRIGGER = {"Create": "Manual", "Manual": "Manual", "Schedule": "Schedule",
+                "Push": "Push"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,7 @@ class RuleState:
     scan_now: str | None = None
     observed: int | None = None
     last_run: datetime | None = None
+    last_scheduled: datetime | None = None
     last_scan_now: str | None = None
     images: int | None = None
     totals: tuple[int, ...] | None = None
@@ -84,6 +107,29 @@ class RuleState:
     @property
     def ref(self) -> Ref:
         return (self.namespace, self.name)
+
+    @property
+    def registry(self) -> Obj:
+        registry = self.spec.get("registry")
+        return registry if isinstance(registry, dict) else {}
+
+    @property
+    def url(self) -> str:
+        return str(self.registry.get("url", "")).rstrip("/")
+
+    @property
+    def host(self) -> str:
+        """The registry's host[:port], as images name it."""
+        return urlsplit(self.url).netloc
+
+    @property
+    def scope(self) -> Scope:
+        scope = self.spec.get("scope") or {}
+        return Scope(tuple(scope.get("namespaces") or ()), tuple(scope.get("repositories") or ()))
+
+    @property
+    def schedule(self) -> str | None:
+        return (self.spec.get("triggers") or {}).get("schedule") or None
 
 
 def project_rule(obj: Obj) -> RuleState:
@@ -98,40 +144,75 @@ def project_rule(obj: Obj) -> RuleState:
         scan_now=(meta.get("annotations") or {}).get(SCAN_NOW),
         observed=observed if isinstance(observed, int) else None,
         last_run=parse_time((status.get("lastRun") or {}).get("time")),
+        last_scheduled=parse_time(status.get("lastScheduleTime")),
         last_scan_now=status.get("lastScanNow"),
         images=status.get("images") if isinstance(status.get("images"), int) else None,
         totals=tuple((status.get("totals") or {}).get(k, 0) for k in (*SEVERITY_KEYS, "total"))
         if isinstance(status.get("totals"), dict) else None)
 
 
+@dataclass(frozen=True)
+class Retry:
+    """A failed run to do again."""
+
+    attempts: int
+    at: datetime
+    trigger: str
+
+
 class RuleController:
     def __init__(self, kube: Kube, settings: Settings, index: ScanIndex,
-                 destinations: Destinations) -> None:
+                 destinations: Destinations,
+                 rescan: Callable[[ScanState, str], Awaitable[None]]) -> None:
         self.kube, self.settings, self.index = kube, settings, index
         self.destinations = destinations
+        self.rescan = rescan
+        """Sends a settled ImageScan back to Pending (the scan reconciler's own write)."""
         self.rules: dict[Ref, RuleState] = {}
         self._busy: set[Ref] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._changed: set[Ref] = set()
+        """Rules to look at in the next pass: new, changed, or done with a run."""
+        self._due: list[tuple[datetime, Ref]] = []
+        """A heap of the times rules are due (schedule or retry); stale entries are skipped."""
+        self._due_at: dict[Ref, datetime] = {}
+        self._retries: dict[Ref, Retry] = {}
         self._dirty: set[Ref] = set()
         """Rules some of whose ImageScans changed: their totals may have."""
+        self._filters: dict[Ref, tuple[int, TagFilter | None]] = {}
+        """Each rule's compiled tag filter, by the rule's generation."""
+        self._registry_slots: dict[str, asyncio.Semaphore] = {}
+        self._api_slots = asyncio.Semaphore(settings.api_concurrency)
+        self.retry_backoff = parse_duration(settings.retry_backoff)
         self.feed = Feed("scanrules", partial(kube.custom.list_cluster_custom_object, GROUP,
                                               VERSION, PLURAL),
                          project_rule, Sink(self._replace, self._upsert, self._delete))
 
     def _replace(self, rules: list[RuleState]) -> None:
         self.rules = {r.ref: r for r in rules}
+        self._changed = set(self.rules)
         self._wake.set()
 
     def _upsert(self, rule: RuleState) -> None:
         held = self.rules.get(rule.ref)
         if held is None or rule.version < 0 or rule.version >= held.version:
+            if held is not None and held.generation != rule.generation:
+                self._retries.pop(rule.ref, None)  # a new spec starts afresh
             self.rules[rule.ref] = rule
+            self._changed.add(rule.ref)
             self._wake.set()
 
     def _delete(self, rule: RuleState) -> None:
         # Its ImageScans go with it: they are owned by it (garbage collection).
         self.rules.pop(rule.ref, None)
+        self._retries.pop(rule.ref, None)
+        self._due_at.pop(rule.ref, None)
+        self._filters.pop(rule.ref, None)
+
+    def registry_url(self, namespace: str, rule: str) -> str | None:
+        held = self.rules.get((namespace, rule))
+        return held.url if held is not None else None
 
     def touch(self, namespace: str, rule: str) -> None:
         """One of the rule's ImageScans changed (called by the scan reconciler)."""
@@ -146,24 +227,37 @@ class RuleController:
                 self._wake.clear()
                 self.reconcile()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval)
+                    await asyncio.wait_for(self._wake.wait(), self._sleep())
         finally:
             for task in (feed, *self._tasks):
                 task.cancel()
 
+    def _sleep(self) -> float:
+        """Until the next due time, or the reconcile interval (events wake it sooner)."""
+        if not self._due:
+            return self.settings.reconcile_interval
+        wait = (self._due[0][0] - datetime.now(UTC)).total_seconds()
+        return min(max(wait, 0.0), self.settings.reconcile_interval)
+
     def reconcile(self) -> None:
         current = datetime.now(UTC)
-        for rule in list(self.rules.values()):
-            if rule.ref in self._busy:
+        refs, self._changed = self._changed, set()
+        while self._due and self._due[0][0] <= current:
+            when, ref = heapq.heappop(self._due)
+            if self._due_at.get(ref) == when:
+                del self._due_at[ref]
+                refs.add(ref)
+        for ref in refs:
+            rule = self.rules.get(ref)
+            if rule is None:
                 continue
-            schedule = rule.spec.get("triggers", {}).get("schedule")
-            due = (schedule_due(schedule, rule.last_run, rule.created, current)
-                   if schedule else None)
-            trigger = trigger_of(rule.generation, rule.observed,
-                                 manual_run_requested(rule.scan_now, rule.last_scan_now),
-                                 due, bool(rule.spec.get("suspend")))
+            if ref in self._busy:
+                continue  # looked at again when the work under way ends
+            trigger, due = self._trigger(rule, current)
             if trigger:
-                self._spawn(rule, partial(self._run, rule, trigger))
+                self._spawn(rule, partial(self._run, rule, trigger, due))
+            else:
+                self._schedule_next(rule)
         dirty, self._dirty = self._dirty, set()
         for ref in dirty:
             held = self.rules.get(ref)
@@ -177,6 +271,28 @@ class RuleController:
                 self._spawn(held, partial(self._patch, held, {"images": images,
                                                               "totals": totals}))
 
+    def _trigger(self, rule: RuleState, current: datetime) -> tuple[str | None, datetime | None]:
+        """Why the rule runs now, if it does, and the scheduled time it stands for."""
+        due = (schedule_due(rule.schedule, rule.last_scheduled, rule.created, current)
+               if rule.schedule else None)
+        trigger = trigger_of(rule.generation, rule.observed,
+                             manual_run_requested(rule.scan_now, rule.last_scan_now),
+                             due, bool(rule.spec.get("suspend")))
+        retry = self._retries.get(rule.ref)
+        if trigger is None and retry and retry.at <= current and not rule.spec.get("suspend"):
+            trigger = retry.trigger
+        return trigger, due if trigger == "Schedule" else None
+
+    def _schedule_next(self, rule: RuleState) -> None:
+        """Put the rule's next due time (schedule or retry) on the heap."""
+        times = [r.at for r in (self._retries.get(rule.ref),) if r]
+        if rule.schedule and not rule.spec.get("suspend"):
+            with contextlib.suppress(ValueError, KeyError):  # the webhook refuses bad crons
+                times.append(next_due(rule.schedule, rule.last_scheduled or rule.created))
+        if times and self._due_at.get(rule.ref) != min(times):
+            self._due_at[rule.ref] = min(times)
+            heapq.heappush(self._due, (min(times), rule.ref))
+
     def _spawn(self, rule: RuleState, work: Callable[[], Awaitable[None]]) -> None:
         self._busy.add(rule.ref)
 
@@ -184,89 +300,179 @@ class RuleController:
             try:
                 await work()
             except Exception:
-                log.exception("run of ScanRule %s/%s failed", *rule.ref)
+                log.exception("work on ScanRule %s/%s failed", *rule.ref)
             finally:
                 self._busy.discard(rule.ref)
+                self._changed.add(rule.ref)
+                self._wake.set()
 
         task = asyncio.create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _slots(self, host: str) -> asyncio.Semaphore:
+        """Requests in flight to one registry, across all rules and pushes."""
+        return self._registry_slots.setdefault(
+            host, asyncio.Semaphore(self.settings.registry_concurrency))
+
+    def _tag_filter(self, rule: RuleState) -> TagFilter | None:
+        held = self._filters.get(rule.ref)
+        if held is None or held[0] != rule.generation:
+            try:
+                compiled: TagFilter | None = check_tag_filter(rule.spec.get("tagFilter") or ".*")
+            except PatternError:
+                compiled = None  # the webhook refuses it; a run reports it
+            held = self._filters[rule.ref] = (rule.generation, compiled)
+        return held[1]
+
     # -- one run -----------------------------------------------------------------------
 
-    async def _run(self, rule: RuleState, trigger: str) -> None:
+    async def _run(self, rule: RuleState, trigger: str, scheduled: datetime | None) -> None:
         started = now()
-        registry: Obj = rule.spec.get("registry") or {}
-        url = str(registry.get("url", "")).rstrip("/")
-        host = urlsplit(url).netloc
-        scope = Scope(tuple(rule.spec.get("scope", {}).get("namespaces") or ()),
-                      tuple(rule.spec.get("scope", {}).get("repositories") or ()))
+        host = rule.host
         try:
             tag_filter = check_tag_filter(rule.spec.get("tagFilter") or ".*")
-            secret_ref = registry.get("credentialsSecretRef")
-            secret = (await self.kube.get_secret(rule.namespace, secret_ref["name"])
-                      if secret_ref else None)
-            if secret_ref and secret is None:
-                raise CredentialsError(f"credentials Secret {secret_ref['name']} not found")
-            client = registry_client(url, registry, secret, host, self.settings,
-                                     self.destinations)
-            async with client:
-                tags = await self._tags(client, scope)
-                matched = wanted(rule.name, tags, tag_filter)
+            async with await self._client(rule) as client:
+                repositories, matched = await self._wanted(rule, client, tag_filter)
                 plan = reconcile(matched, [s.name for s in self.index.by_rule(rule.namespace,
                                                                               rule.name)])
                 await self._rescan_moved(rule, client, plan)
         except (RegistryError, CredentialsError, PatternError) as e:
             reason = e.reason if isinstance(e, RegistryError) else "InvalidSpec"
-            return await self._status(rule, trigger, started, None, {
+            retry = self._retry_later(rule, trigger, e)
+            return await self._status(rule, trigger, started, scheduled, None, {
                 "type": "RegistryReachable", "status": "False", "reason": reason,
-                "message": str(e)[:4096]})
-        for scan in plan.create:
-            await self._create_scan(rule, scan, host, trigger)
-        for name in plan.delete:
-            with contextlib.suppress(ApiException):
-                await self.kube.delete_custom("imagescans", rule.namespace, name)
-        await self._status(rule, trigger, started, {
-            "repositories": len(tags), "tags": len(matched),
+                "message": f"{str(e)[:3900]}; retrying at {retry:%H:%M:%S}Z"})
+        self._retries.pop(rule.ref, None)
+        await self._each(self._api_slots, (partial(self._create_scan, rule, scan, host, trigger)
+                                           for scan in plan.create))
+        await self._each(self._api_slots, (partial(self._delete_scan, rule, name)
+                                           for name in plan.delete))
+        await self._status(rule, trigger, started, scheduled, {
+            "repositories": repositories, "tags": len(matched),
             "scansCreated": len(plan.create)}, {
             "type": "RegistryReachable", "status": "True", "reason": "Listed",
-            "message": f"listed {len(tags)} repositories of {host}"})
+            "message": f"listed {repositories} repositories of {host}"})
+
+    def _retry_later(self, rule: RuleState, trigger: str, error: Exception) -> datetime:
+        """Do the failed run again after a doubling backoff (or the registry's Retry-After)."""
+        attempts = self._retries[rule.ref].attempts + 1 if rule.ref in self._retries else 1
+        delay = min(self.retry_backoff * (1 << min(attempts - 1, 16)), MAX_RUN_BACKOFF)
+        if isinstance(error, RegistryUnavailable) and error.retry_after is not None:
+            delay = max(delay, timedelta(seconds=min(error.retry_after, MAX_RUN_BACKOFF
+                                                     .total_seconds())))
+        at = datetime.now(UTC) + delay
+        self._retries[rule.ref] = Retry(attempts, at, trigger)
+        return at
+
+    async def _client(self, rule: RuleState) -> RegistryClient:
+        """A client of the rule's registry with its credentials; raises CredentialsError."""
+        secret_ref = rule.registry.get("credentialsSecretRef")
+        secret = (await self.kube.get_secret(rule.namespace, secret_ref["name"])
+                  if secret_ref else None)
+        if secret_ref and secret is None:
+            raise CredentialsError(f"credentials Secret {secret_ref['name']} not found")
+        client = registry_client(rule.url, rule.registry, secret, rule.host, self.settings,
+                                 self.destinations)
+        client.retries = REQUEST_RETRIES
+        client.backoff = min(self.retry_backoff.total_seconds(), MAX_RETRY_DELAY) / 4
+        return client
+
+    @staticmethod
+    async def _each(slots: asyncio.Semaphore, work: Iterable[Work] | AsyncIterable[Work]
+                    ) -> None:
+        """Run each piece of work with at most `slots` at once, starting one only when a
+        slot is free (memory stays that of the slots, not of the work); the first error
+        is raised once the others in flight are done."""
+        running: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []
+
+        async def one(piece: Work) -> None:
+            try:
+                await piece()
+            finally:
+                slots.release()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception():
+                failed.append(task.exception())  # type: ignore[arg-type]
+
+        async def pieces() -> AsyncIterator[Work]:
+            if isinstance(work, AsyncIterable):
+                async for piece in work:
+                    yield piece
+            else:
+                for piece in work:
+                    yield piece
+
+        try:
+            async for piece in pieces():
+                await slots.acquire()
+                if failed:
+                    slots.release()
+                    break
+                task = asyncio.create_task(one(piece))
+                running.add(task)
+                task.add_done_callback(done)
+            await asyncio.gather(*running, return_exceptions=True)
+        finally:
+            for task in running:
+                task.cancel()
+        if failed:
+            raise failed[0]
+
+    async def _wanted(self, rule: RuleState, client: RegistryClient,
+                      tag_filter: TagFilter) -> tuple[int, dict[str, Wanted]]:
+        """The repositories with tags, and the ImageScans wanted for their matching tags."""
+        found: dict[str, Wanted] = {}
+        repositories = 0
+
+        async def list_tags(repository: str) -> None:
+            nonlocal repositories
+            try:
+                tags = await client.tags(repository)
+            except ImageNotFound:  # a listed repository that does not exist (yet)
+                return
+            repositories += bool(tags)
+            found.update(wanted(rule.name, {repository: tags}, tag_filter))
+
+        async def work() -> AsyncIterator[Work]:
+            async for repository in self._repositories(client, rule.scope):
+                yield partial(list_tags, repository)
+
+        await self._each(self._slots(rule.host), work())
+        return repositories, found
+
+    @staticmethod
+    async def _repositories(client: RegistryClient, scope: Scope) -> AsyncIterator[str]:
+        listed = scope.listed()
+        if listed:
+            for repository in listed:
+                yield repository
+            return
+        async for page in client.catalog():
+            for repository in page:
+                if scope.covers(repository):
+                    yield repository
 
     async def _rescan_moved(self, rule: RuleState, client: RegistryClient, plan: Plan) -> None:
         """Scan again the kept tags that point at another digest than the one scanned:
         back to Pending, the scan resolves the tag anew (one HEAD per tag here)."""
         platform = (rule.spec.get("scan") or {}).get("platform") or "linux/amd64"
-        slots = asyncio.Semaphore(TAG_LISTS_IN_FLIGHT)
 
         async def check(state: ScanState) -> None:
             try:
-                async with slots:
-                    resolved = await client.resolve(parse_image(state.image), platform)
+                resolved = await client.resolve(parse_image(state.image), platform)
             except (ImageNotFound, InvalidReference):
                 return  # gone since the listing: the next run removes its scan
             if resolved.digest != state.digest:
-                await self.kube.patch_status("imagescans", state.namespace, state.name, {
-                    "phase": "Pending", "attempts": 0, "retryAfter": None, "reason": None,
-                    "message": f"the tag moved to {resolved.digest}: scanning again"})
+                await self.rescan(state, f"the tag moved to {resolved.digest}")
 
         settled = [s for s in self.index.by_rule(rule.namespace, rule.name)
                    if s.name not in plan.delete and s.digest
                    and s.phase in ("Completed", "Failed")]
-        await asyncio.gather(*(check(s) for s in settled))
-
-    async def _tags(self, client: RegistryClient, scope: Scope) -> dict[str, list[str]]:
-        repositories = scope.listed() or [r for r in await client.catalog() if scope.covers(r)]
-        slots = asyncio.Semaphore(TAG_LISTS_IN_FLIGHT)
-
-        async def tags_of(repository: str) -> list[str]:
-            async with slots:
-                try:
-                    return await client.tags(repository)
-                except ImageNotFound:  # a listed repository that does not exist (yet)
-                    return []
-
-        lists = await asyncio.gather(*(tags_of(r) for r in repositories))
-        return {r: t for r, t in zip(repositories, lists, strict=True) if t}
+        await self._each(self._slots(rule.host), (partial(check, s) for s in settled))
 
     async def _create_scan(self, rule: RuleState, scan: Wanted, host: str,
                            trigger: str) -> None:
@@ -286,6 +492,46 @@ class RuleController:
             "spec": spec}
         await self.kube.create_custom("imagescans", rule.namespace, body)
 
+    async def _delete_scan(self, rule: RuleState, name: str) -> None:
+        with contextlib.suppress(ApiException):  # already gone
+            await self.kube.delete_custom("imagescans", rule.namespace, name)
+
+    # -- pushes ------------------------------------------------------------------------
+
+    async def on_push(self, images: Iterable[PushedImage]) -> list[Ref]:
+        """Scan each pushed tag under every rule that covers it: create its ImageScan, or
+        send the one there back to Pending when it holds another digest's result. An
+        event repeated (registries retry) or a tag pushed again with the same digest
+        changes nothing. Returns the ImageScans created or rescanned."""
+        rules = [(rule, filter_) for rule in self.rules.values()
+                 if (filter_ := self._tag_filter(rule)) is not None]
+        candidates = [(f"{r.namespace}/{r.name}", registry_host(r.host), r.scope, f,
+                       (r.spec.get("triggers") or {}).get("onPush", True)
+                       and not r.spec.get("suspend")) for r, f in rules]
+        by_ref = {f"{r.namespace}/{r.name}": r for r, _ in rules}
+        work: list[Work] = []
+        touched: list[Ref] = []
+        for image in images:
+            if not image.tag:
+                continue  # by digest: an index's platform manifests, then the index's tag
+            for ref in matching_rules(candidates, registry_host(image.host), image.repository,
+                                      image.tag):
+                rule = by_ref[ref]
+                name = scan_name(rule.name, image.repository, image.tag)
+                held = self.index.scans.get((rule.namespace, name))
+                if held is None:
+                    work.append(partial(self._create_scan, rule,
+                                        Wanted(name, image.repository, image.tag),
+                                        rule.host, "Push"))
+                elif held.phase in ("Completed", "Failed") and image.digest != held.digest:
+                    # Pushed again (by the plain format: with no digest, so resolve anew).
+                    work.append(partial(self.rescan, held, "the tag was pushed again"))
+                else:
+                    continue
+                touched.append((rule.namespace, name))
+        await self._each(self._api_slots, work)
+        return touched
+
     def _totals(self, rule: RuleState) -> tuple[int, dict[str, int]]:
         """Images (digests) with a result among the rule's scans, and their findings."""
         totals = dict.fromkeys((*SEVERITY_KEYS, "total"), 0)
@@ -302,7 +548,8 @@ class RuleController:
         self._upsert(project_rule(obj))
 
     async def _status(self, rule: RuleState, trigger: str, started: str,
-                      last_run: Obj | None, reachable: Obj) -> None:
+                      scheduled: datetime | None, last_run: Obj | None,
+                      reachable: Obj) -> None:
         images, totals = self._totals(rule)
         ready = reachable["status"] == "True"
         status: Obj = {
@@ -318,4 +565,15 @@ class RuleController:
                  "observedGeneration": rule.generation}]}
         if trigger == "Manual" and rule.scan_now:
             status["lastScanNow"] = rule.scan_now
+        what = f"{trigger} run"
+        if scheduled is not None:
+            status["lastScheduleTime"] = scheduled.strftime("%Y-%m-%dT%H:%M:%SZ")
+            what += f" for {status['lastScheduleTime']}"
         await self._patch(rule, status)
+        obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanRule",
+               "metadata": {"name": rule.name, "namespace": rule.namespace, "uid": rule.uid}}
+        if ready:
+            await self.kube.event(obj, "Normal", "Ran", f"{what}: {last_run}")
+        else:
+            await self.kube.event(obj, "Warning", "RunFailed",
+                                  f"{what}: {reachable['reason']}: {reachable['message']}")

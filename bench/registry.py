@@ -1,0 +1,294 @@
+"""Registry benchmark of ScanRules on a sandbox: push latency and enumeration at scale.
+
+1. Push latency, on an idle operator: a ScanRule with the push trigger over a registry
+   namespace; N times, an image of a new digest is pushed to it, and the time from
+   the registry's answer to the manifest PUT until the scan Job exists is measured
+   (the registry's own notification, the push receiver, the ImageScan, the digest
+   lookup, the queue and the Job). Target: p95 <= 1 s.
+2. Enumeration: 200 repositories x 25 tags (5,000 tags) under one registry namespace;
+   a ScanRule over it; the time until its run has created all 5,000 ImageScans, the
+   registry requests that took (counted in the registry's own log), and, as the
+   baseline of the same run, the same listing by one plain sequential client.
+   Target: all ImageScans within 60 s.
+
+A MISS is a finding, not an error: the exit status is non-zero only when the benchmark
+itself could not run.
+
+Run: make bench-registry [ARGS="--repositories 20 --tags 5 --pushes 5"]
+     .venv/bin/python bench/registry.py [--sandbox-dir DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from scale import Api, log  # the benchmarks' shared API client
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+
+from sandbox.advisories import load_images
+from sandbox.controlplane import Sandbox, load_env
+from sandbox.images import OCI_MANIFEST, Pusher, build_image
+from scangate.core.rules import scan_name
+from scangate.registry.client import RegistryClient
+from scangate.scanning.job import scan_label
+
+GROUP_VERSION = "scangate.dev/v1alpha1"
+ENUMERATION_TARGET_S = 60.0
+PUSH_TARGET_S = 1.0
+_REQUEST = re.compile(r'http\.request\.method=(\w+) .*?http\.request\.uri="?([^"\s]+)')
+
+
+def rule(name: str, registry: str, namespace: str, on_push: bool) -> bytes:
+    return json.dumps({
+        "apiVersion": GROUP_VERSION, "kind": "ScanRule", "metadata": {"name": name},
+        "spec": {"registry": {"url": f"http://{registry}"}, "scope": {"namespaces": [namespace]},
+                 "tagFilter": ".*", "triggers": {"onPush": on_push}}}).encode()
+
+
+def variant() -> Any:
+    """The clean test image with a file of its own: a new digest."""
+    decl = {**load_images()["clean"], "files": {"etc/scangate-bench-id": uuid.uuid4().hex}}
+    return build_image(decl)
+
+
+class Bench:
+    def __init__(self, api: Api, env: dict[str, str], args: argparse.Namespace) -> None:
+        self.api, self.env, self.args = api, env, args
+        self.registry = env["REGISTRY"]
+        self.run = uuid.uuid4().hex[:6]
+        self.namespace = f"bench-registry-{self.run}"
+        self.figures: dict[str, Any] = {}
+
+    async def create_rule(self, name: str, scope: str, on_push: bool) -> None:
+        await self.api.call("POST", f"/apis/{GROUP_VERSION}/namespaces/{self.namespace}/"
+                            "scanrules", body=rule(name, self.registry, scope, on_push))
+
+    async def rule_status(self, name: str) -> dict[str, Any]:
+        response = await self.api.call(
+            "GET", f"/apis/{GROUP_VERSION}/namespaces/{self.namespace}/scanrules/{name}")
+        status: dict[str, Any] = response.json().get("status") or {}
+        return status
+
+    async def wait_run(self, name: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = await self.rule_status(name)
+            if status.get("lastRun"):
+                return status
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"ScanRule {name} did not run within {timeout:.0f}s")
+
+    # -- push latency --------------------------------------------------------------------
+
+    async def push_latency(self) -> None:
+        scope = f"bench-push-{self.run}"
+        await self.create_rule("push", scope, on_push=True)
+        await self.wait_run("push", 60)
+        pusher = Pusher(f"http://{self.registry}")
+        latencies = []
+        try:
+            for i in range(self.args.pushes):
+                image, tag = variant(), f"v{i}"
+                for blob in image.blobs.values():
+                    pusher.blob(f"{scope}/app", blob)
+                pusher.manifest(f"{scope}/app", tag, image.manifest, OCI_MANIFEST)
+                pushed = time.monotonic()
+                label = scan_label(scan_name("push", f"{scope}/app", tag))
+                await self.wait_job(label, 30)
+                latencies.append(time.monotonic() - pushed)
+                await asyncio.sleep(0.5)  # idle between pushes: each one alone
+        finally:
+            pusher.close()
+        latencies.sort()
+        self.figures["push"] = {
+            "samples": len(latencies),
+            "p50_seconds": round(statistics.median(latencies), 3),
+            "p95_seconds": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+            "max_seconds": round(latencies[-1], 3)}
+
+    async def wait_job(self, label: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = (await self.api.call(
+                "GET", f"/apis/batch/v1/namespaces/{self.namespace}/jobs",
+                params={"labelSelector": f"scangate.dev/imagescan={label}"})).json()
+            if jobs["items"]:
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"no scan Job for {label} within {timeout:.0f}s")
+
+    # -- enumeration ---------------------------------------------------------------------
+
+    def populate(self, scope: str) -> None:
+        """repositories x tags, one image: blobs once per repository, a manifest per tag."""
+        image = variant()
+        pusher = Pusher(f"http://{self.registry}")
+        try:
+            for r in range(self.args.repositories):
+                repository = f"{scope}/app{r:03d}"
+                for blob in image.blobs.values():
+                    pusher.blob(repository, blob)
+                for t in range(self.args.tags):
+                    pusher.manifest(repository, f"1.{t}.0", image.manifest, OCI_MANIFEST)
+        finally:
+            pusher.close()
+
+    async def baseline(self, scope: str) -> tuple[float, int]:
+        """The same listing by one client, one request at a time: seconds and tags."""
+        began = time.monotonic()
+        tags = 0
+        async with RegistryClient(f"http://{self.registry}") as client:
+            async for page in client.catalog():
+                for repository in page:
+                    if repository.startswith(f"{scope}/"):
+                        tags += len(await client.tags(repository))
+        return time.monotonic() - began, tags
+
+    def registry_log(self) -> Path:
+        return Path(self.args.sandbox_dir) / "logs" / "registry.log"
+
+    def requests_since(self, offset: int) -> Counter[str]:
+        """The registry's requests logged after `offset`, by kind."""
+        kinds: Counter[str] = Counter()
+        with self.registry_log().open("rb") as log_file:
+            log_file.seek(offset)
+            for line in log_file.read().decode(errors="replace").splitlines():
+                if "response completed" not in line:
+                    continue
+                found = _REQUEST.search(line)
+                if not found:
+                    continue
+                method, uri = found.groups()
+                kind = ("catalog" if "/_catalog" in uri else "tags" if "/tags/list" in uri
+                        else "manifest" if "/manifests/" in uri else "other")
+                kinds[f"{method} {kind}"] += 1
+        return kinds
+
+    async def enumeration(self) -> None:
+        scope = f"bench-enum-{self.run}"
+        total = self.args.repositories * self.args.tags
+        log(f"pushing {self.args.repositories} repositories x {self.args.tags} tags")
+        began = time.monotonic()
+        await asyncio.to_thread(self.populate, scope)
+        self.figures["populate_seconds"] = round(time.monotonic() - began, 1)
+        baseline_seconds, listed = await self.baseline(scope)
+        if listed != total:
+            raise RuntimeError(f"the registry lists {listed} tags, not {total}")
+        offset = self.registry_log().stat().st_size
+        log("creating the ScanRule")
+        began = time.monotonic()
+        await self.create_rule("enum", scope, on_push=False)
+        status = await self.wait_run("enum", 600)
+        seconds = time.monotonic() - began
+        last_run = status["lastRun"]
+        if last_run.get("scansCreated") != total:
+            raise RuntimeError(f"the run created {last_run.get('scansCreated')} ImageScans, "
+                               f"not {total}: {json.dumps(status)[:2000]}")
+        requests = self.requests_since(offset)
+        self.figures["enumeration"] = {
+            "tags": total, "seconds": round(seconds, 2),
+            "baseline_listing_seconds": round(baseline_seconds, 2),
+            "registry_requests_by_kind": dict(requests),
+            "listing_requests": sum(n for k, n in requests.items()
+                                    if k.endswith(("catalog", "tags")))}
+
+    async def cleanup(self) -> None:
+        await self.api.call("DELETE", f"/api/v1/namespaces/{self.namespace}",
+                            ok=(200, 202, 404))
+
+    async def main(self) -> None:
+        await self.api.create_namespace(self.namespace)
+        log(f"push latency: {self.args.pushes} pushes on an idle operator")
+        await self.push_latency()
+        await self.enumeration()
+
+
+def report(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    push, enum = figures["push"], figures["enumeration"]
+    targets = [
+        {"name": "push to scan Job, p95", "target": f"<= {PUSH_TARGET_S} s",
+         "value": f"{push['p95_seconds']} s (p50 {push['p50_seconds']} s, max "
+                  f"{push['max_seconds']} s, {push['samples']} pushes)",
+         "pass": push["p95_seconds"] <= PUSH_TARGET_S},
+        {"name": f"{enum['tags']} tags enumerated into ImageScans",
+         "target": f"<= {ENUMERATION_TARGET_S:.0f} s",
+         "value": f"{enum['seconds']} s ({enum['listing_requests']} listing requests; the "
+                  f"listing alone by one sequential client: "
+                  f"{enum['baseline_listing_seconds']} s)",
+         "pass": enum["seconds"] <= ENUMERATION_TARGET_S},
+    ]
+    print(json.dumps(figures, indent=1))
+    for t in targets:
+        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['name']}: {t['value']} "
+              f"(target {t['target']})")
+    return targets
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/registry.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repositories", type=int, default=200)
+    parser.add_argument("--tags", type=int, default=25, help="tags per repository")
+    parser.add_argument("--pushes", type=int, default=20, help="pushes timed")
+    parser.add_argument("--sandbox-dir", type=Path,
+                        help="use this running sandbox (`hack/sandbox up --operator`)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if min(args.repositories, args.tags, args.pushes) < 1:
+        parser.error("--repositories, --tags and --pushes must be positive")
+    return args
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    env = load_env(args.sandbox_dir)
+    api = Api(args.sandbox_dir / "kubeconfig", 16)
+    bench = Bench(api, env, args)
+    try:
+        await bench.main()
+        if args.cleanup:
+            await bench.cleanup()
+    finally:
+        await api.close()
+    return bench.figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started_here = args.sandbox_dir is None
+    args.cleanup = not started_here
+    args.sandbox_dir = (Path(tempfile.mkdtemp(prefix="scangate-bench-")) if started_here
+                        else args.sandbox_dir.resolve())
+    sandbox = Sandbox(args.sandbox_dir) if started_here else Sandbox.attach(args.sandbox_dir)
+    try:
+        if started_here:
+            log(f"starting a sandbox in {args.sandbox_dir}")
+            sandbox.up(operator=True)
+        figures = asyncio.run(run_bench(args))
+        targets = report(figures)
+        if args.json:
+            args.json.write_text(json.dumps({"figures": figures, "targets": targets},
+                                            indent=1) + "\n")
+    except RuntimeError as e:
+        print(f"bench-registry failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started_here:
+            sandbox.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

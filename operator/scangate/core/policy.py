@@ -1,0 +1,557 @@
+"""Admission decisions: which ScanPolicies apply to an image, and what they say of it.
+
+Pure: no I/O and no clock of its own (`now` is a parameter), so that the webhook can
+call it on in-memory projections per request and tests can pin the time.
+
+The rules, as users of Kyverno and Harbor would expect them:
+
+- Globs (match.images, match.excludeImages, allowlist images) are fnmatch patterns on
+  the normalised reference (docker.io/library/nginx:1.25), case-sensitive; `*` matches
+  any characters, `/` included, as in Kyverno. A reference with a digest is also tried
+  without it, so that `app:1.0` still matches once pinDigests has rewritten the
+  reference to `app:1.0@sha256:...`. match.namespaces and excludeNamespaces take globs
+  too; an empty or missing list does not restrict.
+- A policy's action is the most it does: an unscanned image under `unscanned: Warn`
+  warns under an Enforce policy and is only recorded under an Audit one.
+- A scan in progress (Pending, Queued, Scanning) counts as unscanned even if its status
+  still holds an older result: a rescan may have resolved the tag to another digest, so
+  that result need not be this image's.
+- An allowlist entry subtracts exactly the findings of its ID, counted by the result's
+  per-ID index. Where that index is missing, or truncated and without the ID, nothing is
+  subtracted and the message says so: an allowlist never hides what cannot be counted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum, StrEnum
+from functools import cached_property
+from typing import Any
+
+from pydantic import ValidationError
+
+from scangate.api.common import LabelSelector
+from scangate.api.scanpolicy import ScanPolicySpec
+from scangate.core.durations import parse_duration
+from scangate.core.errors import describe_validation
+from scangate.core.scanstate import parse_time
+from scangate.core.trivy import SEVERITIES, VulnIndex, decode_index
+
+BREAK_GLASS_ANNOTATION = "scangate.dev/break-glass"
+SEVERITY_KEYS = tuple(s.lower() for s in SEVERITIES)
+IN_PROGRESS = frozenset({"Pending", "Queued", "Scanning"})
+TOP_FINDINGS = 3
+MESSAGE_LIMIT = 4096
+"""Bound of a whole denial message (kubectl shows it as is)."""
+VERDICT_MESSAGE_LIMIT = 1200
+WARNING_LIMIT = 256
+"""Kubernetes may truncate admission warnings longer than this."""
+MAX_WARNINGS = 10
+
+
+class PolicyError(ValueError):
+    """A ScanPolicy object that cannot be used, with the reason."""
+
+
+class Effect(IntEnum):
+    """What a failing policy does to a workload, in order of strictness."""
+
+    ALLOW = 0
+    AUDIT = 1
+    WARN = 2
+    ENFORCE = 3
+
+    @property
+    def label(self) -> str:
+        """The name as a policy's action spells it (Allow: nothing to do)."""
+        return self.name.title()
+
+
+class Kind(StrEnum):
+    """Why a policy passed or failed an image."""
+
+    PASSED = "Passed"
+    VULNERABLE = "Vulnerable"
+    UNSCANNED = "Unscanned"
+    SCAN_FAILED = "ScanFailed"
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A ScanPolicy as the engine uses it."""
+
+    name: str
+    spec: ScanPolicySpec
+    max_scan_age: timedelta | None = None
+    """spec.maxScanAge, parsed."""
+
+    @property
+    def effect(self) -> Effect:
+        """What failing this policy does."""
+        return Effect[self.spec.action.name]
+
+
+def parse_policy(obj: Mapping[str, Any]) -> Policy:
+    """A ScanPolicy object (as stored or as written for kubectl apply), validated."""
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise PolicyError("ScanPolicy has no metadata.name")
+    raw = obj.get("spec")
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"ScanPolicy {name} has no spec")
+    try:
+        spec = ScanPolicySpec.model_validate(raw)
+    except ValidationError as e:
+        raise PolicyError(f"ScanPolicy {name}: invalid spec: {describe_validation(e)}") from None
+    return Policy(name, spec, parse_duration(spec.max_scan_age) if spec.max_scan_age else None)
+
+
+# -- Results -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TopFinding:
+    """One of the findings kept in status, for messages."""
+
+    id: str
+    severity: str
+    package: str = ""
+    installed_version: str | None = None
+    fixed_version: str | None = None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _counts(value: object) -> dict[str, int] | None:
+    if not isinstance(value, Mapping):
+        return None
+    return {k: _count(value.get(k)) for k in SEVERITY_KEYS}
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What admission needs of an ImageScan's status.
+
+    Build it once per version of the status (from_status) and keep it: the per-ID
+    index is decoded on first use only, and only an applicable allowlist uses it.
+    """
+
+    phase: str | None = None
+    digest: str | None = None
+    summary: Mapping[str, int] | None = None
+    """Counts of all findings by severity (lower-case keys)."""
+    fixable: Mapping[str, int] | None = None
+    """Counts of the findings that have a fixed version."""
+    scanned_at: datetime | None = None
+    reason: str | None = None
+    message: str | None = None
+    """Why the scan failed."""
+    findings: tuple[TopFinding, ...] = ()
+    """The findings kept in status, most severe first (possibly truncated)."""
+    index_text: str | None = field(default=None, repr=False)
+    """status.vulnerabilityIndex: exact counts per ID (see scangate.core.trivy)."""
+    index_truncated: bool = False
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> ImageResult:
+        """The view of an ImageScan's status (or of summarize's output), tolerant of junk."""
+        findings = []
+        for raw in status.get("findings") or ():
+            if isinstance(raw, Mapping) and _text(raw.get("id")) and _text(raw.get("severity")):
+                findings.append(TopFinding(
+                    raw["id"], raw["severity"], _text(raw.get("package")) or "",
+                    _text(raw.get("installedVersion")), _text(raw.get("fixedVersion"))))
+        return cls(
+            phase=_text(status.get("phase")), digest=_text(status.get("digest")),
+            summary=_counts(status.get("summary")), fixable=_counts(status.get("fixable")),
+            scanned_at=parse_time(status.get("scannedAt")), reason=_text(status.get("reason")),
+            message=_text(status.get("message")), findings=tuple(findings),
+            index_text=_text(status.get("vulnerabilityIndex")),
+            index_truncated=status.get("vulnerabilityIndexTruncated") is True)
+
+    @cached_property
+    def index(self) -> VulnIndex | None:
+        """Exact counts per upper-cased ID and severity; None when missing or unreadable."""
+        return decode_index(self.index_text)
+
+
+# -- Matching ----------------------------------------------------------------------------
+
+def _globs_match(patterns: Iterable[str], image: str) -> bool:
+    candidates = {image, image.partition("@")[0]}
+    return any(fnmatch.fnmatchcase(c, p) for p in patterns for c in candidates)
+
+
+def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
+    """Kubernetes label-selector semantics; no selector, or an empty one, matches all."""
+    if selector is None:
+        return True
+    if any(labels.get(k) != v for k, v in (selector.match_labels or {}).items()):
+        return False
+    for req in selector.match_expressions or ():
+        present, values = req.key in labels, req.values or []
+        held = {
+            "In": present and labels.get(req.key) in values,
+            # As in Kubernetes, NotIn also matches objects without the label.
+            "NotIn": not present or labels.get(req.key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[req.operator]
+        if not held:
+            return False
+    return True
+
+
+def applies(policy: Policy, namespace: str, namespace_labels: Mapping[str, str],
+            image: str) -> bool:
+    """Whether the policy's match selects this image in this namespace."""
+    match = policy.spec.match
+
+    def named(patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(namespace, p) for p in patterns)
+
+    if match.exclude_namespaces and named(match.exclude_namespaces):
+        return False
+    if match.namespaces and not named(match.namespaces):
+        return False
+    if not selector_matches(match.namespace_selector, namespace_labels):
+        return False
+    if match.exclude_images and _globs_match(match.exclude_images, image):
+        return False
+    return not match.images or _globs_match(match.images, image)
+
+
+# -- One image under one policy ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    """One policy's judgement of one image."""
+
+    policy: str
+    image: str
+    digest: str | None
+    kind: Kind
+    effect: Effect
+    """What it does to the workload: ALLOW when the image passes (or is let through)."""
+    counts: tuple[str, ...] = ()
+    """Each count over its threshold, e.g. "critical 3 > 0"."""
+    message: str = ""
+    """What failed and what to do: for the denial, an Event or an audit record."""
+    summary: str = ""
+    """The same in one short line, for a kubectl warning."""
+    needs_scan: bool = False
+    """No usable result: the caller should start (or is already running) a scan."""
+    break_glass: bool = False
+    """The policy lets the break-glass annotation admit the workload."""
+    overridden: bool = False
+    """Admitted by break-glass although the policy denies it."""
+
+    @property
+    def failed(self) -> bool:
+        return self.effect > Effect.ALLOW
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"policy": self.policy, "action": self.effect.label,
+                               "image": self.image, "digest": self.digest,
+                               "reason": self.kind.value, "counts": list(self.counts),
+                               "message": self.message}
+        if self.overridden:
+            out["breakGlass"] = True
+        return out
+
+
+def _utc(moment: datetime) -> datetime:
+    # A naive time is taken as UTC, as Kubernetes writes every time.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _subject(image: str, digest: str | None) -> str:
+    return image if not digest or "@" in image else f"{image}@{digest}"
+
+
+def _watch_hint(image: str, scans_namespace: str | None) -> str:
+    where = f"-n {scans_namespace}" if scans_namespace else "-A"
+    return f"watch it with `kubectl get imagescans {where} -w` or `scangate status {image}`"
+
+
+def _break_glass_hint(policy: Policy) -> str:
+    if not policy.spec.break_glass.enabled:
+        return ""
+    return (f"; or, in an emergency, annotate the workload "
+            f"{BREAK_GLASS_ANNOTATION}=<reason> (break-glass is enabled)")
+
+
+def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime, *,
+          scans_namespace: str | None = None) -> Verdict:
+    """The policy's verdict on one image (a normalised reference) and its stored result.
+
+    `scans_namespace` is where the image's ImageScans are watched, for the hint in the
+    message of an unscanned image.
+    """
+    now = _utc(now)
+    wanted = image.partition("@")[2] or None
+    verdict = Verdict(policy.name, image, wanted or (result.digest if result else None),
+                      Kind.PASSED, Effect.ALLOW, break_glass=policy.spec.break_glass.enabled)
+    unscanned = _why_unscanned(policy, result, wanted, now)
+    if unscanned is not None:
+        return _judge_unscanned(policy, verdict, *unscanned, scans_namespace)
+    assert result is not None  # _why_unscanned says so otherwise
+    if result.phase == "Failed":
+        return _judge_failed(policy, verdict, result)
+    return _judge_findings(policy, verdict, result, now)
+
+
+def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | None,
+                   now: datetime) -> tuple[str, str] | None:
+    """(sentence, short form) when there is no result to judge; None when there is."""
+    if result is None:
+        return "has not been scanned yet", "not scanned yet, scan started"
+    if result.phase in IN_PROGRESS:
+        return (f"has no result yet (its scan is {result.phase})",
+                f"not scanned yet, scan {result.phase}")
+    if result.phase == "Failed":
+        return None
+    if result.phase != "Completed" or result.summary is None:
+        return "has no scan result yet", "not scanned yet, scan started"
+    if wanted and result.digest and result.digest != wanted:
+        # The caller looks results up by digest; never judge one digest by another's.
+        return f"has no result for digest {wanted}", "not scanned yet, scan started"
+    if policy.max_scan_age is not None:
+        if result.scanned_at is None:
+            return "has a scan result of unknown age", "scan result too old, rescan started"
+        if now - _utc(result.scanned_at) > policy.max_scan_age:
+            return (f"was last scanned at {_utc(result.scanned_at):%Y-%m-%d %H:%M} UTC, more "
+                    f"than maxScanAge {policy.spec.max_scan_age} ago",
+                    f"scan result older than {policy.spec.max_scan_age}, rescan started")
+    return None
+
+
+def _judge_unscanned(policy: Policy, verdict: Verdict, why: str, short: str,
+                     scans_namespace: str | None) -> Verdict:
+    setting = policy.spec.unscanned
+    effect = {"Deny": policy.effect, "Warn": min(policy.effect, Effect.WARN),
+              "Allow": Effect.ALLOW}[setting]
+    treats = {"Deny": "denies", "Warn": "warns about", "Allow": "admits"}[setting]
+    subject = _subject(verdict.image, verdict.digest)
+    message = (f"{subject} {why}. ScanPolicy {policy.name} ({policy.spec.action}) {treats} "
+               f"unscanned images. A scan has started: "
+               f"{_watch_hint(verdict.image, scans_namespace)}"
+               f"{', then try again' if effect is Effect.ENFORCE else ''}"
+               f"{_break_glass_hint(policy) if effect is Effect.ENFORCE else ''}.")
+    return replace(verdict, kind=Kind.UNSCANNED, effect=effect, needs_scan=True,
+                   message=_clip(message, VERDICT_MESSAGE_LIMIT),
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: {short} "
+                                 f"(scangate status {verdict.image})", WARNING_LIMIT))
+
+
+def _judge_failed(policy: Policy, verdict: Verdict, result: ImageResult) -> Verdict:
+    effect = policy.effect if policy.spec.failed_scan == "Deny" else Effect.ALLOW
+    cause = result.reason or "ScanFailed"
+    if result.message:
+        cause += f": {_clip(result.message, 300)}"
+    message = (f"The scan of {_subject(verdict.image, verdict.digest)} failed ({cause}). "
+               f"ScanPolicy {policy.name} ({policy.spec.action}) "
+               f"{'denies' if effect else 'admits'} images whose scan failed: "
+               f"see `scangate status {verdict.image}`, fix the cause and scan again"
+               f"{_break_glass_hint(policy) if effect is Effect.ENFORCE else ''}.")
+    return replace(verdict, kind=Kind.SCAN_FAILED, effect=effect,
+                   message=_clip(message, VERDICT_MESSAGE_LIMIT),
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: scan failed "
+                                 f"({result.reason or 'ScanFailed'})", WARNING_LIMIT))
+
+
+def _allowlisted_ids(policy: Policy, image: str, now: datetime) -> list[str]:
+    """The upper-cased IDs of the entries in force for this image today (UTC)."""
+    today = now.date()
+    return sorted({entry.id.upper() for entry in policy.spec.allowlist or ()
+                   if (entry.expires is None or today <= entry.expires)
+                   and (not entry.images or _globs_match(entry.images, image))})
+
+
+def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
+                    now: datetime) -> Verdict:
+    spec = policy.spec
+    basis = (result.fixable if spec.fixable_only else result.summary) or {}
+    counts = {s: basis.get(s, 0) for s in SEVERITY_KEYS}
+    exempt: set[str] = set()
+    uncounted: list[str] = []
+    ids = _allowlisted_ids(policy, verdict.image, now)
+    index = result.index if ids else None
+    for vid in ids:
+        by_severity = index.get(vid) if index is not None else None
+        if by_severity is None:
+            # A complete index without the ID: the image has no such finding.
+            if index is None or result.index_truncated:
+                uncounted.append(vid)
+            continue
+        exempt.add(vid)
+        for severity, c in by_severity.items():
+            key = severity.lower()
+            counts[key] = max(counts[key] - (c.fixable if spec.fixable_only else c.total), 0)
+    over = [(s, counts[s], limit) for s in SEVERITY_KEYS
+            if (limit := getattr(spec.thresholds, s)) is not None and counts[s] > limit]
+    if not over:
+        return verdict
+    texts = tuple(f"{s} {n} > {limit}" for s, n, limit in over)
+    subject = _subject(verdict.image, verdict.digest)
+    scope = " (findings with a fix only)" if spec.fixable_only else ""
+    parts = [f"{subject} fails ScanPolicy {policy.name} ({spec.action}): "
+             f"{', '.join(texts)}{scope}."]
+    worst = _worst(result.findings, {s.upper() for s, _, _ in over}, exempt, spec.fixable_only)
+    if worst:
+        parts.append(f"Worst: {'; '.join(worst)}.")
+    if uncounted:
+        why = ("the result's per-ID index is truncated and does not hold them"
+               if index is not None else
+               "the result has no exact per-ID counts (scan the image again to get them)")
+        parts.append(f"Allowlist entries not applied to this image: "
+                     f"{', '.join(uncounted[:5])}{' …' if len(uncounted) > 5 else ''}: {why}.")
+    parts.append(f"To pass: upgrade the packages to the fixed versions and rebuild, or "
+                 f"allowlist the IDs in ScanPolicy {policy.name} (spec.allowlist, with an "
+                 f"expiry){_break_glass_hint(policy)}.")
+    return replace(verdict, kind=Kind.VULNERABLE, effect=policy.effect, counts=texts,
+                   message=_clip(" ".join(parts), VERDICT_MESSAGE_LIMIT),
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: "
+                                 f"{', '.join(texts)}{scope}", WARNING_LIMIT))
+
+
+def _worst(findings: Sequence[TopFinding], severities: set[str], exempt: set[str],
+           fixable_only: bool) -> list[str]:
+    """The most severe findings that count against a broken threshold, described."""
+    out = []
+    for f in findings:  # already most severe first, those with a fix first
+        if (f.severity not in severities or f.id.upper() in exempt
+                or (fixable_only and not f.fixed_version)):
+            continue
+        package = f"{_clip(f.package, 80)} {_clip(f.installed_version or '', 40)}".strip()
+        fix = f"fixed in {_clip(f.fixed_version, 60)}" if f.fixed_version else "no fix yet"
+        out.append(f"{_clip(f.id, 64)} ({f.severity}) in {package}, {fix}")
+        if len(out) == TOP_FINDINGS:
+            break
+    return out
+
+
+# -- A workload under every policy -------------------------------------------------------
+
+@dataclass(frozen=True)
+class BreakGlassUse:
+    """Break-glass admitted a workload that policies deny: leave an Event, a metric and a
+    notification."""
+
+    reason: str
+    verdicts: tuple[Verdict, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The admission decision for a workload."""
+
+    allowed: bool
+    action: str
+    """Enforce (denied), BreakGlass, Warn, Audit or Allow: the strictest outcome."""
+    violations: tuple[Verdict, ...] = ()
+    """Every failing verdict, strictest first: each names its policy and image."""
+    warnings: tuple[str, ...] = ()
+    """Short lines for kubectl."""
+    message: str = ""
+    """The denial message (empty when allowed), bounded to MESSAGE_LIMIT."""
+    audit: tuple[Verdict, ...] = ()
+    """Failures of Audit policies, to record as Events and metrics."""
+    break_glass: BreakGlassUse | None = None
+    needs_scan: tuple[str, ...] = ()
+    """Images with no usable result: start (or keep) a scan of each."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "action": self.action,
+                "violations": [v.to_json() for v in self.violations],
+                "warnings": list(self.warnings)}
+
+
+def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
+           namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str],
+           now: datetime, *, scans_namespace: str | None = None) -> Decision:
+    """Judge every image (normalised reference -> its result, None if it has none) under
+    every policy that applies in `namespace` (whose labels are `labels`); `annotations`
+    are the workload's, for break-glass. The strictest result wins."""
+    reason = _clip((annotations.get(BREAK_GLASS_ANNOTATION) or "").strip(), 200)
+    failing: list[Verdict] = []
+    needs_scan: list[str] = []
+    ordered = sorted(policies, key=lambda p: p.name)
+    for image, result in images.items():
+        for policy in ordered:
+            if not applies(policy, namespace, labels, image):
+                continue
+            verdict = judge(policy, result, image, now,
+                            scans_namespace=scans_namespace or namespace)
+            if verdict.needs_scan and image not in needs_scan:
+                needs_scan.append(image)
+            if verdict.effect is Effect.ENFORCE and verdict.break_glass and reason:
+                verdict = replace(verdict, overridden=True)
+            if verdict.failed:
+                failing.append(verdict)
+    failing.sort(key=lambda v: (-v.effect, v.overridden, v.policy, v.image))
+    denied = [v for v in failing if v.effect is Effect.ENFORCE and not v.overridden]
+    broken = tuple(v for v in failing if v.overridden)
+    warnings = [f"break-glass used ({reason}): {v.summary}" for v in broken]
+    warnings += [v.summary for v in failing if v.effect is Effect.WARN]
+    if denied:
+        action = Effect.ENFORCE.label
+    elif broken:
+        action = "BreakGlass"
+    else:
+        action = failing[0].effect.label if failing else Effect.ALLOW.label
+    return Decision(
+        allowed=not denied, action=action, violations=tuple(failing),
+        warnings=_bounded_warnings(warnings),
+        message=_denial_message(denied, failing) if denied else "",
+        audit=tuple(v for v in failing if v.effect is Effect.AUDIT),
+        break_glass=BreakGlassUse(reason, broken) if broken else None,
+        needs_scan=tuple(needs_scan))
+
+
+def _bounded_warnings(lines: list[str]) -> tuple[str, ...]:
+    unique = [_clip(w, WARNING_LIMIT) for w in dict.fromkeys(lines)]
+    if len(unique) > MAX_WARNINGS:
+        rest = len(unique) - MAX_WARNINGS + 1
+        unique = [*unique[:MAX_WARNINGS - 1], f"… and {rest} more policy warnings"]
+    return tuple(unique)
+
+
+def _denial_message(denied: list[Verdict], failing: list[Verdict]) -> str:
+    names = list(dict.fromkeys(v.policy for v in denied))
+    others = list(dict.fromkeys(
+        f"{v.policy} ({'break-glass' if v.overridden else v.effect.label})" for v in failing
+        if v not in denied and v.policy not in names))
+    header = f"scangate denied this workload: ScanPolicy {', '.join(names)}"
+    if others:
+        header += f"; also failing: {', '.join(others)}"
+    # An image unscanned (or failed) under several policies is one story: tell it once.
+    groups: dict[tuple[str, Kind] | int, list[Verdict]] = {}
+    for i, verdict in enumerate(denied):
+        key = i if verdict.kind is Kind.VULNERABLE else (verdict.image, verdict.kind)
+        groups.setdefault(key, []).append(verdict)
+    paragraphs = [group[0].message + (
+        f" The same holds for ScanPolicy {', '.join(v.policy for v in group[1:])}."
+        if len(group) > 1 else "") for group in groups.values()]
+    lines, size = [header + "."], len(header) + 1
+    for i, paragraph in enumerate(paragraphs):
+        if size + len(paragraph) + 1 > MESSAGE_LIMIT - 64:
+            lines.append(f"… and {len(paragraphs) - i} more failures (see the warnings and "
+                         "Events)")
+            break
+        lines.append(paragraph)
+        size += len(paragraph) + 1
+    return "\n".join(lines)
