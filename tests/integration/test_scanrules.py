@@ -203,3 +203,46 @@ def test_a_scheduled_rule_runs_once_per_due_time_across_a_restart(
     expected = [(first + timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ")
                 for m in range(3)]
     assert runs == expected  # none missed, none doubled
+
+
+def test_a_rule_enumerates_a_token_auth_registry(
+    kubectl: Kubectl, namespace: str, tmp_path: Path,
+) -> None:
+    from sandbox.tokenserver import TokenServer
+
+    tokens = TokenServer(tmp_path, {"ci": "t0ken-pass"}, service="registry.test")
+    tokens.start()
+    registry = Registry(tmp_path / "registry", free_port(), token_auth=tokens.registry_auth())
+    registry.start()
+    try:
+        token = httpx.get(tokens.realm, params={
+            "service": "registry.test", "scope": "repository:team-a/api:pull,push"},
+            auth=("ci", "t0ken-pass")).json()["token"]
+        pusher = Pusher(registry.url)
+        pusher.http.headers["Authorization"] = f"Bearer {token}"
+        image = build_image(load_images()["clean"])
+        for tag in ("v1.0.0", "v2.0.0", "dev"):
+            pusher.image("team-a/api", tag, image)
+        pusher.close()
+        for name, password in (("good", "t0ken-pass"), ("bad", "wrong")):
+            kubectl("create", "secret", "generic", f"creds-{name}", "-n", namespace,
+                    "--type=kubernetes.io/basic-auth", "--from-literal=username=ci",
+                    f"--from-literal=password={password}")
+            rule = json.loads(scan_rule(name, registry.url,
+                                        credentialsSecretRef={"name": f"creds-{name}"}))
+            rule["spec"]["tagFilter"] = r"v\d+\.\d+\.\d+"
+            kubectl.apply(json.dumps(rule), namespace)
+        # Through the catalog (registry:catalog:* scope), then the tags of each repository.
+        good = wait_for(lambda: rule_scans(kubectl, namespace, "good"), 60,
+                        "the good rule's scans")
+        assert set(good) == {"team-a/api:v1.0.0", "team-a/api:v2.0.0"}
+        scopes = {a["type"] + ":" + a["name"] for issued in tokens.issued
+                  for a in issued["access"]}
+        assert {"registry:catalog", "repository:team-a/api"} <= scopes
+        bad = wait_for(lambda: condition(rule_status(kubectl, namespace, "bad"),
+                                         "RegistryReachable"), 60, "the bad rule's condition")
+        assert (bad["status"], bad["reason"]) == ("False", "RegistryAuthFailed")
+        assert rule_scans(kubectl, namespace, "bad") == {}
+    finally:
+        registry.stop()
+        tokens.stop()

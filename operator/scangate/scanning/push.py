@@ -127,7 +127,9 @@ class PushReceiver:
         except ApiException as e:
             log.warning("push not handled: API error %s", e.status)
             return _answer(503, "failed", f"the API server answered {e.status}")
-        log.info("push received", extra={"images": len(images), "scans": len(scans)})
+        # Every push notifies, blobs and other repositories too: only what acted is news.
+        (log.info if scans else log.debug)(
+            "push received", extra={"images": len(images), "scans": len(scans)})
         metrics.PUSH_EVENTS.labels("accepted").inc()
         return web.json_response({"images": len(images),
                                    "scans": [f"{ns}/{name}" for ns, name in scans]})

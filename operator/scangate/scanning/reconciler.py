@@ -20,7 +20,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
 from kubernetes.client.exceptions import ApiException
 
@@ -56,7 +55,7 @@ from scangate.scanning.job import (
     build_job,
     job_name,
 )
-from scangate.scanning.registries import registry_client
+from scangate.scanning.registries import base_url, registry_client
 from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")
@@ -305,16 +304,6 @@ class ScanReconciler:
             "retryAfter": stamp(datetime.now(UTC) + delay)}, False, reason, text)
         await self.kube.event(_owner(scan), "Warning", reason, text)
 
-    def _base_url(self, ref: ImageRef, rule: Obj | None) -> str:
-        if rule:
-            url = str(rule["spec"]["registry"]["url"]).rstrip("/")
-            if urlsplit(url).netloc == ref.registry:
-                return url
-        if ref.registry == "docker.io":
-            return "https://registry-1.docker.io"
-        insecure = ref.registry in self.settings.insecure_registries
-        return f"{'http' if insecure else 'https'}://{ref.registry}"
-
     def _registry_label(self, scan: ScanState) -> str:
         """A registry as a metric label: only configured registries, never what a user
         typed (which would make the series unbounded)."""
@@ -337,8 +326,9 @@ class ScanReconciler:
             # ImageScan naming another host must never hand them over.
             raise CredentialsError(str(check_image_on_registry(
                 scan.image, str(registry.get("url", "")), scan.rule or "")[0]))
-        return registry_client(self._base_url(ref, rule), registry, secret, ref.registry,
-                               self.settings, self.destinations)
+        rule_url = str(registry.get("url", "")) if rule else None
+        return registry_client(base_url(ref, rule_url, self.settings), registry, secret,
+                               ref.registry, self.settings, self.destinations)
 
     # -- Queued: start, reuse, or requeue a stale result ------------------------------
 
@@ -378,7 +368,8 @@ class ScanReconciler:
             scanners=scan.scanners, ignore_unfixed=scan.ignore_unfixed,
             platform=scan.platform or "linux/amd64",
             # The rule's TLS settings and credentials are for its own registry only.
-            insecure_registry=self._base_url(ref, rule).startswith("http://") or (
+            insecure_registry=base_url(ref, registry.get("url") if rule else None,
+                                       self.settings).startswith("http://") or (
                 on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
             ca_bundle=registry.get("caBundle") if on_rule_registry else None,
             credentials_secret=secret["metadata"]["name"] if secret and on_rule_registry

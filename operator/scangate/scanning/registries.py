@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
+from scangate.core.images import ImageRef
 from scangate.registry.auth import credentials_from_secret
 from scangate.registry.client import Credentials, RegistryClient
 
@@ -19,6 +21,19 @@ def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     of CPU, which a new context per lookup paid every time."""
     return ssl.create_default_context(cadata=ca_bundle) if ca_bundle else (
         ssl.create_default_context())
+
+
+def base_url(ref: ImageRef, rule_url: str | None, settings: Settings) -> str:
+    """Where an image's registry is spoken to: its ScanRule's URL when the rule is for
+    that host, Docker Hub's API host, or HTTPS (plain HTTP for insecure registries)."""
+    if rule_url:
+        url = rule_url.rstrip("/")
+        if urlsplit(url).netloc == ref.registry:
+            return url
+    if ref.registry == "docker.io":
+        return "https://registry-1.docker.io"
+    insecure = ref.registry in settings.insecure_registries
+    return f"{'http' if insecure else 'https'}://{ref.registry}"
 
 
 def registry_client(base_url: str, registry: dict[str, Any], secret: dict[str, Any] | None,
