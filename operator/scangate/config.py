@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     """Create and keep up to date the ValidatingWebhookConfiguration for scangate's own
     resources."""
 
+    admission_port: int = Field(default=9445, ge=0, le=65535)
+    """Port of the HTTPS workload admission webhook (POST /validate), served with the
+    webhook's certificate (0 disables the gate)."""
+    admission_failure_policy: Literal["Fail", "Ignore"] = "Fail"
+    """What the API server does when the gate cannot answer: Fail refuses workloads in
+    policed namespaces, Ignore admits them unjudged."""
+    admission_timeout_seconds: int = Field(default=5, ge=1, le=30)
+    """How long the API server waits for the gate's answer."""
+    admission_digest_ttl: Duration = "1m"
+    """How long a tag's digest, resolved at admission, is reused before asking the
+    registry again (a thousand pods of one image cause one lookup)."""
+    manage_admission_configuration: bool = True
+    """Create and keep up to date the ValidatingWebhookConfiguration scangate-workloads
+    that sends workloads to the gate (off when the chart renders it)."""
+
     push_port: int = Field(default=9444, ge=0, le=65535)
     """Port of the HTTPS push receiver (POST /push), served with the webhook's certificate
     (0 disables)."""

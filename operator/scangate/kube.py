@@ -82,6 +82,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.admission = client.AdmissionregistrationV1Api(api)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -155,6 +156,21 @@ class Kube:
         if not await self._create(self.core.create_namespaced_secret, namespace, body):
             await self._call(self.core.patch_namespaced_secret, name, namespace,
                              {"data": data}, _preload_content=False)
+
+    async def whoami(self) -> str:
+        """The user name the API server knows this process by (SelfSubjectReview)."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        review = await self._json(
+            client.AuthenticationV1Api(self.core.api_client).create_self_subject_review, body)
+        return str(review["status"]["userInfo"]["username"])
+
+    async def put_validating_webhook(self, body: Obj) -> None:
+        """Create a ValidatingWebhookConfiguration, or patch the one of that name."""
+        name = body["metadata"]["name"]
+        if not await self._create(self.admission.create_validating_webhook_configuration,
+                                  body):
+            await self._call(self.admission.patch_validating_webhook_configuration, name, body,
+                             _preload_content=False)
 
     async def create_job(self, namespace: str, body: Obj) -> bool:
         """Create a Job; False if it already exists (a restart re-creating it)."""

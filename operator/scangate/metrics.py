@@ -27,6 +27,14 @@ PUSH_EVENTS = Counter("scangate_push_notifications_total",
                       "Push notifications received, by result: accepted, unauthorized, "
                       "malformed, unavailable, failed.", ["result"])
 
+ADMISSION_DECISIONS = Counter(
+    "scangate_admission_decisions_total",
+    "Admission verdicts by ScanPolicy, action and result (failed, overridden by break-glass, "
+    "or passed: no policy failed).", ["policy", "action", "result"])
+ADMISSION_LATENCY = Histogram(
+    "scangate_admission_duration_seconds", "Time to answer an admission review, by answer.",
+    ["result"], buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+
 _SEVERITIES = ("critical", "high", "medium", "low", "unknown")
 
 

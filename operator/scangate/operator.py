@@ -10,6 +10,9 @@ from typing import Any
 import kopf
 import prometheus_client
 
+from scangate.admission import configuration
+from scangate.admission.gate import Gate
+from scangate.admission.server import AdmissionServer
 from scangate.config import Settings
 from scangate.kube import Kube, load_config
 from scangate.logs import setup_logging
@@ -78,6 +81,12 @@ async def main(settings: Settings) -> None:
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     tasks = [asyncio.create_task(kopf.operator(clusterwide=True, liveness_endpoint=liveness)),
              asyncio.create_task(reconciler.run()), asyncio.create_task(rules.run())]
+    if settings.admission_port:
+        gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
+        tasks += [asyncio.create_task(gate.run()),
+                  asyncio.create_task(AdmissionServer(gate, settings).run())]
+        if settings.manage_admission_configuration:
+            await configuration.keep_current(kube, settings)
     if settings.push_port:
         tasks.append(asyncio.create_task(PushReceiver(kube, settings, rules.on_push).run()))
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

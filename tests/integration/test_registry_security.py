@@ -112,6 +112,10 @@ CAN = [
     ("create", "secrets"), ("patch", "secrets/scangate-trivy-token"),
     ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
+    ("patch",
+     "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate-workloads"),
+    ("list", "scanpolicies.scangate.dev"), ("watch", "scanpolicies.scangate.dev"),
+    ("list", "namespaces"), ("watch", "namespaces"),
 ]
 CANNOT = [
     ("list", "secrets"), ("watch", "secrets"), ("patch", "secrets/team-creds"),
@@ -123,6 +127,7 @@ CANNOT = [
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/other"),
     ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"), ("patch", "namespaces"),
+    ("update", "scanpolicies.scangate.dev"), ("delete", "namespaces"),
 ]
 
 

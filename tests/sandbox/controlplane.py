@@ -213,9 +213,15 @@ class Sandbox:
         self.kubeconfig.write_text(kubeconfig_yaml(server, ca.cert_path, admin))
         self._wait_ready(server, ca.cert_path, admin, timeout)
 
+        # The controllers as a cluster's run: as the user system:kube-controller-manager
+        # (admission webhooks tell a controller's writes from a person's by it).
+        controllers = ca.issue("controller-manager", "system:kube-controller-manager",
+                               organizations=("system:masters",), client=True)
+        controllers_kubeconfig = self.dir / "controller-manager.kubeconfig"
+        controllers_kubeconfig.write_text(kubeconfig_yaml(server, ca.cert_path, controllers))
         self._spawn("kube-controller-manager", [
             str(self.bin / "kube-controller-manager"),
-            "--kubeconfig", str(self.kubeconfig),
+            "--kubeconfig", str(controllers_kubeconfig),
             "--leader-elect=false", "--secure-port", "0",
             "--controllers", "*",
             "--use-service-account-credentials=false",
@@ -348,13 +354,15 @@ class Sandbox:
             f"--from-literal=token={self.env['PUSH_TOKEN']}", "--dry-run=client", "-o", "yaml"))
         ca = CertificateAuthority(self.dir / "pki")
         cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
-        webhook_port, metrics_port, health_port = free_port(), free_port(), free_port()
+        webhook_port, metrics_port, health_port, admission_port = (
+            free_port(), free_port(), free_port(), free_port())
         self._spawn("operator", [
             str(Path(sys.executable).parent / "scangate"), "run",
             "--namespace", "scangate-system", "--log-format", "text",
             "--webhook-host", "127.0.0.1", "--webhook-address", "127.0.0.1",
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
             "--health-port", str(health_port), "--push-port", self.env["PUSH_PORT"],
+            "--admission-port", str(admission_port),
             "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
             "--webhook-ca-file", str(ca.cert_path),
             "--insecure-registries", json.dumps([self.env["REGISTRY"]]),
@@ -367,6 +375,7 @@ class Sandbox:
             "--reconcile-interval", "1", *extra_args,
         ], env={"KUBECONFIG": str(kubeconfig)})
         self.env["SCANGATE_METRICS"] = f"http://127.0.0.1:{metrics_port}"
+        self.env["SCANGATE_ADMISSION"] = f"https://127.0.0.1:{admission_port}"
         self._write_env()
         # Ready when the API server routes a bad object to the webhook and it refuses it.
         probe = ('{"apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule", "metadata": '

@@ -18,13 +18,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import ssl
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-import kopf
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 
@@ -34,6 +30,7 @@ from scangate.core.scanstate import Ref
 from scangate.kube import Kube
 from scangate.registry.auth import CredentialsError, secret_field
 from scangate.registry.events import PushedImage, PushEventError, parse_push_events
+from scangate.serving import serve
 
 log = logging.getLogger("scangate.push")
 PATH = "/push"
@@ -52,33 +49,7 @@ class PushReceiver:
     async def run(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post(PATH, self.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.webhook_address, self.settings.push_port,
-                           ssl_context=self._tls())
-        await site.start()
-        log.info("push receiver listening", extra={"port": self.settings.push_port})
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    def _tls(self) -> ssl.SSLContext:
-        """The webhook's certificate; a self-signed one when none is configured (the
-        receiver never speaks plain HTTP: the token would travel in the clear)."""
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert, key = self.settings.webhook_cert_file, self.settings.webhook_key_file
-        if cert and key:
-            context.load_cert_chain(cert, key)
-            return context
-        pem, private = kopf.WebhookServer.build_certificate(
-            [self.settings.webhook_host or "localhost"])
-        with tempfile.TemporaryDirectory() as directory:
-            cert_path, key_path = Path(directory) / "tls.crt", Path(directory) / "tls.key"
-            cert_path.write_bytes(pem)
-            key_path.write_bytes(private)
-            context.load_cert_chain(cert_path, key_path)
-        return context
+        await serve(app, self.settings, self.settings.push_port, "push receiver")
 
     async def _expected_token(self) -> str | None:
         held = self._token

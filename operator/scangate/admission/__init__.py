@@ -1,0 +1,1 @@
+"""The admission gate: workloads judged under the ScanPolicies at admission."""

@@ -1,0 +1,302 @@
+"""The admission gate: a workload's new images judged under the ScanPolicies.
+
+Everything a decision reads is in memory: the ScanPolicies and the namespaces' labels
+from watches, the ImageScans from the scan reconciler's watch-fed index, a tag's
+digest from a short-lived cache (one registry lookup for many requests: single-flight),
+and an ImageScan's full result from a cache keyed by its resourceVersion. A request
+for what is cached costs no API or registry round trip. An image with no usable
+result gets an ImageScan (trigger Admission), once per digest, never on a dry run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+from scangate import metrics
+from scangate.api import GROUP, VERSION
+from scangate.config import Settings
+from scangate.core.destinations import Destinations
+from scangate.core.durations import parse_duration
+from scangate.core.images import ImageRef, parse_image
+from scangate.core.policy import Decision, ImageResult, Policy, PolicyError, decide, parse_policy
+from scangate.core.scanstate import Ref, ScanIndex, ScanState, resource_version
+from scangate.core.workloads import new_images, normalise, owned_by_controller_request
+from scangate.kube import Kube, Obj
+from scangate.registry.client import RegistryError
+from scangate.scanning.registries import base_url, registry_client
+from scangate.watch import Feed, Sink
+
+log = logging.getLogger("scangate.admission")
+RESULTS_CACHED = 2048
+DIGESTS_CACHED = 4096
+_UNSAFE = re.compile(r"[^a-z0-9-]+")
+IN_FLIGHT_PHASES = frozenset({"Pending", "Queued", "Scanning"})
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    name: str
+    version: int
+    policy: Policy | None
+    """None when the stored object cannot be used (the webhook refuses such objects)."""
+
+
+def project_policy(obj: Obj) -> PolicyState:
+    name = str((obj.get("metadata") or {}).get("name", ""))
+    try:
+        policy: Policy | None = parse_policy(obj)
+    except PolicyError as e:
+        log.warning("ScanPolicy %s ignored: %s", name, e)
+        policy = None
+    return PolicyState(name, resource_version(obj), policy)
+
+
+def project_namespace(obj: Obj) -> tuple[str, dict[str, str]]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("name", "")), dict(meta.get("labels") or {})
+
+
+@dataclass(frozen=True)
+class Review:
+    """What the gate answers: the decision, and the images it judged."""
+
+    decision: Decision
+    judged: tuple[str, ...]
+
+
+class Gate:
+    def __init__(self, kube: Kube, settings: Settings, index: ScanIndex,
+                 destinations: Destinations) -> None:
+        self.kube, self.settings, self.index = kube, settings, index
+        self.destinations = destinations
+        self.operator_user: str | None = None
+        """The operator's own user: its scan Jobs are never judged (a gate that refused
+        them would refuse every scan that could lift a denial)."""
+        self.policies: dict[str, PolicyState] = {}
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.digest_ttl = parse_duration(settings.admission_digest_ttl).total_seconds()
+        self._digests: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
+        """image -> (expiry, digest or None, why not)"""
+        self._lookups: dict[str, asyncio.Future[tuple[str | None, str]]] = {}
+        self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
+        self._requested: dict[str, float] = {}
+        """Digests (or images) whose scan the gate created, and when: once each."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.feeds: list[Feed[Any]] = [
+            Feed("scanpolicies", partial(kube.custom.list_cluster_custom_object, GROUP,
+                                         VERSION, "scanpolicies"),
+                 project_policy, Sink(self._policies, self._policy, self._policy_gone)),
+            Feed("namespaces", kube.core.list_namespace, project_namespace,
+                 Sink(self._namespaces, self._namespace, self._namespace_gone)),
+        ]
+
+    # -- watch-fed state -------------------------------------------------------------
+
+    def _policies(self, states: list[PolicyState]) -> None:
+        self.policies = {p.name: p for p in states}
+
+    def _policy(self, state: PolicyState) -> None:
+        held = self.policies.get(state.name)
+        if held is None or state.version < 0 or state.version >= held.version:
+            self.policies[state.name] = state
+
+    def _policy_gone(self, state: PolicyState) -> None:
+        self.policies.pop(state.name, None)
+
+    def _namespaces(self, items: list[tuple[str, dict[str, str]]]) -> None:
+        self.namespaces = dict(items)
+
+    def _namespace(self, item: tuple[str, dict[str, str]]) -> None:
+        self.namespaces[item[0]] = item[1]
+
+    def _namespace_gone(self, item: tuple[str, dict[str, str]]) -> None:
+        self.namespaces.pop(item[0], None)
+
+    async def run(self) -> None:
+        self.operator_user = await self.kube.whoami()
+        await asyncio.gather(*(feed.run() for feed in self.feeds))
+
+    @property
+    def ready(self) -> bool:
+        return self.operator_user is not None and all(f.synced.is_set() for f in self.feeds)
+
+    # -- a request -------------------------------------------------------------------
+
+    async def review(self, request: Obj) -> Review:
+        """Judge an AdmissionReview request (v1)."""
+        policies = [p.policy for p in self.policies.values() if p.policy is not None]
+        kind = str((request.get("kind") or {}).get("kind", ""))
+        namespace = str(request.get("namespace") or "")
+        obj = request.get("object") or {}
+        user = request.get("userInfo") or {}
+        username = str(user.get("username", ""))
+        if (not policies or username == self.operator_user
+                or owned_by_controller_request(obj, username, list(user.get("groups") or []))):
+            return Review(Decision(allowed=True, action="Allow"), ())
+        images = normalise(new_images(kind, obj, request.get("oldObject")))
+        if not images.references and not images.errors:
+            return Review(Decision(allowed=True, action="Allow"), ())
+        refs = {name: parse_image(name) for name in images.references}
+        resolved = await asyncio.gather(*(self._digest(ref) for ref in refs.values()))
+        now = datetime.now(UTC)
+        results: dict[str, ImageResult | None] = {}
+        # An image whose digest the registry would not tell is unscanned: the scan the
+        # gate starts for it keeps trying, and its status says why.
+        for name, (digest, _) in zip(refs, resolved, strict=True):
+            results[name] = await self._result(digest) if digest else None
+        for error in images.errors:  # judged as a failed scan: policies say what to do
+            results[error] = ImageResult(phase="Failed", reason="InvalidReference",
+                                         message=error)
+        meta = obj.get("metadata") or {}
+        decision = decide(policies, results, namespace, self.namespaces.get(namespace, {}),
+                          meta.get("annotations") or {}, now, scans_namespace=namespace)
+        if not request.get("dryRun"):
+            for image in decision.needs_scan:
+                if image in refs:
+                    self._request_scan(namespace, refs[image],
+                                       resolved[list(refs).index(image)][0])
+            self._record(decision, request, kind, namespace, meta)
+        return Review(decision, tuple(results))
+
+    # -- digests ---------------------------------------------------------------------
+
+    async def _digest(self, ref: ImageRef) -> tuple[str | None, str]:
+        """The image's digest (its own, or its tag's by a cached, single-flight lookup)
+        and, when there is none, why."""
+        if ref.digest:
+            return ref.digest, ""
+        key = str(ref)
+        held = self._digests.get(key)
+        if held is not None and held[0] > time.monotonic():
+            return held[1], held[2]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_future()
+            self._lookups[key] = lookup
+            task = asyncio.create_task(self._lookup(key, ref, lookup))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, key: str, ref: ImageRef,
+                      lookup: asyncio.Future[tuple[str | None, str]]) -> None:
+        timeout = max(self.settings.admission_timeout_seconds - 2, 1)
+        answer: tuple[str | None, str]
+        try:
+            client = registry_client(base_url(ref, None, self.settings), {}, None,
+                                     ref.registry, self.settings, self.destinations)
+            async with client:
+                resolved = await asyncio.wait_for(client.resolve(ref), timeout)
+            answer = (resolved.digest, "")
+        except (RegistryError, TimeoutError, OSError) as e:
+            why = str(e) or f"no answer within {timeout}s"
+            answer = (None, f"the registry could not say which image {ref} is: {why}"[:300])
+        # A failed lookup is remembered briefly only: the registry may be back soon.
+        ttl = self.digest_ttl if answer[0] else min(self.digest_ttl, 5.0)
+        self._digests[key] = (time.monotonic() + ttl, *answer)
+        while len(self._digests) > DIGESTS_CACHED:
+            self._digests.popitem(last=False)
+        del self._lookups[key]
+        lookup.set_result(answer)
+
+    # -- results ---------------------------------------------------------------------
+
+    async def _result(self, digest: str) -> ImageResult | None:
+        """The digest's best result: the newest completed scan, else one in progress
+        (unscanned for now), else a failed one."""
+        scans = self.index.by_digest(digest)
+        done = [s for s in scans if s.phase == "Completed" and s.scanned_at is not None
+                and "vuln" in s.scanners]
+        if done:
+            return await self._full(max(done, key=lambda s: s.scanned_at or datetime.min))
+        running = next((s for s in scans if s.phase in IN_FLIGHT_PHASES), None)
+        if running is not None:
+            return ImageResult(phase=running.phase, digest=digest)
+        failed = next((s for s in scans if s.phase == "Failed"), None)
+        return await self._full(failed) if failed is not None else None
+
+    async def _full(self, state: ScanState) -> ImageResult:
+        """The ImageScan's result as admission reads it, fetched once per version."""
+        key = (state.ref, state.version)
+        held = self._results.get(key)
+        if held is not None:
+            self._results.move_to_end(key)
+            return held
+        obj = await self.kube.get_custom("imagescans", state.namespace, state.name)
+        result = ImageResult.from_status((obj or {}).get("status") or {})
+        self._results[key] = result
+        while len(self._results) > RESULTS_CACHED:
+            self._results.popitem(last=False)
+        return result
+
+    # -- side effects ----------------------------------------------------------------
+
+    def _request_scan(self, namespace: str, ref: ImageRef, digest: str | None) -> None:
+        """An ImageScan for an image with no result, once per digest however many
+        requests name it (and none while one of that digest is in progress)."""
+        key = digest or str(ref)
+        if key in self._requested or (digest and any(
+                s.phase in IN_FLIGHT_PHASES or s.phase is None
+                for s in self.index.by_digest(digest))):
+            return
+        self._requested[key] = time.monotonic()
+        while len(self._requested) > DIGESTS_CACHED:
+            self._requested.pop(next(iter(self._requested)))
+        image = str(ref.with_digest(digest)) if digest else str(ref)
+        readable = _UNSAFE.sub("-", ref.repository.rsplit("/", 1)[-1].lower()).strip("-")
+        name = f"admission-{readable[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageScan",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"image": image, "trigger": "Admission"}}
+        self._background(self.kube.create_custom("imagescans", namespace, body),
+                         f"the admission scan of {image}", key)
+
+    def _record(self, decision: Decision, request: Obj, kind: str, namespace: str,
+                meta: Obj) -> None:
+        """Events for what admitted a failing workload (audit, break-glass), and metrics."""
+        for verdict in decision.violations:
+            metrics.ADMISSION_DECISIONS.labels(verdict.policy, verdict.effect.label,
+                                               "overridden" if verdict.overridden
+                                               else "failed").inc()
+        if not decision.violations:
+            metrics.ADMISSION_DECISIONS.labels("", "Allow", "passed").inc()
+        involved = {"apiVersion": (request.get("kind") or {}).get("version", "v1"),
+                    "kind": kind, "metadata": {"name": meta.get("name") or
+                                               meta.get("generateName") or "?",
+                                               "namespace": namespace, "uid": meta.get("uid")}}
+        for verdict in decision.audit:
+            self._background(self.kube.event(involved, "Warning", "PolicyAudit",
+                                              verdict.summary), "an audit Event")
+        if decision.break_glass is not None:
+            policies = ", ".join(sorted({v.policy for v in decision.break_glass.verdicts}))
+            self._background(self.kube.event(
+                involved, "Warning", "BreakGlass",
+                f"admitted by break-glass ({decision.break_glass.reason}) despite "
+                f"ScanPolicy {policies}"), "a break-glass Event")
+
+    def _background(self, work: Awaitable[Any], what: str, requested: str | None = None
+                    ) -> None:
+        """Side effects do not hold the answer up; a failure is logged (and a scan that
+        could not be created is asked for again by the next request)."""
+        async def run() -> None:
+            try:
+                await work
+            except Exception as e:
+                log.warning("admission could not create %s: %s", what, e)
+                if requested:
+                    self._requested.pop(requested, None)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+

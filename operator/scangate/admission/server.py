@@ -1,0 +1,77 @@
+"""The gate's HTTPS endpoint: AdmissionReview v1 in, the gate's answer out.
+
+A body that is no AdmissionReview gets 400 (the API server then applies the
+webhook's failurePolicy); the answer to a review is always 200 with `allowed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from scangate import metrics
+from scangate.admission.configuration import PATH
+from scangate.admission.gate import Gate
+from scangate.config import Settings
+from scangate.serving import serve
+
+log = logging.getLogger("scangate.admission")
+MAX_BODY = 8 << 20
+"""Larger than any object the API server stores (etcd's limit is 1.5 MiB)."""
+BODY_TIMEOUT = 10.0
+
+
+class AdmissionServer:
+    def __init__(self, gate: Gate, settings: Settings) -> None:
+        self.gate, self.settings = gate, settings
+
+    async def run(self) -> None:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post(PATH, self.validate)
+        app.router.add_get("/readyz", self.readyz)
+        await serve(app, self.settings, self.settings.admission_port, "admission gate")
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        """Ready when the gate holds the policies and namespaces it decides with."""
+        return web.Response(status=200 if self.gate.ready else 503)
+
+    async def validate(self, request: web.Request) -> web.Response:
+        began = time.perf_counter()
+        try:
+            review = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
+            body = review["request"]
+            uid = body.get("uid") if isinstance(body, dict) else None
+            if not isinstance(uid, str):
+                raise TypeError("no request.uid")
+        except (ValueError, KeyError, TypeError, TimeoutError) as e:
+            metrics.ADMISSION_LATENCY.labels("malformed").observe(time.perf_counter() - began)
+            return web.json_response({"error": f"not an AdmissionReview: {e}"}, status=400)
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "body too large"}, status=413)
+        answer: dict[str, Any] = {"uid": uid, "allowed": True}
+        try:
+            decision = (await self.gate.review(body)).decision
+        except Exception:
+            # Fail closed as the configured policy says would be wrong here: an error of
+            # ours is not the image's fault, but admitting unjudged is not safe either.
+            log.exception("admission review failed")
+            answer.update(allowed=False, status={
+                "code": 500, "message": "scangate could not judge this workload (an "
+                                        "internal error; see the operator's log)"})
+            result = "error"
+        else:
+            answer["allowed"] = decision.allowed
+            if not decision.allowed:
+                answer["status"] = {"code": 403, "reason": "Forbidden",
+                                    "message": decision.message}
+            if decision.warnings:
+                answer["warnings"] = list(decision.warnings)
+            result = "allowed" if decision.allowed else "denied"
+        metrics.ADMISSION_LATENCY.labels(result).observe(time.perf_counter() - began)
+        return web.json_response({"apiVersion": "admission.k8s.io/v1",
+                                  "kind": "AdmissionReview", "response": answer})
