@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SANDBOX_DIR ?= $(CURDIR)/.sandbox
 
 .PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench-scale \
-	bench-registry
+	bench-registry bench-admission
 
 all: test
 
@@ -52,6 +52,11 @@ bench-scale: deps venv testbin
 # make bench-registry ARGS="--repositories 20 --tags 5 --sandbox-dir /tmp/sb"
 bench-registry: deps venv testbin
 	$(BIN)/python bench/registry.py $(ARGS)
+
+# Admission latency through the API server and under vegeta (bench/README.md), e.g.
+# make bench-admission ARGS="--scans 1000 --creates 100 --sandbox-dir /tmp/sb"
+bench-admission: deps venv testbin
+	$(BIN)/python bench/admission.py $(ARGS)
 
 clean:
 	-hack/sandbox down --dir $(SANDBOX_DIR)

@@ -164,13 +164,27 @@ class Kube:
             client.AuthenticationV1Api(self.core.api_client).create_self_subject_review, body)
         return str(review["status"]["userInfo"]["username"])
 
-    async def put_validating_webhook(self, body: Obj) -> None:
-        """Create a ValidatingWebhookConfiguration, or patch the one of that name."""
-        name = body["metadata"]["name"]
-        if not await self._create(self.admission.create_validating_webhook_configuration,
-                                  body):
-            await self._call(self.admission.patch_validating_webhook_configuration, name, body,
-                             _preload_content=False)
+    async def put_webhook(self, body: Obj) -> None:
+        """Create a Validating- or MutatingWebhookConfiguration, or patch the one there."""
+        name, kind = body["metadata"]["name"], body["kind"]
+        create, patch = ((self.admission.create_validating_webhook_configuration,
+                          self.admission.patch_validating_webhook_configuration)
+                         if kind == "ValidatingWebhookConfiguration" else
+                         (self.admission.create_mutating_webhook_configuration,
+                          self.admission.patch_mutating_webhook_configuration))
+        if not await self._create(create, body):
+            await self._call(patch, name, body, _preload_content=False)
+
+    async def delete_webhook(self, body: Obj) -> None:
+        """Delete the webhook configuration of that kind and name; gone already is fine."""
+        delete = (self.admission.delete_validating_webhook_configuration
+                  if body["kind"] == "ValidatingWebhookConfiguration"
+                  else self.admission.delete_mutating_webhook_configuration)
+        try:
+            await self._call(delete, body["metadata"]["name"], _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     async def create_job(self, namespace: str, body: Obj) -> bool:
         """Create a Job; False if it already exists (a restart re-creating it)."""

@@ -85,8 +85,13 @@ async def main(settings: Settings) -> None:
         gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
         tasks += [asyncio.create_task(gate.run()),
                   asyncio.create_task(AdmissionServer(gate, settings).run())]
-        if settings.manage_admission_configuration:
-            await configuration.keep_current(kube, settings)
+        if settings.manage_admission_configuration and settings.webhook_ca_file:
+            tasks.append(asyncio.create_task(configuration.keep_current(
+                kube, settings, settings.webhook_ca_file.read_bytes(), gate.pinning,
+                gate.policies_changed)))
+        elif settings.manage_admission_configuration:
+            log.warning("no webhook CA file: the workload webhook configurations are not "
+                        "managed (render them with the chart)")
     if settings.push_port:
         tasks.append(asyncio.create_task(PushReceiver(kube, settings, rules.on_push).run()))
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -218,10 +218,39 @@ def test_with_the_operator_down_policed_namespaces_are_refused_and_kube_system_i
     try:
         ok, said = admit(kubectl, json.dumps({**pod, "metadata": {"name": "x"}}), namespace,
                          "--dry-run=server")
-        assert not ok and "workloads.scangate.dev" in said, said
+        assert not ok and "scangate.dev" in said and "connection refused" in said, said
         name = f"probe-{uuid.uuid4().hex[:6]}"
         ok, said = admit(kubectl, json.dumps({**pod, "metadata": {"name": name}}),
                          "kube-system", "--dry-run=server")
         assert ok, said
     finally:
         sandbox.start_operator()
+
+
+def test_pin_digests_rewrites_the_admitted_image_to_the_judged_digest(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str], policy: Policy,
+) -> None:
+    clean, scan = scanned(kubectl, namespace, sandbox_env, "clean")
+    policy(action="Enforce", thresholds={"critical": 0})
+    ok, said = admit(kubectl, json.dumps({"apiVersion": "v1", "kind": "Pod",
+                                          "metadata": {"name": "loose"}, "spec": {
+                                              "containers": [{"name": "app", "image": clean}]}}),
+                     namespace)
+    assert ok, said
+    assert kubectl("get", "pod", "loose", "-n", namespace, "-o",
+                   "jsonpath={.spec.containers[0].image}") == clean  # off by default
+    assert kubectl.run("get", "mutatingwebhookconfiguration", "scangate-pin-digests",
+                       check=False).returncode != 0  # no second webhook call until needed
+    pin = policy(action="Enforce", thresholds={"critical": 0}, pinDigests=True)
+    wait_for(lambda: kubectl.run("get", "mutatingwebhookconfiguration",
+                                 "scangate-pin-digests", check=False).returncode == 0,
+             30, "the pinDigests webhook")
+    ok, said = admit(kubectl, deployment("pinned", clean), namespace)
+    assert ok, said
+    image = kubectl("get", "deployment", "pinned", "-n", namespace, "-o",
+                    "jsonpath={.spec.template.spec.containers[0].image}")
+    assert image == f"{clean}@{scan['status']['digest']}"
+    kubectl("delete", "scanpolicy", pin)
+    wait_for(lambda: kubectl.run("get", "mutatingwebhookconfiguration",
+                                 "scangate-pin-digests", check=False).returncode != 0,
+             30, "the pinDigests webhook to go")

@@ -114,6 +114,10 @@ CAN = [
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("patch",
      "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate-workloads"),
+    ("patch",
+     "mutatingwebhookconfigurations.admissionregistration.k8s.io/scangate-pin-digests"),
+    ("delete",
+     "mutatingwebhookconfigurations.admissionregistration.k8s.io/scangate-pin-digests"),
     ("list", "scanpolicies.scangate.dev"), ("watch", "scanpolicies.scangate.dev"),
     ("list", "namespaces"), ("watch", "namespaces"),
 ]

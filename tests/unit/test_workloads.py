@@ -53,6 +53,15 @@ def test_every_kind_yields_its_pod_spec(kind: str) -> None:
     assert container_images(pod_spec(kind, obj)) == EXPECTED
 
 
+@pytest.mark.parametrize(("kind", "at"), [
+    ("Pod", "/spec"), ("Deployment", "/spec/template/spec"),
+    ("CronJob", "/spec/jobTemplate/spec/template/spec")])
+def test_each_image_knows_its_json_pointer(kind: str, at: str) -> None:
+    paths = [i.path for i in new_images(kind, workload(kind), None)]
+    assert paths == [f"{at}/initContainers/0/image", f"{at}/containers/0/image",
+                     f"{at}/containers/1/image", f"{at}/ephemeralContainers/0/image"]
+
+
 def test_cronjob_spec_is_not_read_at_the_job_level() -> None:
     # A CronJob with a Job-shaped spec (template directly under spec) has no pod spec.
     assert pod_spec("CronJob", workload("Job")) is None

@@ -7,9 +7,10 @@ always be repaired and the cluster's own machinery never waits on it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
-from typing import Any
+from collections.abc import Callable
 
 from scangate.config import Settings
 from scangate.kube import Kube, Obj
@@ -17,6 +18,8 @@ from scangate.kube import Kube, Obj
 log = logging.getLogger("scangate.admission")
 NAME = "scangate-workloads"
 PATH = "/validate"
+PIN_NAME = "scangate-pin-digests"
+PIN_PATH = "/mutate"
 IGNORE_LABEL = "scangate.dev/ignore"
 SERVICE_PORT = 8443
 """The port of the webhook Service that leads to the gate (the chart's)."""
@@ -30,41 +33,73 @@ RULES = [
 ]
 
 
-def webhook_configuration(settings: Settings, ca_bundle: bytes) -> Obj:
-    client: dict[str, Any] = {"caBundle": base64.b64encode(ca_bundle).decode()}
+def _client(settings: Settings, ca_bundle: bytes, path: str) -> Obj:
+    client: Obj = {"caBundle": base64.b64encode(ca_bundle).decode()}
     if settings.webhook_host:  # outside a cluster (the sandbox): by URL
-        client["url"] = f"https://{settings.webhook_host}:{settings.admission_port}{PATH}"
+        client["url"] = f"https://{settings.webhook_host}:{settings.admission_port}{path}"
     else:
         client["service"] = {"namespace": settings.namespace, "name": settings.webhook_service,
-                             "path": PATH, "port": SERVICE_PORT}
+                             "path": path, "port": SERVICE_PORT}
+    return client
+
+
+def _webhook(settings: Settings, ca_bundle: bytes, name: str, path: str) -> Obj:
+    return {
+        "name": name,
+        "admissionReviewVersions": ["v1"],
+        "clientConfig": _client(settings, ca_bundle, path),
+        "rules": [{**r, "operations": ["CREATE", "UPDATE"], "scope": "*"} for r in RULES],
+        "failurePolicy": settings.admission_failure_policy,
+        "matchPolicy": "Equivalent",
+        # A dry run is answered but starts no scan.
+        "sideEffects": "NoneOnDryRun",
+        "timeoutSeconds": settings.admission_timeout_seconds,
+        "namespaceSelector": {"matchExpressions": [
+            {"key": IGNORE_LABEL, "operator": "NotIn", "values": ["true"]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+             "values": sorted({"kube-system", settings.namespace})},
+        ]},
+    }
+
+
+def webhook_configuration(settings: Settings, ca_bundle: bytes) -> Obj:
+    """The validating configuration: every workload to the gate."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": NAME, "labels": {"app.kubernetes.io/managed-by": "scangate"}},
-        "webhooks": [{
-            "name": "workloads.scangate.dev",
-            "admissionReviewVersions": ["v1"],
-            "clientConfig": client,
-            "rules": [{**r, "operations": ["CREATE", "UPDATE"], "scope": "*"} for r in RULES],
-            "failurePolicy": settings.admission_failure_policy,
-            "matchPolicy": "Equivalent",
-            # A dry run is answered but starts no scan.
-            "sideEffects": "NoneOnDryRun",
-            "timeoutSeconds": settings.admission_timeout_seconds,
-            "namespaceSelector": {"matchExpressions": [
-                {"key": IGNORE_LABEL, "operator": "NotIn", "values": ["true"]},
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                 "values": sorted({"kube-system", settings.namespace})},
-            ]},
-        }],
+        "webhooks": [_webhook(settings, ca_bundle, "workloads.scangate.dev", PATH)],
     }
 
 
-async def keep_current(kube: Kube, settings: Settings) -> None:
-    """Create the configuration, or bring the one there up to date."""
-    if settings.webhook_ca_file is None:
-        log.warning("no webhook CA file: the workload webhook configuration is not managed")
-        return
-    await kube.put_validating_webhook(
-        webhook_configuration(settings, settings.webhook_ca_file.read_bytes()))
+def pin_configuration(settings: Settings, ca_bundle: bytes) -> Obj:
+    """The mutating configuration of pinDigests: it answers at once, with no patch, while
+    no ScanPolicy pins digests."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": PIN_NAME, "labels": {"app.kubernetes.io/managed-by": "scangate"}},
+        "webhooks": [{**_webhook(settings, ca_bundle, "pin-digests.scangate.dev", PIN_PATH),
+                      "reinvocationPolicy": "Never"}],
+    }
+
+
+async def keep_current(kube: Kube, settings: Settings, ca_bundle: bytes,
+                       pinning: Callable[[], bool], changed: asyncio.Event) -> None:
+    """Keep the configurations current: the gate's always; the pinDigests one only while
+    a ScanPolicy pins digests, so that a cluster without one pays no second webhook call
+    per request. Runs until cancelled, acting each time `changed` is set."""
+    await kube.put_webhook(webhook_configuration(settings, ca_bundle))
     log.info("workload webhook configuration %s current", NAME)
+    pinned: bool | None = None
+    while True:
+        await changed.wait()
+        changed.clear()
+        if pinning() == pinned:
+            continue
+        pinned = pinning()
+        if pinned:
+            await kube.put_webhook(pin_configuration(settings, ca_bundle))
+        else:
+            await kube.delete_webhook(pin_configuration(settings, ca_bundle))
+        log.info("digest pinning webhook %s", "registered" if pinned else "removed")

@@ -28,9 +28,22 @@ from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.images import ImageRef, parse_image
-from scangate.core.policy import Decision, ImageResult, Policy, PolicyError, decide, parse_policy
+from scangate.core.policy import (
+    Decision,
+    ImageResult,
+    Policy,
+    PolicyError,
+    applies,
+    decide,
+    parse_policy,
+)
 from scangate.core.scanstate import Ref, ScanIndex, ScanState, resource_version
-from scangate.core.workloads import new_images, normalise, owned_by_controller_request
+from scangate.core.workloads import (
+    new_images,
+    normalise,
+    owned_by_controller_request,
+    reference,
+)
 from scangate.kube import Kube, Obj
 from scangate.registry.client import RegistryError
 from scangate.scanning.registries import base_url, registry_client
@@ -83,6 +96,7 @@ class Gate:
         """The operator's own user: its scan Jobs are never judged (a gate that refused
         them would refuse every scan that could lift a denial)."""
         self.policies: dict[str, PolicyState] = {}
+        self.policies_changed = asyncio.Event()
         self.namespaces: dict[str, dict[str, str]] = {}
         self.digest_ttl = parse_duration(settings.admission_digest_ttl).total_seconds()
         self._digests: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
@@ -104,14 +118,22 @@ class Gate:
 
     def _policies(self, states: list[PolicyState]) -> None:
         self.policies = {p.name: p for p in states}
+        self.policies_changed.set()
 
     def _policy(self, state: PolicyState) -> None:
         held = self.policies.get(state.name)
         if held is None or state.version < 0 or state.version >= held.version:
             self.policies[state.name] = state
+            self.policies_changed.set()
 
     def _policy_gone(self, state: PolicyState) -> None:
         self.policies.pop(state.name, None)
+        self.policies_changed.set()
+
+    def pinning(self) -> bool:
+        """Whether a ScanPolicy pins digests (and the mutating webhook is wanted)."""
+        return any(p.policy is not None and p.policy.spec.pin_digests
+                   for p in self.policies.values())
 
     def _namespaces(self, items: list[tuple[str, dict[str, str]]]) -> None:
         self.namespaces = dict(items)
@@ -167,6 +189,33 @@ class Gate:
                                        resolved[list(refs).index(image)][0])
             self._record(decision, request, kind, namespace, meta)
         return Review(decision, tuple(results))
+
+    async def pins(self, request: Obj) -> list[Obj]:
+        """JSON patch ops that pin each new image under a policy with pinDigests to the
+        digest it is judged by (repo:tag@sha256:...): what runs is what passed, even if
+        the tag moves before the kubelet pulls it."""
+        pinning = [p.policy for p in self.policies.values()
+                   if p.policy is not None and p.policy.spec.pin_digests]
+        user = request.get("userInfo") or {}
+        username = str(user.get("username", ""))
+        obj = request.get("object") or {}
+        if (not pinning or username == self.operator_user
+                or owned_by_controller_request(obj, username, list(user.get("groups") or []))):
+            return []
+        kind = str((request.get("kind") or {}).get("kind", ""))
+        namespace = str(request.get("namespace") or "")
+        labels = self.namespaces.get(namespace, {})
+        patches = []
+        for image in new_images(kind, obj, request.get("oldObject")):
+            normalised = reference(image).normalised
+            if normalised is None or "@" in normalised or not any(
+                    applies(p, namespace, labels, normalised) for p in pinning):
+                continue
+            digest, _ = await self._digest(parse_image(normalised))
+            if digest:
+                patches.append({"op": "replace", "path": image.path,
+                                "value": f"{image.image}@{digest}"})
+        return patches
 
     # -- digests ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ webhook's failurePolicy); the answer to a review is always 200 with `allowed`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from scangate import metrics
-from scangate.admission.configuration import PATH
+from scangate.admission.configuration import PATH, PIN_PATH
 from scangate.admission.gate import Gate
 from scangate.config import Settings
 from scangate.serving import serve
@@ -33,6 +34,7 @@ class AdmissionServer:
     async def run(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post(PATH, self.validate)
+        app.router.add_post(PIN_PATH, self.mutate)
         app.router.add_get("/readyz", self.readyz)
         await serve(app, self.settings, self.settings.admission_port, "admission gate")
 
@@ -40,8 +42,9 @@ class AdmissionServer:
         """Ready when the gate holds the policies and namespaces it decides with."""
         return web.Response(status=200 if self.gate.ready else 503)
 
-    async def validate(self, request: web.Request) -> web.Response:
-        began = time.perf_counter()
+    @staticmethod
+    async def _review(request: web.Request) -> tuple[dict[str, Any], str]:
+        """The AdmissionReview's request and uid; raises web.HTTPException (400, 413)."""
         try:
             review = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
             body = review["request"]
@@ -49,10 +52,32 @@ class AdmissionServer:
             if not isinstance(uid, str):
                 raise TypeError("no request.uid")
         except (ValueError, KeyError, TypeError, TimeoutError) as e:
-            metrics.ADMISSION_LATENCY.labels("malformed").observe(time.perf_counter() - began)
-            return web.json_response({"error": f"not an AdmissionReview: {e}"}, status=400)
-        except web.HTTPRequestEntityTooLarge:
-            return web.json_response({"error": "body too large"}, status=413)
+            metrics.ADMISSION_LATENCY.labels("malformed").observe(0)
+            raise web.HTTPBadRequest(text=json.dumps({"error": f"not an AdmissionReview: {e}"}),
+                                     content_type="application/json") from None
+        return body, uid
+
+    @staticmethod
+    def _answer(answer: dict[str, Any]) -> web.Response:
+        return web.json_response({"apiVersion": "admission.k8s.io/v1",
+                                  "kind": "AdmissionReview", "response": answer})
+
+    async def mutate(self, request: web.Request) -> web.Response:
+        body, uid = await self._review(request)
+        answer: dict[str, Any] = {"uid": uid, "allowed": True}
+        try:
+            patches = await self.gate.pins(body)
+        except Exception:  # the validating webhook still judges what is not pinned
+            log.exception("pinning digests failed")
+            patches = []
+        if patches:
+            answer.update(patchType="JSONPatch",
+                          patch=base64.b64encode(json.dumps(patches).encode()).decode())
+        return self._answer(answer)
+
+    async def validate(self, request: web.Request) -> web.Response:
+        began = time.perf_counter()
+        body, uid = await self._review(request)
         answer: dict[str, Any] = {"uid": uid, "allowed": True}
         try:
             decision = (await self.gate.review(body)).decision
@@ -73,5 +98,4 @@ class AdmissionServer:
                 answer["warnings"] = list(decision.warnings)
             result = "allowed" if decision.allowed else "denied"
         metrics.ADMISSION_LATENCY.labels(result).observe(time.perf_counter() - began)
-        return web.json_response({"apiVersion": "admission.k8s.io/v1",
-                                  "kind": "AdmissionReview", "response": answer})
+        return self._answer(answer)

@@ -47,6 +47,9 @@ class ContainerImage:
     container: str
     kind: ContainerKind
     image: str
+    path: str = field(default="", compare=False)
+    """JSON pointer to the image in the object, e.g. /spec/template/spec/containers/0/image
+    (for a patch that pins it to its digest)."""
 
     @property
     def label(self) -> str:
@@ -91,9 +94,10 @@ def pod_spec(kind: str, obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None if path is None else _walk(obj, path)
 
 
-def container_images(spec: Mapping[str, Any] | None) -> list[ContainerImage]:
+def container_images(spec: Mapping[str, Any] | None, at: str = "") -> list[ContainerImage]:
     """Every init, regular and ephemeral container's image; entries without a string image
-    are skipped (the API server's own validation refuses them)."""
+    are skipped (the API server's own validation refuses them). `at`: the JSON pointer of
+    the pod spec in its object."""
     if not isinstance(spec, Mapping):
         return []
     found = []
@@ -101,11 +105,11 @@ def container_images(spec: Mapping[str, Any] | None) -> list[ContainerImage]:
         entries = spec.get(key)
         if not isinstance(entries, list):
             continue
-        for entry in entries:
+        for i, entry in enumerate(entries):
             if isinstance(entry, Mapping) and isinstance(entry.get("image"), str):
                 name = entry.get("name")
                 found.append(ContainerImage(name if isinstance(name, str) else "", kind,
-                                            entry["image"]))
+                                            entry["image"], f"{at}/{key}/{i}/image"))
     return found
 
 
@@ -114,7 +118,8 @@ def new_images(kind: str, obj: Mapping[str, Any],
     """The images a request brings: all on CREATE; on UPDATE those written nowhere in the
     old object, so that scaling or relabelling an admitted workload judges nothing and a
     policy tightened since cannot stop it from being scaled down."""
-    images = container_images(pod_spec(kind, obj))
+    at = "".join(f"/{key}" for key in _SPEC_PATHS.get(kind, ()))
+    images = container_images(pod_spec(kind, obj), at)
     if old_obj is None:
         return images
     # Any container of the old object counts: an image moved between containers was admitted.
