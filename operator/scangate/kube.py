@@ -83,6 +83,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.admission = client.AdmissionregistrationV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -156,6 +157,25 @@ class Kube:
         if not await self._create(self.core.create_namespaced_secret, namespace, body):
             await self._call(self.core.patch_namespaced_secret, name, namespace,
                              {"data": data}, _preload_content=False)
+
+    async def get_lease(self, namespace: str, name: str) -> Obj | None:
+        try:
+            lease: Obj = await self._json(self.coordination.read_namespaced_lease, name,
+                                          namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return lease
+
+    async def create_lease(self, namespace: str, body: Obj) -> bool:
+        """Create a Lease; False if one exists already."""
+        return await self._create(self.coordination.create_namespaced_lease, namespace, body)
+
+    async def replace_lease(self, namespace: str, name: str, body: Obj) -> None:
+        """Replace a Lease (409 if its resourceVersion is no longer current)."""
+        await self._call(self.coordination.replace_namespaced_lease, name, namespace, body,
+                         _preload_content=False)
 
     async def whoami(self) -> str:
         """The user name the API server knows this process by (SelfSubjectReview)."""

@@ -31,3 +31,6 @@ def setup_logging(settings: Settings) -> None:
     handler.setFormatter(JsonFormatter() if settings.log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    # httpx logs each request's full URL at INFO: a notification receiver's URL carries
+    # its token (DingTalk's access_token), so those lines must never be written.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

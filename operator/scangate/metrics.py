@@ -35,6 +35,12 @@ ADMISSION_LATENCY = Histogram(
     "scangate_admission_duration_seconds", "Time to answer an admission review, by answer.",
     ["result"], buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 
+NOTIFICATIONS = Counter(
+    "scangate_notifications_total",
+    "Notification attempts by receiver type (dingtalk, webhook) and result: delivered, "
+    "failed (retried), abandoned (after the last attempt; sent again at the next start).",
+    ["type", "result"])
+
 _SEVERITIES = ("critical", "high", "medium", "low", "unknown")
 
 

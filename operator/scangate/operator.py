@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import kopf
@@ -15,7 +15,9 @@ from scangate.admission.gate import Gate
 from scangate.admission.server import AdmissionServer
 from scangate.config import Settings
 from scangate.kube import Kube, load_config
+from scangate.leader import LeaderElector
 from scangate.logs import setup_logging
+from scangate.notify.notifier import Notifier
 from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
@@ -70,35 +72,50 @@ async def main(settings: Settings) -> None:
     # Work in flight, plus the watches and kopf's own calls.
     load_config(settings.api_concurrency + settings.registry_concurrency + 8)
     kube = Kube(settings.api_concurrency + settings.registry_concurrency)
+    # The Lease on threads of its own: renewals must never wait behind a burst of work.
+    leader = LeaderElector(Kube(2), settings.namespace)
     reconciler = ScanReconciler(kube, settings)
     rules = RuleController(kube, settings, reconciler.index, reconciler.destinations,
                            reconciler.rescan)
+    notifier = Notifier(Kube(8), settings, reconciler.index, reconciler.destinations,
+                        rules.covering)
+    reconciler.active = rules.active = notifier.active = lambda: leader.is_leader
     reconciler.rule_scan_changed.append(rules.touch)
+    reconciler.scan_changed.append(notifier.scan_changed)
+    rules.seen.append(lambda r: notifier.rule_changed(r.namespace, r.name, r.uid, r.spec,
+                                                      {"notifications": r.receivers}))
+    rules.gone.append(lambda r: notifier.rule_deleted(r.namespace, r.name))
     validation.use_rules(rules.registry_url)
     configure(settings)
     if settings.metrics_port:
         prometheus_client.start_http_server(settings.metrics_port)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    tasks = [asyncio.create_task(kopf.operator(clusterwide=True, liveness_endpoint=liveness)),
-             asyncio.create_task(reconciler.run()), asyncio.create_task(rules.run())]
+    work: list[Coroutine[Any, Any, None]] = [
+        kopf.operator(clusterwide=True, liveness_endpoint=liveness),
+        leader.run(), reconciler.run(), rules.run()]
     if settings.admission_port:
         gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
-        tasks += [asyncio.create_task(gate.run()),
-                  asyncio.create_task(AdmissionServer(gate, settings).run())]
+        gate.on_blocked = notifier.blocked
+        server = AdmissionServer(gate, settings)
+        work += [gate.run(), server.run()]
         if settings.manage_admission_configuration and settings.webhook_ca_file:
-            tasks.append(asyncio.create_task(configuration.keep_current(
+            work.append(configuration.keep_current(
                 kube, settings, settings.webhook_ca_file.read_bytes(), gate.pinning,
-                gate.policies_changed)))
+                gate.policies_changed, server.listening))
         elif settings.manage_admission_configuration:
             log.warning("no webhook CA file: the workload webhook configurations are not "
                         "managed (render them with the chart)")
     if settings.push_port:
-        tasks.append(asyncio.create_task(PushReceiver(kube, settings, rules.on_push).run()))
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    for task in done:
-        task.result()
+        work.append(PushReceiver(kube, settings, rules.on_push).run())
+    tasks = [asyncio.create_task(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # the Lease is handed over
 
 
 def run(argv: Sequence[str] | None = None) -> None:

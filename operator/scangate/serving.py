@@ -33,13 +33,16 @@ def server_tls(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-async def serve(app: web.Application, settings: Settings, port: int, what: str) -> None:
-    """Serve `app` over TLS on `port` until cancelled."""
+async def serve(app: web.Application, settings: Settings, port: int, what: str,
+                listening: asyncio.Event | None = None) -> None:
+    """Serve `app` over TLS on `port` until cancelled; `listening` is set once it is."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.webhook_address, port, ssl_context=server_tls(settings))
     await site.start()
     log.info(f"{what} listening", extra={"port": port})
+    if listening is not None:
+        listening.set()
     try:
         await asyncio.Event().wait()
     finally:

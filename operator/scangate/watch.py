@@ -27,7 +27,7 @@ Obj = dict[str, Any]
 PAGE_SIZE = 100
 """Objects per LIST page: each page is parsed at once, and a smaller one keeps the
 start-up's peak memory down."""
-WATCH_SECONDS = 300
+WATCH_SECONDS = 120
 READ_TIMEOUT = WATCH_SECONDS + 30
 
 
@@ -124,6 +124,12 @@ class Feed(Generic[T]):
             if e.status == 410:
                 raise Gone() from None
             raise
+        # A watch the API server forgets (its cacher replaced when the CRD changes, say)
+        # may hold the connection open and send nothing, or only bookmarks, for ever:
+        # the read timeout never fires. Close it once it has outlived its own timeout.
+        watchdog = threading.Timer(WATCH_SECONDS + 30, response.close)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             for line in _lines(response):
                 event = json.loads(line)
@@ -140,6 +146,7 @@ class Feed(Generic[T]):
                 if new_version:
                     version = str(new_version)
         finally:
+            watchdog.cancel()
             response.release_conn()
         return version
 

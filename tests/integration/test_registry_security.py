@@ -121,6 +121,10 @@ CAN = [
     ("list", "scanpolicies.scangate.dev"), ("watch", "scanpolicies.scangate.dev"),
     ("list", "namespaces"), ("watch", "namespaces"),
 ]
+# In the operator's namespace only.
+CAN_THERE = [("create", "leases.coordination.k8s.io"),
+             ("update", "leases.coordination.k8s.io/scangate-leader"),
+             ("get", "leases.coordination.k8s.io/scangate-leader")]
 CANNOT = [
     ("list", "secrets"), ("watch", "secrets"), ("patch", "secrets/team-creds"),
     ("delete", "secrets/scangate-trivy-token"),
@@ -132,14 +136,24 @@ CANNOT = [
     ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"), ("patch", "namespaces"),
     ("update", "scanpolicies.scangate.dev"), ("delete", "namespaces"),
+    ("create", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io/other"),
 ]
 
 
-def _can(kubectl: Kubectl, verb: str, resource: str, subresource: str = "") -> bool:
+def _can(kubectl: Kubectl, verb: str, resource: str, subresource: str = "",
+         namespace: str | None = None) -> bool:
     extra = [f"--subresource={subresource}"] if subresource else []
-    answer = kubectl.run("auth", "can-i", verb, resource, *extra, "--all-namespaces",
+    where = ["-n", namespace] if namespace else ["--all-namespaces"]
+    answer = kubectl.run("auth", "can-i", verb, resource, *extra, *where,
                          "--as=system:serviceaccount:scangate-system:scangate", check=False)
     return answer.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("check", CAN_THERE, ids=[" ".join(c) for c in CAN_THERE])
+def test_the_operator_can_elect_a_leader_in_its_own_namespace_only(
+        kubectl: Kubectl, check: tuple[str, str]) -> None:
+    assert _can(kubectl, *check, namespace="scangate-system")
+    assert not _can(kubectl, *check, namespace="default")
 
 
 @pytest.mark.parametrize("check", CAN, ids=[" ".join(c) for c in CAN])

@@ -330,17 +330,22 @@ class Sandbox:
         path.chmod(0o600)
         return path
 
-    def stop_operator(self, sig: int = signal.SIGTERM) -> None:
+    def stop_operator(self, sig: int = signal.SIGTERM, name: str = "operator") -> None:
         """Stop the operator (SIGKILL to simulate a crash); the rest keeps running."""
         pids = self._pids()
         for p in pids:
-            if p["name"] == "operator":
+            if p["name"] == name:
                 self._stop(int(str(p["pid"])), sig, grace=15)
-        self.pids_file.write_text(json.dumps([p for p in pids if p["name"] != "operator"]))
+        self.pids_file.write_text(json.dumps([p for p in pids if p["name"] != name]))
 
-    def start_operator(self, timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> None:
+    def operator_pid(self, name: str = "operator") -> int:
+        return int(str(next(p["pid"] for p in self._pids() if p["name"] == name)))
+
+    def start_operator(self, timeout: float = 60.0, extra_args: tuple[str, ...] = (),
+                       name: str = "operator") -> None:
         """Install the CRDs and run `scangate run` from the checkout with its webhooks,
-        as the chart's ServiceAccount (so the tests exercise the chart's RBAC)."""
+        as the chart's ServiceAccount (so the tests exercise the chart's RBAC). Another
+        `name` starts another replica beside it (its webhooks then take over)."""
         self.kubectl("apply", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                      "-f", str(REPO / "crds"))
@@ -356,12 +361,14 @@ class Sandbox:
         cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
         webhook_port, metrics_port, health_port, admission_port = (
             free_port(), free_port(), free_port(), free_port())
-        self._spawn("operator", [
+        self._spawn(name, [
             str(Path(sys.executable).parent / "scangate"), "run",
             "--namespace", "scangate-system", "--log-format", "text",
             "--webhook-host", "127.0.0.1", "--webhook-address", "127.0.0.1",
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
-            "--health-port", str(health_port), "--push-port", self.env["PUSH_PORT"],
+            "--health-port", str(health_port),
+            # The registry notifies the first replica's port; another needs its own.
+            "--push-port", self.env["PUSH_PORT"] if name == "operator" else str(free_port()),
             "--admission-port", str(admission_port),
             "--webhook-cert-file", str(cert.cert), "--webhook-key-file", str(cert.key),
             "--webhook-ca-file", str(ca.cert_path),
@@ -391,6 +398,18 @@ class Sandbox:
             return False
 
         self._until(refused, timeout, "operator webhook")
+        if "--no-manage-admission-configuration" not in extra_args:
+            # And its gate is the one the API server calls (a second replica takes over).
+            gate = f"{self.env['SCANGATE_ADMISSION']}/validate"
+
+            def gate_current() -> bool:
+                with contextlib.suppress(RuntimeError):  # not created yet
+                    return self.kubectl(
+                        "get", "validatingwebhookconfiguration", "scangate-workloads", "-o",
+                        "jsonpath={.webhooks[0].clientConfig.url}") == gate
+                return False
+
+            self._until(gate_current, timeout, "operator gate")
 
     def _node_path(self) -> str:
         """PATH of the node's containers: the host's, plus the virtualenv (trivy lives there)."""

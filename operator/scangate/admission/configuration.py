@@ -85,10 +85,13 @@ def pin_configuration(settings: Settings, ca_bundle: bytes) -> Obj:
 
 
 async def keep_current(kube: Kube, settings: Settings, ca_bundle: bytes,
-                       pinning: Callable[[], bool], changed: asyncio.Event) -> None:
+                       pinning: Callable[[], bool], changed: asyncio.Event,
+                       listening: asyncio.Event) -> None:
     """Keep the configurations current: the gate's always; the pinDigests one only while
     a ScanPolicy pins digests, so that a cluster without one pays no second webhook call
-    per request. Runs until cancelled, acting each time `changed` is set."""
+    per request. Runs until cancelled, acting each time `changed` is set; starts once the
+    gate is `listening` (a configuration naming a closed port would refuse workloads)."""
+    await listening.wait()
     await kube.put_webhook(webhook_configuration(settings, ca_bundle))
     log.info("workload webhook configuration %s current", NAME)
     pinned: bool | None = None

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -97,6 +97,8 @@ class Gate:
         them would refuse every scan that could lift a denial)."""
         self.policies: dict[str, PolicyState] = {}
         self.policies_changed = asyncio.Event()
+        self.on_blocked: Callable[[Decision, str, dict[str, list[Obj]]], None] | None = None
+        """Called with each refusal (not on dry runs): the notifier's Blocked events."""
         self.namespaces: dict[str, dict[str, str]] = {}
         self.digest_ttl = parse_duration(settings.admission_digest_ttl).total_seconds()
         self._digests: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
@@ -183,6 +185,10 @@ class Gate:
         decision = decide(policies, results, namespace, self.namespaces.get(namespace, {}),
                           meta.get("annotations") or {}, now, scans_namespace=namespace)
         if not request.get("dryRun"):
+            if not decision.allowed and self.on_blocked is not None:
+                self.on_blocked(decision, namespace, {
+                    p.name: [n.dump() for n in p.spec.notifications or []]
+                    for p in policies if p.spec.notifications})
             for image in decision.needs_scan:
                 if image in refs:
                     self._request_scan(namespace, refs[image],

@@ -30,13 +30,17 @@ BODY_TIMEOUT = 10.0
 class AdmissionServer:
     def __init__(self, gate: Gate, settings: Settings) -> None:
         self.gate, self.settings = gate, settings
+        self.listening = asyncio.Event()
+        """Set once the server accepts connections: only then may the API server be
+        told to send reviews here."""
 
     async def run(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post(PATH, self.validate)
         app.router.add_post(PIN_PATH, self.mutate)
         app.router.add_get("/readyz", self.readyz)
-        await serve(app, self.settings, self.settings.admission_port, "admission gate")
+        await serve(app, self.settings, self.settings.admission_port, "admission gate",
+                    self.listening)
 
     async def readyz(self, _: web.Request) -> web.Response:
         """Ready when the gate holds the policies and namespaces it decides with."""

@@ -113,6 +113,17 @@ class ScannedWith(Model):
     """Whether vulnerabilities without a fixed version were left out."""
 
 
+class Notified(Model):
+    """What one receiver was last sent about this scan."""
+
+    key: str = Field(max_length=256)
+    """The idempotency key of the event delivered (or passed over by the receiver's
+    filters): an event with another key is still to be sent."""
+    ids: list[str] | None = Field(default=None, max_length=20000)
+    """Short hashes of the vulnerability IDs of the result it was about, for
+    onlyNewFindings (scangate.core.notify.id_digest)."""
+
+
 class ImageScanStatus(StatusBase):
     """The scan's progress and result."""
 
@@ -155,6 +166,9 @@ class ImageScanStatus(StatusBase):
     """Counts of findings that have a fixed version."""
     findings: list[Finding] | None = None
     """The findings, most severe first, bounded in size; summary counts cover all of them."""
+    notified: dict[str, Notified] | None = None
+    """Per receiver (ScanRule notification name): the last event delivered to it. A
+    completion whose event is not recorded here is delivered, after a restart too."""
     findings_truncated: bool | None = None
     """True when some findings were left out of .status.findings to bound the object's size."""
     vulnerability_index: str | None = Field(default=None, max_length=256 * 1024)

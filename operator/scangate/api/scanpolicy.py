@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic.config import JsonDict
 
 from scangate.api.common import Duration, LabelSelector, Model, StatusBase
+from scangate.api.scanrule import Notification
 
 # Field-level item constraints replace pydantic's items schema, so they repeat the type.
 GLOB_LIST: JsonDict = {"items": {"type": "string", "minLength": 1, "maxLength": 512}}
@@ -98,6 +99,9 @@ class ScanPolicySpec(Model):
     """Results older than this count as unscanned, e.g. 24h or 7d."""
     failed_scan: Literal["Deny", "Allow"] = "Deny"
     """What to do with an image whose scan failed."""
+    notifications: list[Notification] | None = Field(default=None, max_length=16)
+    """Receivers of this policy's Blocked events; their Secrets live in the operator's
+    namespace (a ScanPolicy has none of its own)."""
     break_glass: BreakGlass = Field(default_factory=BreakGlass, json_schema_extra={"default": {}})
     """Emergency override."""
     pin_digests: bool = False

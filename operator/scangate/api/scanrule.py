@@ -175,6 +175,23 @@ class LastRun(Model):
     """ImageScans created (images whose digest had a fresh result were not scanned again)."""
 
 
+class ReceiverStatus(Model):
+    """The delivery state of one notification receiver."""
+
+    name: str = Field(max_length=63)
+    """The notification's name."""
+    since: datetime | None = None
+    """When scangate first saw the receiver: scans finished before it are not sent."""
+    last_delivery: datetime | None = None
+    """When a message last reached it."""
+    deliveries: int = Field(default=0, ge=0)
+    """Messages delivered (a summary counts once)."""
+    failures: int = Field(default=0, ge=0)
+    """Failed attempts since the last delivery."""
+    last_error: str | None = Field(default=None, max_length=1024)
+    """Why the last attempt failed (never the URL or a secret)."""
+
+
 class ScanRuleStatus(StatusBase):
     """Observed state of a ScanRule."""
 
@@ -186,6 +203,8 @@ class ScanRuleStatus(StatusBase):
     """Findings by severity over the rule's images."""
     last_scan_now: str | None = Field(default=None, max_length=256)
     """The scangate.dev/scan-now value last acted on."""
+    notifications: list[ReceiverStatus] | None = Field(default=None, max_length=16)
+    """Delivery state per notification receiver."""
     last_schedule_time: datetime | None = None
     """The scheduled time of the last scheduled run: the next one is the schedule's first
     time after it, so a restart neither misses nor doubles a run."""

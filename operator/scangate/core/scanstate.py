@@ -88,6 +88,18 @@ class ScanState:
     """The Ready condition's status and lastTransitionTime."""
     claimed: bool = False
     """Changed by the operator ahead of the API (see ScanIndex.upsert_scan)."""
+    completion_time: datetime | None = None
+    notified: tuple[tuple[str, str], ...] = ()
+    """(receiver, event key) of the notifications delivered about this scan."""
+
+    @property
+    def event_key(self) -> str | None:
+        """The identity of the scan's latest outcome, for notifications: the same across
+        restarts, new with each completion or failure."""
+        if self.phase not in ("Completed", "Failed"):
+            return None
+        when = self.completion_time or self.scanned_at
+        return f"{self.uid}/{self.phase}/{when.isoformat() if when else ''}"
 
     @property
     def ref(self) -> Ref:
@@ -145,7 +157,16 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         summary=summary, fixable=_counts(status.get("fixable")),
         ready=(str(ready.get("status")), str(ready.get("lastTransitionTime")))
         if ready else None,
+        completion_time=parse_time(status.get("completionTime")),
+        notified=_notified(status.get("notified")),
     )
+
+
+def _notified(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        return ()
+    return tuple(sorted((str(k), str(v.get("key"))) for k, v in value.items()
+                        if isinstance(v, dict) and isinstance(v.get("key"), str)))
 
 
 @dataclass(frozen=True, slots=True)

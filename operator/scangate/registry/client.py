@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import re
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scangate.core.destinations import DestinationRefused, Destinations
 from scangate.core.errors import describe_validation
 from scangate.core.images import ImageRef
+from scangate.outbound import check_destination
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -267,20 +266,8 @@ class RegistryClient:
     async def _check_destination(self, request: httpx.Request) -> None:
         """httpx's request hook: it runs before every request, redirects included."""
         assert self.destinations is not None
-        host, port = request.url.host, _origin(request.url)[2]
         try:
-            ipaddress.ip_address(host)
-            addresses = [host]
-        except ValueError:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM)
-            except OSError as e:  # as httpx would fail on its own lookup: unreachable
-                raise httpx.ConnectError(f"cannot resolve {host}: {e}", request=request
-                                         ) from None
-            addresses = [str(info[4][0]) for info in infos]
-        try:
-            self.destinations.check(host, port, addresses)
+            await check_destination(self.destinations, request)
         except DestinationRefused as e:
             raise RegistryRefused(str(e)) from None
 

@@ -101,6 +101,10 @@ class ScanReconciler:
         self._token: dict[str, str] | None = None
         """The Trivy server token's Secret data, and the namespaces holding a copy."""
         self._token_copies: set[str] = set()
+        self.active: Callable[[], bool] = lambda: True
+        """Whether this replica leads (scangate.leader)."""
+        self.scan_changed: list[Callable[[ScanState], None]] = []
+        """Called with each ImageScan as it is listed or changes (the notifier)."""
         self.rule_scan_changed: list[Callable[[str, str], None]] = []
         """Called with (namespace, rule) when one of a ScanRule's ImageScans changes."""
         self._results: dict[tuple[str, str, int], Obj] = {}
@@ -127,13 +131,19 @@ class ScanReconciler:
     def _on_scans(self, states: list[ScanState]) -> None:
         self.index.replace_scans(states)
         self._wake.set()
+        for state in states:
+            for hook in self.scan_changed:
+                hook(state)
 
     def _on_scan(self, state: ScanState) -> None:
         changed = self.index.upsert_scan(state)
         self._changed(changed)
+        if changed:
+            for hook in self.scan_changed:
+                hook(state)
         if changed and state.owner:
-            for hook in self.rule_scan_changed:
-                hook(state.namespace, state.owner)
+            for touch in self.rule_scan_changed:
+                touch(state.namespace, state.owner)
 
     def _on_scan_deleted(self, state: ScanState) -> None:
         self._changed(self.index.delete_scan(state.ref))
@@ -171,7 +181,10 @@ class ScanReconciler:
                 task.cancel()
 
     def reconcile(self) -> None:
-        """One pass: start a task for each piece of work that is due and not under way."""
+        """One pass: start a task for each piece of work that is due and not under way.
+        Only the leader acts: the other replicas keep the state, ready to take over."""
+        if not self.active():
+            return
         current = datetime.now(UTC)
         for scan, job in self.index.collectable():
             self._spawn(scan, partial(self._collect, scan, job))

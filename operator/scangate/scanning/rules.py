@@ -103,6 +103,8 @@ class RuleState:
     last_scan_now: str | None = None
     images: int | None = None
     totals: tuple[int, ...] | None = None
+    receivers: list[dict[str, Any]] = field(default_factory=list, hash=False, compare=False)
+    """status.notifications: each receiver's delivery state."""
 
     @property
     def ref(self) -> Ref:
@@ -148,7 +150,8 @@ def project_rule(obj: Obj) -> RuleState:
         last_scan_now=status.get("lastScanNow"),
         images=status.get("images") if isinstance(status.get("images"), int) else None,
         totals=tuple((status.get("totals") or {}).get(k, 0) for k in (*SEVERITY_KEYS, "total"))
-        if isinstance(status.get("totals"), dict) else None)
+        if isinstance(status.get("totals"), dict) else None,
+        receivers=[r for r in status.get("notifications") or [] if isinstance(r, dict)])
 
 
 @dataclass(frozen=True)
@@ -185,14 +188,25 @@ class RuleController:
         self._registry_slots: dict[str, asyncio.Semaphore] = {}
         self._api_slots = asyncio.Semaphore(settings.api_concurrency)
         self.retry_backoff = parse_duration(settings.retry_backoff)
+        self.active: Callable[[], bool] = lambda: True
+        """Whether this replica leads (scangate.leader)."""
+        self._was_active = False
+        self.seen: list[Callable[[RuleState], None]] = []
+        """Called with each rule as it is listed or changes (the notifier's receivers)."""
+        self.gone: list[Callable[[RuleState], None]] = []
         self.feed = Feed("scanrules", partial(kube.custom.list_cluster_custom_object, GROUP,
                                               VERSION, PLURAL),
                          project_rule, Sink(self._replace, self._upsert, self._delete))
 
     def _replace(self, rules: list[RuleState]) -> None:
+        for held in set(self.rules) - {r.ref for r in rules}:
+            self._delete(self.rules[held])
         self.rules = {r.ref: r for r in rules}
         self._changed = set(self.rules)
         self._wake.set()
+        for rule in rules:
+            for hook in self.seen:
+                hook(rule)
 
     def _upsert(self, rule: RuleState) -> None:
         held = self.rules.get(rule.ref)
@@ -202,13 +216,35 @@ class RuleController:
             self.rules[rule.ref] = rule
             self._changed.add(rule.ref)
             self._wake.set()
+            for hook in self.seen:
+                hook(rule)
 
     def _delete(self, rule: RuleState) -> None:
         # Its ImageScans go with it: they are owned by it (garbage collection).
         self.rules.pop(rule.ref, None)
+        for hook in self.gone:
+            hook(rule)
         self._retries.pop(rule.ref, None)
         self._due_at.pop(rule.ref, None)
         self._filters.pop(rule.ref, None)
+
+    def covering(self, image: str) -> list[tuple[str, str, list[Obj]]]:
+        """The rules whose registry, scope and tag filter cover an image, with their
+        notifications (for Blocked events)."""
+        try:
+            ref = parse_image(image)
+        except InvalidReference:
+            return []
+        candidates = [(f"{r.namespace}/{r.name}", registry_host(r.host), r.scope, f, True)
+                      for r in self.rules.values() if r.spec.get("notifications")
+                      and (f := self._tag_filter(r)) is not None]
+        found = []
+        for match in matching_rules(candidates, registry_host(ref.registry), ref.repository,
+                                    ref.tag or ""):
+            namespace, _, name = match.partition("/")
+            rule = self.rules[(namespace, name)]
+            found.append((namespace, name, list(rule.spec.get("notifications") or [])))
+        return found
 
     def registry_url(self, namespace: str, rule: str) -> str | None:
         held = self.rules.get((namespace, rule))
@@ -240,6 +276,12 @@ class RuleController:
         return min(max(wait, 0.0), self.settings.reconcile_interval)
 
     def reconcile(self) -> None:
+        if not self.active():  # only the leader runs rules; the changes wait for it
+            self._was_active = False
+            return
+        if not self._was_active:  # leading now: look at every rule once
+            self._was_active = True
+            self._changed |= set(self.rules)
         current = datetime.now(UTC)
         refs, self._changed = self._changed, set()
         while self._due and self._due[0][0] <= current:

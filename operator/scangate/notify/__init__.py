@@ -1,0 +1,1 @@
+"""Notifications: DingTalk robots and HTTP(S) webhooks."""

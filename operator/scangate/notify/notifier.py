@@ -1,0 +1,455 @@
+"""Delivery of notifications: ScanRule receivers (ScanCompleted, ScanFailed, Blocked)
+and ScanPolicy receivers (Blocked), to DingTalk robots and HTTP(S) webhooks.
+
+At least once, across restarts: what was delivered is recorded in the ImageScan's
+status (`status.notified[receiver]`, the event's key), so an event whose key is not
+recorded there is pending, whoever looks; the record is written after the receiver
+accepted it (a crash in between sends it again, and the idempotency key lets the
+receiver tell). A receiver's state (since, last delivery, failures, last error) is
+kept in its ScanRule's status. Blocked events come from admission, which stores
+nothing: they are retried like the others while the operator runs.
+
+Each receiver has one worker and a bounded queue; a failed send is retried with a
+doubling delay up to MAX_ATTEMPTS, then recorded (an Event, the receiver's status, a
+metric) and left for the next restart. A DingTalk robot gets at most 20 messages a
+minute: what exceeds that is folded into a summary message, never dropped. URLs and
+secrets are read from Secrets when sending and appear in no log, Event, status or
+metric label; receivers resolving to refused addresses (link-local, metadata, the API
+server; loopback unless allowed) are not contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from kubernetes.client.exceptions import ApiException
+
+from scangate import metrics
+from scangate.api import GROUP, VERSION
+from scangate.config import Settings
+from scangate.core.destinations import DestinationRefused, Destinations
+from scangate.core.notify import (
+    MAX_ATTEMPTS,
+    RobotWindow,
+    ScanEvent,
+    dingtalk_message,
+    dingtalk_signed_url,
+    dingtalk_summary,
+    id_digest,
+    plan,
+    retry_delay,
+    wants,
+    webhook_headers,
+    webhook_payload,
+)
+from scangate.core.policy import Decision
+from scangate.core.scanstate import ScanIndex, ScanState, parse_time
+from scangate.core.trivy import decode_index
+from scangate.kube import Kube, Obj, now
+from scangate.outbound import check_destination
+from scangate.registry.auth import CredentialsError, secret_field
+from scangate.scanning.registries import tls_context
+
+log = logging.getLogger("scangate.notify")
+QUEUE_LIMIT = 10_000
+"""Pending events held per receiver; more wait in the API (their keys are not recorded)
+and are picked up when the queue drains or at the next start."""
+SECRET_TTL = 30.0
+STATUS_EVERY = 2.0
+"""Seconds between writes of a rule's receiver states (deliveries coalesce)."""
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """One notification of a ScanRule or ScanPolicy."""
+
+    kind: str  # ScanRule | ScanPolicy
+    namespace: str
+    """Where its Secrets live: the rule's namespace, or the operator's for a policy."""
+    owner: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.namespace + '/' if self.kind == 'ScanRule' else ''}" \
+               f"{self.owner} receiver {self.name}"
+
+
+@dataclass
+class Pending:
+    event: ScanEvent
+    scan: ScanState | None = None
+    """The ImageScan whose status records the delivery (None for Blocked)."""
+    current_ids: frozenset[str] | None = None
+    previous: list[str] | None = None
+    """The short ID hashes of the result this receiver last heard of (onlyNewFindings)."""
+    delivered: bool = False
+    """Recorded as delivered already (by the replica that led before)."""
+
+
+@dataclass
+class ReceiverState:
+    spec: Mapping[str, Any]
+    queue: deque[Pending] = field(default_factory=deque)
+    queued: set[str] = field(default_factory=set)
+    since: datetime | None = None
+    last_delivery: str | None = None
+    deliveries: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    task: asyncio.Task[None] | None = None
+
+
+Covering = Callable[[str], list[tuple[str, str, list[Obj]]]]
+"""An image -> the ScanRules covering it: (namespace, name, notifications)."""
+
+
+class Notifier:
+    def __init__(self, kube: Kube, settings: Settings, index: ScanIndex,
+                 destinations: Destinations, covering: Covering) -> None:
+        self.kube, self.settings, self.index = kube, settings, index
+        self.destinations = destinations
+        self.covering = covering
+        self.active: Callable[[], bool] = lambda: True
+        """Whether this replica leads (scangate.leader): only the leader sends."""
+        self.receivers: dict[Receiver, ReceiverState] = {}
+        self.rules: dict[tuple[str, str], str] = {}
+        """ScanRule namespace/name -> uid, of the rules seen."""
+        self._windows: dict[str, RobotWindow] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, Obj | None]] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- what there is to send ---------------------------------------------------------
+
+    def rule_changed(self, namespace: str, name: str, uid: str, spec: Obj, status: Obj
+                     ) -> None:
+        """A ScanRule was seen (from the rule controller's watch)."""
+        self.rules[(namespace, name)] = uid
+        wanted = {n.get("name"): n for n in spec.get("notifications") or []}
+        held = {r.name: r for r in self.receivers if r.kind == "ScanRule"
+                and (r.namespace, r.owner) == (namespace, name)}
+        for gone in set(held) - set(wanted):
+            state = self.receivers.pop(held[gone])
+            if state.task:
+                state.task.cancel()
+        recorded = {r.get("name"): r for r in status.get("notifications") or []}
+        added = False
+        for receiver_name, receiver_spec in wanted.items():
+            receiver = Receiver("ScanRule", namespace, name, str(receiver_name))
+            held_state = self.receivers.get(receiver)
+            if held_state is None:
+                old = recorded.get(receiver_name) or {}
+                held_state = self.receivers[receiver] = ReceiverState(
+                    receiver_spec, since=parse_time(old.get("since")),
+                    last_delivery=old.get("lastDelivery"),
+                    deliveries=int(old.get("deliveries") or 0))
+                if held_state.since is None:  # new: what finished before is not news to it
+                    held_state.since = datetime.now(UTC)
+                    self._dirty.add((namespace, name))
+                added = True
+            held_state.spec = receiver_spec
+        if added:  # what the rule's scans hold may be news to a new receiver
+            for scan in self.index.by_rule(namespace, name):
+                self.scan_changed(scan)
+
+    def rule_deleted(self, namespace: str, name: str) -> None:
+        self.rule_changed(namespace, name, "", {}, {})
+        self.rules.pop((namespace, name), None)
+
+    def scan_changed(self, scan: ScanState) -> None:
+        """An ImageScan changed (from the scan reconciler's watch): queue its outcome for
+        each receiver of its rule that has not had it."""
+        key = scan.event_key
+        rule = scan.owner or scan.rule
+        if key is None or rule is None:
+            return
+        event = "ScanCompleted" if scan.phase == "Completed" else "ScanFailed"
+        done = dict(scan.notified)
+        finished = scan.completion_time or scan.scanned_at
+        for receiver, state in self.receivers.items():
+            if (receiver.kind != "ScanRule" or (receiver.namespace, receiver.owner)
+                    != (scan.namespace, rule) or done.get(receiver.name) == key
+                    or key in state.queued or len(state.queue) >= QUEUE_LIMIT):
+                continue
+            if event not in (state.spec.get("events") or ["ScanCompleted", "ScanFailed"]):
+                continue
+            if state.since and finished and finished < state.since:
+                continue
+            state.queued.add(key)
+            state.queue.append(Pending(ScanEvent(
+                event=event, key=key, source_kind="ScanRule",
+                source=f"{scan.namespace}/{rule}", image=scan.image, digest=scan.digest,
+                namespace=scan.namespace, counts=None, fixable=None, worst=(),
+                time=finished or datetime.now(UTC), reason=None, message=None), scan))
+            self._start(receiver, state)
+
+    def blocked(self, decision: Decision, namespace: str,
+                policy_notifications: Mapping[str, list[Obj]]) -> None:
+        """Admission refused a workload: tell the failing policies' receivers and those of
+        the rules covering each refused image that subscribe to Blocked."""
+        stamp = datetime.now(UTC)
+        for verdict in decision.violations:
+            if verdict.overridden or verdict.effect.label != "Enforce":
+                continue
+            event = ScanEvent(
+                event="Blocked", key=f"blocked/{namespace}/{verdict.policy}/{verdict.image}/"
+                f"{stamp.isoformat()}", source_kind="ScanPolicy", source=verdict.policy,
+                image=verdict.image, digest=verdict.digest, namespace=namespace,
+                counts=None, fixable=None,
+                worst=(), time=stamp, reason="Blocked", message=verdict.message)
+            targets = [(Receiver("ScanPolicy", self.settings.namespace, verdict.policy,
+                                 str(n.get("name"))), n)
+                       for n in policy_notifications.get(verdict.policy) or []]
+            for rule_ns, rule, notifications in self.covering(verdict.image):
+                targets += [(Receiver("ScanRule", rule_ns, rule, str(n.get("name"))), n)
+                            for n in notifications]
+            for receiver, spec in targets:
+                if "Blocked" not in (spec.get("events") or []):
+                    continue
+                state = self.receivers.setdefault(receiver, ReceiverState(spec))
+                if len(state.queue) < QUEUE_LIMIT:
+                    state.queue.append(Pending(event))
+                    self._start(receiver, state)
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _start(self, receiver: Receiver, state: ReceiverState) -> None:
+        if state.task is None or state.task.done():
+            state.task = asyncio.create_task(self._work(receiver, state))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _work(self, receiver: Receiver, state: ReceiverState) -> None:
+        attempts = 0
+        while state.queue:
+            if not self.active():
+                await asyncio.sleep(1.0)
+                continue
+            kind = str(state.spec.get("type", "webhook"))
+            try:
+                batch = await self._next_batch(receiver, state, kind)
+                if not batch:
+                    continue
+                await self._send(receiver, state, kind, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                attempts += 1
+                state.failures += 1
+                state.last_error = _describe(e)
+                metrics.NOTIFICATIONS.labels(kind, "failed").inc()
+                self._dirty.add((receiver.namespace, receiver.owner))
+                if attempts >= MAX_ATTEMPTS:
+                    await self._give_up(receiver, state)
+                    attempts = 0
+                    continue
+                await asyncio.sleep(retry_delay(attempts))
+                continue
+            attempts = 0
+
+    async def _next_batch(self, receiver: Receiver, state: ReceiverState, kind: str
+                          ) -> list[Pending]:
+        """The next message's events: one, or (a DingTalk robot over its rate) all pending
+        in one summary; events the receiver's filters pass over are recorded and dropped."""
+        head = state.queue[0]
+        await self._fill(receiver, head)
+        if head.delivered:
+            self._pop(state, 1)
+            return []
+        if not wants(state.spec, head.event, head.previous, head.current_ids):
+            await self._record(receiver, [head])
+            self._pop(state, 1)
+            return []
+        if kind != "dingtalk":
+            return [head]
+        window = self._windows.setdefault(await self._robot(receiver, state), RobotWindow())
+        while True:
+            current = datetime.now(UTC)
+            step = plan(len(state.queue), window.available(current))
+            if step == "single":
+                return [head]
+            if step == "summary":
+                for pending in list(state.queue)[1:]:
+                    await self._fill(receiver, pending)
+                return list(state.queue)
+            await asyncio.sleep(max((window.next_free(current) - current).total_seconds(),
+                                    0.05))
+
+    async def _fill(self, receiver: Receiver, pending: Pending) -> None:
+        """Complete a scan event from the ImageScan (counts, worst findings, IDs)."""
+        scan = pending.scan
+        if scan is None or pending.event.counts is not None:
+            return
+        obj = await self.kube.get_custom("imagescans", scan.namespace, scan.name) or {}
+        status = obj.get("status") or {}
+        if ((status.get("notified") or {}).get(receiver.name) or {}).get(
+                "key") == pending.event.key:
+            pending.delivered = True  # by another replica, before it stopped leading
+        worst = tuple(f for f in status.get("findings") or [] if isinstance(f, dict))[:5]
+        index = decode_index(status.get("vulnerabilityIndex"))
+        pending.current_ids = frozenset(index) if index is not None else None
+        pending.event = replace(pending.event, counts=status.get("summary") or {},
+                                fixable=status.get("fixable"), worst=worst,
+                                reason=status.get("reason"), message=status.get("message"))
+        pending.previous = ((status.get("notified") or {}).get(receiver.name) or {}).get("ids")
+
+    async def _send(self, receiver: Receiver, state: ReceiverState, kind: str,
+                    batch: list[Pending]) -> None:
+        url, secret = await self._url_and_secret(receiver, state)
+        client = httpx.AsyncClient(
+            verify=tls_context(state.spec.get("caBundle")), timeout=10.0,
+            follow_redirects=False,
+            event_hooks={"request": [lambda r: check_destination(self.destinations, r)]})
+        async with client:
+            if kind == "dingtalk":
+                if not secret:
+                    raise NotifyError("a DingTalk robot needs its signing secret "
+                                      "(signingSecretRef)")
+                body = (dingtalk_message(batch[0].event) if len(batch) == 1 else
+                        dingtalk_summary([p.event for p in batch], datetime.now(UTC)))
+                target = dingtalk_signed_url(url, secret, int(time.time() * 1000))
+                response = await client.post(target, json=body)
+                _check(response)
+                answer = response.json() if response.content else {}
+                code = answer.get("errcode", 0) if isinstance(answer, dict) else "?"
+                if code != 0:  # DingTalk answers 200 with its error in the body
+                    raise NotifyError(f"DingTalk answered errcode {code}")
+                window = self._windows[await self._robot(receiver, state)]
+                window.sent(datetime.now(UTC))
+            else:
+                payload = webhook_payload(batch[0].event)
+                response = await client.post(url, content=payload, headers=webhook_headers(
+                    batch[0].event, payload, secret))
+                _check(response)
+        metrics.NOTIFICATIONS.labels(kind, "delivered").inc()
+        state.deliveries += 1
+        state.failures = 0
+        state.last_error = None
+        state.last_delivery = now()
+        self._dirty.add((receiver.namespace, receiver.owner))
+        await self._record(receiver, batch)
+        self._pop(state, len(batch))
+
+    def _pop(self, state: ReceiverState, count: int) -> None:
+        for _ in range(count):
+            state.queued.discard(state.queue.popleft().event.key)
+
+    async def _record(self, receiver: Receiver, batch: list[Pending]) -> None:
+        """Write each delivered (or passed-over) event's key into its ImageScan's status."""
+        for pending in batch:
+            scan = pending.scan
+            if scan is None:
+                continue
+            marker: Obj = {"key": pending.event.key}
+            if pending.current_ids is not None:
+                marker["ids"] = id_digest(pending.current_ids)
+            with contextlib.suppress(ApiException):  # deleted meanwhile: nothing to record
+                await self.kube.patch_status("imagescans", scan.namespace, scan.name,
+                                             {"notified": {receiver.name: marker}})
+
+    async def _give_up(self, receiver: Receiver, state: ReceiverState) -> None:
+        pending = state.queue[0]
+        metrics.NOTIFICATIONS.labels(str(state.spec.get("type")), "abandoned").inc()
+        log.warning("%s: giving up on %s after %d attempts (%s); it is sent again at the "
+                    "next start", receiver.label, pending.event.key, MAX_ATTEMPTS,
+                    state.last_error)
+        if receiver.kind == "ScanRule":
+            uid = self.rules.get((receiver.namespace, receiver.owner))
+            await self.kube.event({"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanRule",
+                                   "metadata": {"name": receiver.owner,
+                                                "namespace": receiver.namespace, "uid": uid}},
+                                  "Warning", "NotificationFailed",
+                                  f"receiver {receiver.name}: {pending.event.event} of "
+                                  f"{pending.event.image} not delivered after "
+                                  f"{MAX_ATTEMPTS} attempts: {state.last_error}")
+        self._pop(state, 1)
+
+    # -- secrets and status --------------------------------------------------------------
+
+    async def _secret(self, namespace: str, name: str) -> Obj | None:
+        held = self._secrets.get((namespace, name))
+        if held is None or time.monotonic() - held[0] > SECRET_TTL:
+            held = (time.monotonic(), await self.kube.get_secret(namespace, name))
+            self._secrets[(namespace, name)] = held
+        return held[1]
+
+    async def _value(self, namespace: str, ref: Mapping[str, Any] | None) -> str | None:
+        if not ref:
+            return None
+        secret = await self._secret(namespace, str(ref.get("name")))
+        if secret is None:
+            raise NotifyError(f"Secret {ref.get('name')} not found")
+        try:
+            value = secret_field(secret, str(ref.get("name")), str(ref.get("key", "url")))
+        except CredentialsError as e:
+            raise NotifyError(str(e)) from None
+        if value is None:
+            raise NotifyError(f"Secret {ref.get('name')} has no key {ref.get('key', 'url')}")
+        return value.strip()
+
+    async def _url_and_secret(self, receiver: Receiver, state: ReceiverState
+                              ) -> tuple[str, str | None]:
+        url = await self._value(receiver.namespace, state.spec.get("urlSecretRef"))
+        assert url is not None
+        if not url.lower().startswith(("https://", "http://")):
+            raise NotifyError("the receiver URL in its Secret is not http(s)")
+        return url, await self._value(receiver.namespace, state.spec.get("signingSecretRef"))
+
+    async def _robot(self, receiver: Receiver, state: ReceiverState) -> str:
+        """A robot is its URL (several rules may share one): the key of its rate window,
+        held as a hash so that the URL's token stays out of memory dumps of the map."""
+        url, _ = await self._url_and_secret(receiver, state)
+        return hashlib.sha256(url.encode()).hexdigest()
+
+    async def _flush(self) -> None:
+        """Write the receiver states of rules with news, at most every STATUS_EVERY."""
+        while True:
+            await asyncio.sleep(STATUS_EVERY)
+            dirty, self._dirty = self._dirty, set()
+            for namespace, name in dirty:
+                states = [{"name": r.name, "since": s.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+                           if s.since else None, "lastDelivery": s.last_delivery,
+                           "deliveries": s.deliveries, "failures": s.failures,
+                           "lastError": s.last_error}
+                          for r, s in sorted(self.receivers.items(), key=lambda i: i[0].name)
+                          if r.kind == "ScanRule" and (r.namespace, r.owner) == (namespace,
+                                                                                 name)]
+                if (namespace, name) not in self.rules:
+                    continue
+                with contextlib.suppress(ApiException):
+                    await self.kube.patch_status("scanrules", namespace, name,
+                                                 {"notifications": states})
+
+
+class NotifyError(Exception):
+    """A receiver's answer or set-up that is not a delivery."""
+
+
+def _check(response: httpx.Response) -> None:
+    if not 200 <= response.status_code < 300:
+        raise NotifyError(f"the receiver answered HTTP {response.status_code}")
+
+
+def _describe(error: Exception) -> str:
+    """A failure in words that never carry the URL (httpx's messages quote it)."""
+    if isinstance(error, NotifyError | DestinationRefused):
+        return str(error)[:500]
+    if isinstance(error, httpx.TimeoutException):
+        return "the receiver did not answer in time"
+    if isinstance(error, httpx.HTTPError):
+        return f"the receiver could not be reached ({type(error).__name__})"
+    if isinstance(error, ApiException):
+        return f"the API server answered {error.status}"
+    return type(error).__name__
+
