@@ -25,7 +25,6 @@ import base64
 import json
 import os
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -36,13 +35,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
+from harness import run_in_sandbox
 from scale import Api, bounded, log  # the benchmarks' shared API client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from sandbox.controlplane import Sandbox, free_port, load_env
+from sandbox.controlplane import free_port, load_env
 
 GROUP_VERSION = "scangate.dev/v1alpha1"
 VEGETA_MODULE = "github.com/tsenart/vegeta/v12@v12.13.0"
@@ -308,10 +307,6 @@ def report(figures: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": "highest rate tried with p99 under 10 ms", "target": "reported",
          "value": f"{alone['highest_rate_p99_under_10ms']}/s", "pass": True},
     ]
-    print(json.dumps(figures, indent=1))
-    for t in targets:
-        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['name']}: {t['value']} "
-              f"(target {t['target']})")
     return targets
 
 
@@ -340,27 +335,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started_here = args.sandbox_dir is None
-    args.sandbox_dir = (Path(tempfile.mkdtemp(prefix="scangate-bench-")) if started_here
-                        else args.sandbox_dir.resolve())
-    sandbox = Sandbox(args.sandbox_dir) if started_here else Sandbox.attach(args.sandbox_dir)
-    try:
-        if started_here:
-            log(f"starting a sandbox in {args.sandbox_dir}")
-            sandbox.up(operator=True)
-        figures = asyncio.run(run_bench(args))
-        targets = report(figures)
-        if args.json:
-            args.json.write_text(json.dumps({"figures": figures, "targets": targets},
-                                            indent=1) + "\n")
-    except (RuntimeError, httpx.HTTPError, subprocess.CalledProcessError, ssl.SSLError) as e:
-        print(f"bench-admission failed: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started_here:
-            sandbox.down()
-    return 0
+    return run_in_sandbox("bench-admission", parse_args(argv), run_bench, report)
 
 
 if __name__ == "__main__":

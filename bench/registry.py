@@ -26,20 +26,20 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harness import run_in_sandbox
 from scale import Api, log  # the benchmarks' shared API client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
 from sandbox.advisories import load_images
-from sandbox.controlplane import Sandbox, load_env
+from sandbox.controlplane import load_env
 from sandbox.images import OCI_MANIFEST, Pusher, build_image
 from scangate.core.rules import scan_name
 from scangate.registry.client import RegistryClient
@@ -230,10 +230,6 @@ def report(figures: dict[str, Any]) -> list[dict[str, Any]]:
                   f"{enum['baseline_listing_seconds']} s)",
          "pass": enum["seconds"] <= ENUMERATION_TARGET_S},
     ]
-    print(json.dumps(figures, indent=1))
-    for t in targets:
-        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['name']}: {t['value']} "
-              f"(target {t['target']})")
     return targets
 
 
@@ -266,28 +262,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started_here = args.sandbox_dir is None
-    args.cleanup = not started_here
-    args.sandbox_dir = (Path(tempfile.mkdtemp(prefix="scangate-bench-")) if started_here
-                        else args.sandbox_dir.resolve())
-    sandbox = Sandbox(args.sandbox_dir) if started_here else Sandbox.attach(args.sandbox_dir)
-    try:
-        if started_here:
-            log(f"starting a sandbox in {args.sandbox_dir}")
-            sandbox.up(operator=True)
-        figures = asyncio.run(run_bench(args))
-        targets = report(figures)
-        if args.json:
-            args.json.write_text(json.dumps({"figures": figures, "targets": targets},
-                                            indent=1) + "\n")
-    except RuntimeError as e:
-        print(f"bench-registry failed: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started_here:
-            sandbox.down()
-    return 0
+    return run_in_sandbox("bench-registry", parse_args(argv), run_bench, report)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ async def main(settings: Settings) -> None:
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            task.result()
+            if not task.cancelled():  # kopf cancels what it started when it stops
+                task.result()
     finally:
         for task in tasks:
             task.cancel()

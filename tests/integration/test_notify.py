@@ -309,3 +309,39 @@ def _recorded(scan: dict[str, Any], receiver: str) -> bool:
     if status.get("phase") != "Completed" or not when:
         return False
     return bool(key.endswith(datetime.fromisoformat(when.replace("Z", "+00:00")).isoformat()))
+
+
+def test_a_policy_receiver_hears_of_a_refused_workload(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+) -> None:
+    image, _ = push_variant(sandbox_env, "debian-critical")
+    hook = Received()
+    name = f"blocked-{uuid.uuid4().hex[:6]}"
+    with serve(hook, False) as hook_url:
+        # A ScanPolicy has no namespace: its receivers' Secrets are the operator's.
+        secret(kubectl, "scangate-system", name, url=f"{hook_url}/blocked", key=HMAC_KEY)
+        kubectl.apply(json.dumps({
+            "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanPolicy",
+            "metadata": {"name": name},
+            "spec": {"action": "Enforce", "thresholds": {"critical": 0},
+                     "match": {"namespaces": [namespace]},
+                     "notifications": [{"name": "sec", "type": "webhook", "events": ["Blocked"],
+                                        "urlSecretRef": {"name": name},
+                                        "signingSecretRef": {"name": name, "key": "key"}}]}}))
+        try:
+            refused = kubectl.run("create", "deployment", "app", f"--image={image}", "-n",
+                                  namespace, check=False)
+            assert refused.returncode != 0
+            wait_for(lambda: hook.bodies, 60, "the Blocked event")
+            event = hook.bodies[0]
+            assert (event["event"], event["source"]) == ("Blocked", {"kind": "ScanPolicy",
+                                                                     "name": name})
+            assert event["namespace"] == namespace and image in event["image"]
+            assert "scan has started" in event["message"].lower() or "scanned" in event[
+                "message"]
+            expected = hmac.new(HMAC_KEY.encode(), hook.headers[0]["_raw"].encode(),
+                                hashlib.sha256).hexdigest()
+            assert hook.headers[0]["X-Scangate-Signature"] == f"sha256={expected}"
+        finally:
+            kubectl.run("delete", "scanpolicy", name, check=False)
+            kubectl.run("delete", "secret", name, "-n", "scangate-system", check=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -168,6 +169,11 @@ class ScanReconciler:
             await asyncio.gather(*(f.synced.wait() for f in self.feeds))
             log.info("scan state loaded", extra={"imagescans": len(self.index.scans),
                                                  "jobs": len(self.index.jobs)})
+            # What is loaded now lives as long as the process: keep it out of the garbage
+            # collector's full passes, which otherwise walk every projection held and
+            # stall the event loop (and every admission review waiting on it) each time.
+            gc.collect()
+            gc.freeze()
             while True:
                 self._wake.clear()
                 try:
