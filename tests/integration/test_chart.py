@@ -1,0 +1,94 @@
+"""The Helm chart: linted, and rendered for several values combinations that the real API
+server accepts (server-side dry run), with the conventions an HA install needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import Kubectl
+
+pytestmark = pytest.mark.sandbox
+CHART = Path(__file__).resolve().parents[2] / "charts" / "scangate"
+COMBINATIONS = {
+    "defaults": [],
+    "three replicas": ["--set", "replicas=3"],
+    "one replica": ["--set", "replicas=1"],
+    "standalone trivy": ["--set", "trivyServer.enabled=false",
+                         "--set", "config.trivyMode=Standalone",
+                         "--set", "config.trivyDbRepository=mirror.example.com/trivy-db:2"],
+    "certificate from a Secret": ["--set", "webhook.existingSecret=scangate-tls"],
+    "gate and push receiver off": ["--set", "config.admissionPort=0",
+                                   "--set", "config.pushPort=0"],
+    "fail open": ["--set", "config.admissionFailurePolicy=Ignore"],
+}
+
+
+def helm(env: dict[str, str], *args: str) -> str:
+    return subprocess.run([env["HELM"], *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def render(env: dict[str, str], namespace: str, *values: str, release: str = "scangate"
+           ) -> list[dict[str, Any]]:
+    text = helm(env, "template", release, str(CHART), "--namespace", namespace, *values)
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture
+def release_namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = f"chart-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_the_chart_lints(sandbox_env: dict[str, str]) -> None:
+    out = helm(sandbox_env, "lint", str(CHART), "--strict")
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("values", list(COMBINATIONS), ids=list(COMBINATIONS))
+def test_each_values_combination_is_accepted_by_the_api_server(
+    kubectl: Kubectl, sandbox_env: dict[str, str], release_namespace: str, values: str,
+) -> None:
+    # A release of this test's own name: its cluster-scoped objects are named after it.
+    objects = render(sandbox_env, release_namespace, *COMBINATIONS[values],
+                     release=release_namespace)
+    manifest = "\n---\n".join(yaml.safe_dump(o) for o in objects)
+    out = kubectl.run("apply", "--dry-run=server", "-n", release_namespace, "-f", "-",
+                      input=manifest, check=False)
+    assert out.returncode == 0, out.stderr
+    kinds = {o["kind"] for o in objects}
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "Role", "Service"} <= kinds
+
+
+def test_an_ha_install_spreads_replicas_and_keeps_the_gate_up(
+    sandbox_env: dict[str, str],
+) -> None:
+    objects = {(o["kind"], o["metadata"]["name"]): o
+               for o in render(sandbox_env, "scangate-system")}
+    deployment = objects[("Deployment", "scangate")]["spec"]
+    assert deployment["replicas"] >= 2
+    assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = deployment["template"]["spec"]
+    assert pod["affinity"]["podAntiAffinity"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admission",
+                                                      "scheme": "HTTPS"}
+    assert objects[("PodDisruptionBudget", "scangate")]["spec"]["minAvailable"] == 1
+    ports = {p["name"]: p for p in objects[("Service", "scangate-webhook")]["spec"]["ports"]}
+    assert ports["admission"]["port"] == 8443  # where the gate's configuration points
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SCANGATE_ADMISSION_FAILURE_POLICY"] == "Fail"
+    one = {(o["kind"], o["metadata"]["name"]) for o in
+           render(sandbox_env, "scangate-system", "--set", "replicas=1")}
+    assert ("PodDisruptionBudget", "scangate") not in one  # it would block every drain
+    assert json.dumps(container["securityContext"]).count("readOnlyRootFilesystem") == 1
