@@ -38,6 +38,13 @@ def render_yaml(obj: object) -> str:
     )
 
 
+def _values_schema(_: argparse.Namespace) -> int:
+    from scangate.api.chart import values_schema
+
+    sys.stdout.write(json.dumps(values_schema(), indent=2) + "\n")
+    return 0
+
+
 def _run(argv: Sequence[str]) -> int:
     from scangate.operator import run
 
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="print the CRDs generated from the models")
     crds.add_argument("--output-dir", help="write one file per CRD here instead of stdout")
     crds.set_defaults(func=_crds)
+
+    schema = sub.add_parser("values-schema",
+                            help="print the chart's values.schema.json (generated)")
+    schema.set_defaults(func=_values_schema)
 
     report = sub.add_parser("report", help="work with Trivy reports")
     report_sub = report.add_subparsers(dest="report_command", metavar="COMMAND", required=True)

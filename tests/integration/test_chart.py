@@ -92,3 +92,16 @@ def test_an_ha_install_spreads_replicas_and_keeps_the_gate_up(
            render(sandbox_env, "scangate-system", "--set", "replicas=1")}
     assert ("PodDisruptionBudget", "scangate") not in one  # it would block every drain
     assert json.dumps(container["securityContext"]).count("readOnlyRootFilesystem") == 1
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    (["--set", "config.admissionFailurePolicy=Sometimes"], "/config/admissionFailurePolicy"),
+    (["--set", "config.rescanInterval=daily"], "/config/rescanInterval"),
+    (["--set", "replicas=0"], "/replicas"),
+    (["--set", "config.noSuchSetting=1"], "noSuchSetting"),
+])
+def test_a_wrong_value_is_refused_naming_it(sandbox_env: dict[str, str], values: list[str],
+                                            named: str) -> None:
+    out = subprocess.run([sandbox_env["HELM"], "template", "scangate", str(CHART), *values],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and named in out.stderr, out.stderr

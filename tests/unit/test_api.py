@@ -94,10 +94,7 @@ def test_chart_values_mirror_the_settings() -> None:
     from scangate.config import Settings
 
     values = yaml.safe_load((ROOT / "charts" / "scangate" / "values.yaml").read_text())
-    # Set by the chart's templates from the release, not by values.
-    derived = {"namespace", "webhook_address", "webhook_host", "webhook_service",
-               "webhook_cert_file", "webhook_key_file", "webhook_ca_file", "trivy_server_url",
-               "trivy_token_secret", "push_token_secret"}
+    from scangate.api.chart import DERIVED as derived  # set by the templates, not values
     expected = {to_camel(name) for name in Settings.model_fields if name not in derived}
     assert set(values["config"]) == expected
     defaults = Settings()
@@ -105,3 +102,17 @@ def test_chart_values_mirror_the_settings() -> None:
         if name not in derived:
             default = getattr(defaults, name)
             assert values["config"][to_camel(name)] == ("" if default is None else default), name
+
+
+def test_the_chart_values_schema_is_generated_and_covers_the_values() -> None:
+    import json
+
+    from scangate.api.chart import values_schema
+
+    path = ROOT / "charts" / "scangate" / "values.schema.json"
+    assert json.loads(path.read_text()) == values_schema(), (
+        f"{path} is stale: run `scangate values-schema > {path}`")
+    values = yaml.safe_load((ROOT / "charts" / "scangate" / "values.yaml").read_text())
+    schema = values_schema()
+    assert set(values) == set(schema["properties"])
+    assert set(values["config"]) == set(schema["properties"]["config"]["properties"])
