@@ -105,3 +105,25 @@ def test_a_wrong_value_is_refused_naming_it(sandbox_env: dict[str, str], values:
     out = subprocess.run([sandbox_env["HELM"], "template", "scangate", str(CHART), *values],
                          capture_output=True, text=True)
     assert out.returncode != 0 and named in out.stderr, out.stderr
+
+
+def test_the_certificate_comes_from_cert_manager_or_a_secret_when_asked(
+    sandbox_env: dict[str, str],
+) -> None:
+    def kinds(*values: str) -> set[tuple[str, str]]:
+        return {(o["kind"], o["metadata"]["name"])
+                for o in render(sandbox_env, "scangate-system", *values)}
+
+    generated = kinds()
+    assert ("Secret", "scangate-webhook-tls") in generated
+    managed = kinds("--set", "webhook.certManager.enabled=true")
+    assert {("Certificate", "scangate-webhook"), ("Issuer", "scangate-selfsigned")} <= managed
+    assert ("Secret", "scangate-webhook-tls") not in managed
+    own_issuer = kinds("--set", "webhook.certManager.enabled=true",
+                       "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer",
+                       "--set", "webhook.certManager.issuerRef.name=corp-ca")
+    assert ("Issuer", "scangate-selfsigned") not in own_issuer
+    provided = kinds("--set", "webhook.existingSecret=corp-tls")
+    assert not {k for k in provided if k[0] in ("Certificate", "Secret")
+                and "webhook" in k[1]}
+    assert ("ServiceMonitor", "scangate") in kinds("--set", "serviceMonitor.enabled=true")
