@@ -45,6 +45,12 @@ def _values_schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from scangate.status import run
+
+    return run(args.image, args.namespace, args.wait, args.output)
+
+
 def _run(argv: Sequence[str]) -> int:
     from scangate.operator import run
 
@@ -184,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--image", help="the image reference (default: the report's "
                                        "ArtifactName)")
     check.set_defaults(func=_policy_check)
+
+    status = sub.add_parser(
+        "status", help="an image's scan status in the cluster and the ScanPolicies' verdicts "
+                       "(exit status 1 when it has no ImageScan)")
+    status.add_argument("image", metavar="IMAGE", help="the image reference (tag or digest)")
+    status.add_argument("-n", "--namespace", help="look only in this namespace")
+    status.add_argument("--wait", action="store_true",
+                        help="follow a scan in progress until it ends")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(func=_status)
 
     # `run` parses its own flags from the Settings model (see scangate.config).
     sub.add_parser("run", help="run the operator (flags: scangate run --help)", add_help=False)

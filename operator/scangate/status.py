@@ -1,0 +1,168 @@
+"""`scangate status IMAGE`: an image's scan status in the cluster, the counterpart of
+ACR's GetRepoTagScanStatus: phase, digest, counts, scan time, and which ScanPolicies
+would admit it. Reads with the user's kubeconfig; one LIST of ImageScans (a command,
+not the operator)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from scangate.api import GROUP, VERSION
+from scangate.core.images import ImageRef, InvalidReference, parse_image
+from scangate.core.policy import ImageResult, PolicyError, applies, judge, parse_policy
+from scangate.core.scanstate import SEVERITY_KEYS
+
+IN_PROGRESS = ("Pending", "Queued", "Scanning", None)
+Obj = dict[str, Any]
+
+
+class StatusError(Exception):
+    """The cluster cannot be asked (no kubeconfig, no access)."""
+
+
+def _same_image(ref: ImageRef, written: str) -> bool:
+    try:
+        other = parse_image(written)
+    except InvalidReference:
+        return False
+    if ref.digest:
+        return other.name == ref.name and ref.digest == other.digest
+    return other.name == ref.name and other.tag == ref.tag
+
+
+def choose(scans: list[Obj], ref: ImageRef) -> Obj | None:
+    """The ImageScan that speaks for the image: the newest completed result of it (by
+    its tag, or its digest: a result is the digest's, whoever scanned it), else the
+    newest one in progress, else the newest failed one."""
+    mine = [s for s in scans if _same_image(ref, str((s.get("spec") or {}).get("image", "")))
+            or (ref.digest and (s.get("status") or {}).get("digest") == ref.digest)]
+
+    def newest(phase_ok: Callable[[str | None], bool]) -> Obj | None:
+        chosen = [s for s in mine if phase_ok((s.get("status") or {}).get("phase"))]
+        return max(chosen, default=None, key=lambda s: str(
+            (s.get("status") or {}).get("scannedAt")
+            or (s.get("metadata") or {}).get("creationTimestamp") or ""))
+
+    return (newest(lambda p: p == "Completed") or newest(lambda p: p in IN_PROGRESS)
+            or newest(lambda p: p == "Failed"))
+
+
+def report(ref: ImageRef, scan: Obj | None, policies: list[Obj], now: datetime) -> Obj:
+    """The status as JSON: the scan, and each applicable policy's verdict."""
+    status = (scan or {}).get("status") or {}
+    meta = (scan or {}).get("metadata") or {}
+    namespace = str(meta.get("namespace", ""))
+    result = ImageResult.from_status(status) if scan else None
+    image = str(ref)
+    verdicts = []
+    for raw in policies:
+        try:
+            policy = parse_policy(raw)
+        except PolicyError:
+            continue
+        if not applies(policy, namespace, {}, image):
+            continue
+        verdict = judge(policy, result, image, now, scans_namespace=namespace or None)
+        verdicts.append({"name": policy.name, "action": policy.spec.action.value,
+                         "admits": not verdict.failed or policy.effect.label != "Enforce",
+                         "result": verdict.kind.value, "why": verdict.summary or None})
+    return {
+        "image": image, "imageScan": f"{namespace}/{meta.get('name')}" if scan else None,
+        "phase": status.get("phase") if scan else "NotScanned",
+        "digest": status.get("digest"), "summary": status.get("summary"),
+        "fixable": status.get("fixable"), "scannedAt": status.get("scannedAt"),
+        "reason": status.get("reason"), "message": status.get("message"),
+        "policies": verdicts}
+
+
+def render(status: Obj) -> str:
+    """The status as a few readable lines."""
+    lines = [f"image:      {status['image']}",
+             f"imagescan:  {status['imageScan'] or '-'}",
+             f"phase:      {status['phase']}"]
+    if status.get("digest"):
+        lines.append(f"digest:     {status['digest']}")
+    if status.get("summary"):
+        counts = status["summary"]
+        lines.append("findings:   " + "  ".join(f"{k.upper()} {counts.get(k, 0)}"
+                                              for k in SEVERITY_KEYS)
+                     + f"  (total {counts.get('total', 0)})")
+    if status.get("scannedAt"):
+        lines.append(f"scanned at: {status['scannedAt']}")
+    if status.get("reason"):
+        lines.append(f"reason:     {status['reason']}: {status.get('message') or ''}")
+    for p in status["policies"]:
+        word = "admits" if p["admits"] else "REFUSES"
+        lines.append(f"policy:     {p['name']} ({p['action']}) {word}"
+                     + (f": {p['why']}" if p["why"] else ""))
+    if not status["policies"]:
+        lines.append("policy:     no ScanPolicy applies")
+    return "\n".join(lines)
+
+
+def _cluster() -> tuple[Callable[[str | None], list[Obj]], Callable[[], list[Obj]]]:
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError) as e:
+        raise StatusError(f"no cluster to ask: {e}") from None
+    api = client.CustomObjectsApi()
+
+    def scans(namespace: str | None) -> list[Obj]:
+        try:
+            body: Any = (api.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                           "imagescans") if namespace
+                         else api.list_cluster_custom_object(GROUP, VERSION, "imagescans"))
+        except ApiException as e:
+            raise StatusError(f"cannot list ImageScans: {e.status} {e.reason}") from None
+        return list(body.get("items") or [])
+
+    def policies() -> list[Obj]:
+        try:
+            body: Any = api.list_cluster_custom_object(GROUP, VERSION, "scanpolicies")
+        except ApiException:
+            return []  # not allowed to read them: the status without verdicts
+        return list(body.get("items") or [])
+
+    return scans, policies
+
+
+def run(image: str, namespace: str | None, wait: bool, output: str,
+        timeout: float = 1800.0) -> int:
+    try:
+        ref = parse_image(image)
+    except InvalidReference as e:
+        print(f"scangate status: {e}", file=sys.stderr)
+        return 2
+    try:
+        scans, policies = _cluster()
+        spinner = itertools.cycle("|/-\\")
+        deadline = time.monotonic() + timeout
+        while True:
+            scan = choose(scans(namespace), ref)
+            phase = ((scan or {}).get("status") or {}).get("phase")
+            if not wait or scan is None or phase not in IN_PROGRESS:
+                break
+            if time.monotonic() > deadline:
+                print("scangate status: still not done; giving up", file=sys.stderr)
+                break
+            if sys.stderr.isatty():
+                print(f"\r{next(spinner)} {phase or 'Pending'}…", end="", file=sys.stderr)
+            time.sleep(2)
+        if wait and sys.stderr.isatty():
+            print("\r", end="", file=sys.stderr)
+        status = report(ref, scan, policies(), datetime.now(UTC))
+    except StatusError as e:
+        print(f"scangate status: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if output == "json" else render(status))
+    return 0 if scan is not None else 1
+
