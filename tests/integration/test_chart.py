@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,6 @@ def render(env: dict[str, str], namespace: str, *values: str, release: str = "sc
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-@pytest.fixture
-def release_namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"chart-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
-
-
 def test_the_chart_lints(sandbox_env: dict[str, str]) -> None:
     out = helm(sandbox_env, "lint", str(CHART), "--strict")
     assert "0 chart(s) failed" in out
@@ -57,13 +47,12 @@ def test_the_chart_lints(sandbox_env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("values", list(COMBINATIONS), ids=list(COMBINATIONS))
 def test_each_values_combination_is_accepted_by_the_api_server(
-    kubectl: Kubectl, sandbox_env: dict[str, str], release_namespace: str, values: str,
+    kubectl: Kubectl, sandbox_env: dict[str, str], namespace: str, values: str,
 ) -> None:
     # A release of this test's own name: its cluster-scoped objects are named after it.
-    objects = render(sandbox_env, release_namespace, *COMBINATIONS[values],
-                     release=release_namespace)
+    objects = render(sandbox_env, namespace, *COMBINATIONS[values], release=namespace)
     manifest = "\n---\n".join(yaml.safe_dump(o) for o in objects)
-    out = kubectl.run("apply", "--dry-run=server", "-n", release_namespace, "-f", "-",
+    out = kubectl.run("apply", "--dry-run=server", "-n", namespace, "-f", "-",
                       input=manifest, check=False)
     assert out.returncode == 0, out.stderr
     kinds = {o["kind"] for o in objects}
