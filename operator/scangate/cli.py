@@ -15,7 +15,8 @@ from scangate import __version__
 from scangate.core.trivy import DEFAULT_FINDINGS_BUDGET
 
 if TYPE_CHECKING:
-    from scangate.core.policy import Policy
+    from scangate.core.policy import Decision, Policy
+    from scangate.core.trivy import Report
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -109,11 +110,9 @@ def _one_line(error: Exception) -> str:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
 
     from scangate.core.images import InvalidReference, parse_image
-    from scangate.core.policy import ImageResult, decide
-    from scangate.core.trivy import ReportError, parse_report, summarize
+    from scangate.core.trivy import ReportError, parse_report
 
     try:
         policies = _policies_from(args.policy)
@@ -139,16 +138,61 @@ def _policy_check(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"scangate: {e}", file=sys.stderr)
         return 2
+    decision = _judge(report, image, policies, args.namespace, labels)[1]
+    json.dump(decision.to_json(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0 if decision.allowed else 1
+
+
+def _judge(report: Report, image: str, policies: list[Policy], namespace: str,
+           labels: dict[str, str]) -> tuple[dict[str, Any], Decision]:
+    """What the operator would store for the report, scanned now, and the decision of
+    the policies on it."""
+    from datetime import UTC, datetime
+
+    from scangate.core.policy import ImageResult, decide
+    from scangate.core.trivy import summarize
+
     now = datetime.now(UTC)
     repo_digests = (report.metadata.repo_digests if report.metadata else None) or []
     digest = image.partition("@")[2] or next(
         (d.partition("@")[2] for d in repo_digests if "@" in d), None)
     status = {**summarize(report), "phase": "Completed", "digest": digest,
               "scannedAt": now.isoformat()}
-    decision = decide(policies, {image: ImageResult.from_status(status)}, args.namespace,
-                      labels, {}, now)
-    json.dump(decision.to_json(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    return status, decide(policies, {image: ImageResult.from_status(status)}, namespace,
+                          labels, {}, now)
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from scangate.core.images import InvalidReference, parse_image
+    from scangate.core.trivy import ReportError, parse_report
+    from scangate.localscan import ScanError, shown, table, trivy_report
+
+    try:
+        try:
+            image = str(parse_image(args.image))
+        except InvalidReference as e:
+            raise UsageError(str(e)) from None
+        policies = _policies_from(args.policy) if args.policy else []
+        severities = ({s.strip().upper() for s in args.severity.split(",") if s.strip()}
+                      if args.severity else None)
+        report = parse_report(trivy_report(args.image, args.trivy))
+    except (UsageError, ScanError, ReportError) as e:
+        print(f"scangate: {_one_line(e)}", file=sys.stderr)
+        return 2
+    status, decision = _judge(report, image, policies, args.namespace,
+                              {"kubernetes.io/metadata.name": args.namespace})
+    findings = shown(status["findings"], severities)
+    if args.format == "json":
+        json.dump({"image": image, "digest": status["digest"], "summary": status["summary"],
+                   "fixable": status["fixable"], "findings": findings,
+                   "findingsTruncated": status["findingsTruncated"],
+                   "decision": decision.to_json() if policies else None},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table(image, status["summary"], findings, decision if policies else None,
+                    colour=sys.stdout.isatty()))
     return 0 if decision.allowed else 1
 
 
@@ -190,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--image", help="the image reference (default: the report's "
                                        "ArtifactName)")
     check.set_defaults(func=_policy_check)
+
+    scan = sub.add_parser(
+        "scan", help="scan an image with a local Trivy and judge it under ScanPolicy "
+                     "manifests, no cluster needed (exit 1 blocked, 0 passed, 2 error)")
+    scan.add_argument("image", metavar="IMAGE")
+    scan.add_argument("--policy", metavar="FILE",
+                      help="ScanPolicy manifests (YAML) to judge the result under")
+    scan.add_argument("--format", choices=("table", "json"), default="table")
+    scan.add_argument("--severity", metavar="LIST",
+                      help="show only findings of these severities, e.g. CRITICAL,HIGH "
+                           "(the counts and the decision cover all)")
+    scan.add_argument("--namespace", default="default",
+                      help="the namespace the policies are matched in (default %(default)s)")
+    scan.add_argument("--trivy", metavar="PATH", help="the trivy binary (default: on PATH)")
+    scan.set_defaults(func=_scan)
 
     status = sub.add_parser(
         "status", help="an image's scan status in the cluster and the ScanPolicies' verdicts "

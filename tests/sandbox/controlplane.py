@@ -293,9 +293,11 @@ class Sandbox:
             env={"TRIVY_TOKEN": token})
         trivy_url = f"http://127.0.0.1:{trivy_port}"
         self._until(lambda: _http_ok(httpx.get, f"{trivy_url}/healthz"), timeout, "trivy server")
+        # With these exported (`set -a; . DIR/env; set +a`) a plain `trivy image` or
+        # `scangate scan` uses the sandbox's Trivy server and its plain-HTTP registry.
         self.env.update({"REGISTRY": registry.host, "TRIVY": trivy,
                          "TRIVY_DB_REPOSITORY": db_repository, "TRIVY_SERVER": trivy_url,
-                         "TRIVY_TOKEN": token})
+                         "TRIVY_TOKEN": token, "TRIVY_INSECURE": "true"})
 
     # -- the operator from the checkout ----------------------------------------------
 

@@ -1,0 +1,87 @@
+"""`scangate scan IMAGE`: a local Trivy scan, summarised as the operator stores it and
+judged under ScanPolicy manifests, for pipelines with no cluster.
+
+Trivy is the user's (`trivy` on PATH, `--trivy`, or `pip install 'scangate[scan]'`,
+which pins the Trivy release the operator's scan Jobs use). Its own TRIVY_* environment
+applies: TRIVY_SERVER (and TRIVY_TOKEN) for a Trivy server, TRIVY_DB_REPOSITORY for a
+mirror, TRIVY_INSECURE for a plain-HTTP registry; the sandbox's env file sets them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from scangate.core.policy import Decision
+from scangate.core.scanstate import SEVERITY_KEYS
+
+_COLOURS = {"critical": "\033[1;35m", "high": "\033[1;31m", "medium": "\033[33m",
+            "low": "\033[36m", "unknown": "\033[2m"}
+_RESET = "\033[0m"
+WORST = 10
+
+
+class ScanError(Exception):
+    """Trivy is missing or failed: exit status 2."""
+
+
+def trivy_report(image: str, trivy: str | None = None) -> bytes:
+    """Trivy's JSON report of `image`. Its progress (DB download, layer analysis) goes to
+    the terminal while it works; on failure its last lines are in the error."""
+    binary = trivy or shutil.which("trivy")
+    if not binary:
+        raise ScanError("no trivy on PATH: install it (pip install 'scangate[scan]' pins the "
+                        "release scangate uses) or pass --trivy")
+    live = sys.stderr.isatty()
+    try:
+        done = subprocess.run([binary, "image", "--format", "json", "--scanners", "vuln",
+                               *([] if live else ["--quiet"]), image],
+                              stdout=subprocess.PIPE, stderr=None if live else subprocess.PIPE,
+                              check=False)
+    except OSError as e:
+        raise ScanError(f"cannot run {binary}: {e}") from None
+    if done.returncode != 0:
+        tail = (done.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
+        raise ScanError(f"trivy failed (exit {done.returncode})"
+                        + (": " + " | ".join(tail) if tail else ""))
+    return done.stdout
+
+
+def shown(findings: Sequence[dict[str, Any]], severities: set[str] | None
+          ) -> list[dict[str, Any]]:
+    return [f for f in findings if severities is None or f.get("severity") in severities]
+
+
+def table(image: str, summary: dict[str, Any], findings: Sequence[dict[str, Any]],
+          decision: Decision | None, colour: bool) -> str:
+    """A readable summary: the counts, the worst findings with their fixed versions, and
+    the policies' decision."""
+    def paint(severity: str, text: str) -> str:
+        return f"{_COLOURS[severity]}{text}{_RESET}" if colour else text
+
+    lines = [image, "  " + "  ".join(paint(k, f"{k.upper()} {summary.get(k, 0)}")
+                                     for k in SEVERITY_KEYS)
+             + f"  (total {summary.get('total', 0)})"]
+    if findings:
+        lines.append("")
+        lines.append(f"  {'ID':<20} {'SEVERITY':<9} {'PACKAGE':<24} {'INSTALLED':<22} FIXED")
+        for f in findings[:WORST]:
+            severity = str(f.get("severity", "UNKNOWN"))
+            lines.append(f"  {f.get('id', ''):<20} "
+                         f"{paint(severity.lower(), f'{severity:<9}')} "
+                         f"{str(f.get('package', ''))[:24]:<24} "
+                         f"{str(f.get('installedVersion', ''))[:22]:<22} "
+                         f"{f.get('fixedVersion') or '-'}")
+        if len(findings) > WORST:
+            lines.append(f"  … and {len(findings) - WORST} more")
+    if decision is not None:
+        lines.append("")
+        lines.append(f"policy: {'PASS' if decision.allowed else 'BLOCKED'} "
+                     f"({decision.action})")
+        if decision.message:
+            lines.append(decision.message)
+        lines += [f"warning: {w}" for w in decision.warnings]
+    return "\n".join(lines)
