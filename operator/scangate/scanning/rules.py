@@ -341,6 +341,9 @@ class RuleController:
         async def guarded() -> None:
             try:
                 await work()
+            except ApiException as e:
+                if e.status != 404:  # 404: the rule was deleted meanwhile
+                    log.exception("work on ScanRule %s/%s failed", *rule.ref)
             except Exception:
                 log.exception("work on ScanRule %s/%s failed", *rule.ref)
             finally:
