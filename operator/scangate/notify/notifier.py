@@ -123,6 +123,9 @@ class Notifier:
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader): only the leader sends."""
         self.receivers: dict[Receiver, ReceiverState] = {}
+        self._of_rule: dict[tuple[str, str], dict[str, Receiver]] = {}
+        """Each ScanRule's receivers by name: an ImageScan's change looks at its rule's
+        receivers only, never at every receiver of the cluster."""
         self.rules: dict[tuple[str, str], str] = {}
         """ScanRule namespace/name -> uid, of the rules seen."""
         self._windows: dict[str, RobotWindow] = {}
@@ -137,12 +140,13 @@ class Notifier:
         """A ScanRule was seen (from the rule controller's watch)."""
         self.rules[(namespace, name)] = uid
         wanted = {n.get("name"): n for n in spec.get("notifications") or []}
-        held = {r.name: r for r in self.receivers if r.kind == "ScanRule"
-                and (r.namespace, r.owner) == (namespace, name)}
+        held = self._of_rule.setdefault((namespace, name), {})
         for gone in set(held) - set(wanted):
-            state = self.receivers.pop(held[gone])
+            state = self.receivers.pop(held.pop(gone))
             if state.task:
                 state.task.cancel()
+        if not wanted:
+            del self._of_rule[(namespace, name)]
         recorded = {r.get("name"): r for r in status.get("notifications") or []}
         added = False
         for receiver_name, receiver_spec in wanted.items():
@@ -150,6 +154,7 @@ class Notifier:
             held_state = self.receivers.get(receiver)
             if held_state is None:
                 old = recorded.get(receiver_name) or {}
+                held[str(receiver_name)] = receiver
                 held_state = self.receivers[receiver] = ReceiverState(
                     receiver_spec, since=parse_time(old.get("since")),
                     last_delivery=old.get("lastDelivery"),
@@ -177,10 +182,10 @@ class Notifier:
         event = "ScanCompleted" if scan.phase == "Completed" else "ScanFailed"
         done = dict(scan.notified)
         finished = scan.completion_time or scan.scanned_at
-        for receiver, state in self.receivers.items():
-            if (receiver.kind != "ScanRule" or (receiver.namespace, receiver.owner)
-                    != (scan.namespace, rule) or done.get(receiver.name) == key
-                    or key in state.queued or len(state.queue) >= QUEUE_LIMIT):
+        for receiver in self._of_rule.get((scan.namespace, rule), {}).values():
+            state = self.receivers[receiver]
+            if (done.get(receiver.name) == key or key in state.queued
+                    or len(state.queue) >= QUEUE_LIMIT):
                 continue
             if event not in (state.spec.get("events") or ["ScanCompleted", "ScanFailed"]):
                 continue
@@ -325,8 +330,7 @@ class Notifier:
                 code = answer.get("errcode", 0) if isinstance(answer, dict) else "?"
                 if code != 0:  # DingTalk answers 200 with its error in the body
                     raise NotifyError(f"DingTalk answered errcode {code}")
-                window = self._windows[await self._robot(receiver, state)]
-                window.sent(datetime.now(UTC))
+                self._windows[_robot_key(url)].sent(datetime.now(UTC))
             else:
                 payload = webhook_payload(batch[0].event)
                 response = await client.post(url, content=payload, headers=webhook_headers(
@@ -407,10 +411,8 @@ class Notifier:
         return url, await self._value(receiver.namespace, state.spec.get("signingSecretRef"))
 
     async def _robot(self, receiver: Receiver, state: ReceiverState) -> str:
-        """A robot is its URL (several rules may share one): the key of its rate window,
-        held as a hash so that the URL's token stays out of memory dumps of the map."""
         url, _ = await self._url_and_secret(receiver, state)
-        return hashlib.sha256(url.encode()).hexdigest()
+        return _robot_key(url)
 
     async def _flush(self) -> None:
         """Write the receiver states of rules with news, at most every STATUS_EVERY."""
@@ -422,14 +424,19 @@ class Notifier:
                            if s.since else None, "lastDelivery": s.last_delivery,
                            "deliveries": s.deliveries, "failures": s.failures,
                            "lastError": s.last_error}
-                          for r, s in sorted(self.receivers.items(), key=lambda i: i[0].name)
-                          if r.kind == "ScanRule" and (r.namespace, r.owner) == (namespace,
-                                                                                 name)]
+                          for r, s in ((r, self.receivers[r]) for _, r in sorted(
+                              self._of_rule.get((namespace, name), {}).items()))]
                 if (namespace, name) not in self.rules:
                     continue
                 with contextlib.suppress(ApiException):
                     await self.kube.patch_status("scanrules", namespace, name,
                                                  {"notifications": states})
+
+
+def _robot_key(url: str) -> str:
+    """A robot is its URL (several rules may share one): the key of its rate window,
+    held as a hash so that the URL's token stays out of memory dumps of the map."""
+    return hashlib.sha256(url.encode()).hexdigest()
 
 
 class NotifyError(Exception):
