@@ -232,3 +232,16 @@ def test_scans_by_rule_follow_changes() -> None:
     idx.delete_scan(("ns", "a"))
     assert [s.name for s in idx.by_rule("ns", "r")] == ["b"]
     assert idx.by_rule("ns", "none") == []
+
+
+def test_an_expected_job_never_hides_the_one_already_held() -> None:
+    # A replica died after creating the Job and before recording it in the scan: the
+    # next leader computes the same name, and the finished Job must stay collectable.
+    idx = index(scan("a"))
+    idx.upsert_job(JobState("ns", "j", scan="a", version=7, finished="Complete"))
+    idx.expect_job(JobState("ns", "j", scan="a"))
+    idx.upsert_scan(replace(scan("a"), phase="Scanning", job_name="j", start_time=NOW),
+                    claim=True)
+    assert [(s.name, j.version) for s, j in idx.collectable()] == [("a", 7)]
+    idx.expect_job(JobState("ns", "k", scan="b"))
+    assert idx.jobs[("ns", "k")].version == -1 and idx.running_jobs == 1

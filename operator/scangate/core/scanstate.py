@@ -291,6 +291,14 @@ class ScanIndex:
             self._running.discard(job.ref)
         return old is None or (old.finished, old.scan) != (job.finished, job.scan)
 
+    def expect_job(self, job: JobState) -> None:
+        """Hold a Job about to be created, so that it counts against the limit now.
+        A Job of that name already held stays: it is an earlier attempt's (a replica that
+        died between creating it and recording it), and its watch may have nothing more
+        to say, such as its having finished."""
+        if job.ref not in self.jobs:
+            self.upsert_job(job)
+
     def delete_job(self, ref: Ref) -> bool:
         self._running.discard(ref)
         job = self.jobs.pop(ref, None)

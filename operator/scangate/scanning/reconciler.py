@@ -357,7 +357,7 @@ class ScanReconciler:
         attempt = scan.attempts + 1
         name = job_name(scan.name, scan.uid, stamp(scan.queued_at or current), attempt)
         placeholder = JobState(scan.namespace, name, scan=scan.name)
-        self.index.upsert_job(placeholder)
+        self.index.expect_job(placeholder)
         self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name,
                                        start_time=current, attempts=attempt), claim=True)
 
