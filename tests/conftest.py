@@ -6,6 +6,7 @@ otherwise one is started for the session and stopped at its end.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,3 +110,22 @@ def operator(sandbox: Sandbox) -> Iterator[Callable[..., None]]:
     if changed:
         sandbox.stop_operator()
         sandbox.start_operator()
+
+
+@pytest.fixture
+def policy(kubectl: Kubectl, namespace: str) -> Iterator[Callable[..., str]]:
+    """Apply a ScanPolicy confined to the test's namespace; all are deleted afterwards."""
+    made: list[str] = []
+
+    def apply(**spec: Any) -> str:
+        name = f"p-{uuid.uuid4().hex[:8]}"
+        spec.setdefault("match", {})["namespaces"] = [namespace]
+        kubectl.apply(json.dumps({"apiVersion": "scangate.dev/v1alpha1",
+                                  "kind": "ScanPolicy", "metadata": {"name": name},
+                                  "spec": spec}))
+        made.append(name)
+        return name
+
+    yield apply
+    if made:
+        kubectl.run("delete", "scanpolicy", *made, "--wait=false", check=False)

@@ -6,7 +6,7 @@ import json
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,6 +16,8 @@ from sandbox.advisories import expected_findings, load_images
 from sandbox.images import Pusher, build_image, platforms
 
 SCAN_LABEL = "scangate.dev/imagescan"
+Policy = Callable[..., str]
+"""The `policy` fixture: apply a ScanPolicy confined to the test's namespace."""
 
 
 def push_variant(env: dict[str, str], name: str, at: str | None = None
@@ -109,3 +111,20 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         yield f"127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def deployment(name: str, image: str, **extra: Any) -> str:
+    return json.dumps({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, **extra},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": "app", "image": image}]}}}})
+
+
+def admit(kubectl: Kubectl, manifest: str, namespace: str, *extra: str
+          ) -> tuple[bool, str]:
+    """kubectl apply: admitted or not, and what kubectl said (stderr holds warnings)."""
+    out = kubectl.run("apply", "-n", namespace, *extra, "-f", "-", input=manifest,
+                      check=False)
+    return out.returncode == 0, out.stdout + out.stderr

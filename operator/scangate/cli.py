@@ -170,13 +170,15 @@ def _scan(args: argparse.Namespace) -> int:
 
     try:
         try:
-            image = str(parse_image(args.image))
+            ref = parse_image(args.image)
         except InvalidReference as e:
             raise UsageError(str(e)) from None
+        image = str(ref)
         policies = _policies_from(args.policy) if args.policy else []
         severities = ({s.strip().upper() for s in args.severity.split(",") if s.strip()}
                       if args.severity else None)
-        report = parse_report(trivy_report(args.image, args.trivy))
+        raw = trivy_report(args.image, args.trivy)
+        report = parse_report(raw)
     except (UsageError, ScanError, ReportError) as e:
         print(f"scangate: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -188,6 +190,17 @@ def _scan(args: argparse.Namespace) -> int:
                    "fixable": status["fixable"], "findings": findings,
                    "findingsTruncated": status["findingsTruncated"],
                    "decision": decision.to_json() if policies else None},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.format == "sarif":
+        from scangate.core.sarif import advisories_of, sarif_log
+        from scangate.core.trivy import summarize
+
+        # Every finding, not only those the bounded list of status keeps.
+        every = shown(summarize(report, budget_bytes=sys.maxsize)["findings"], severities)
+        json.dump(sarif_log(ref, every, version=__version__, digest=status["digest"],
+                            summary=status["summary"], decision=decision if policies else None,
+                            advisories=advisories_of(json.loads(raw))),
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -241,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("image", metavar="IMAGE")
     scan.add_argument("--policy", metavar="FILE",
                       help="ScanPolicy manifests (YAML) to judge the result under")
-    scan.add_argument("--format", choices=("table", "json"), default="table")
+    scan.add_argument("--format", choices=("table", "json", "sarif"), default="table",
+                      help="sarif: SARIF 2.1.0, for GitHub code scanning (default %(default)s)")
     scan.add_argument("--severity", metavar="LIST",
                       help="show only findings of these severities, e.g. CRITICAL,HIGH "
                            "(the counts and the decision cover all)")

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
 
     webhook_port: int = Field(default=9443, ge=1, le=65535)
     """Port of the HTTPS admission webhook server."""
-    webhook_address: str = "0.0.0.0"
-    """Address the webhook server listens on."""
+    listen_address: str = "0.0.0.0"
+    """Address every server of the operator listens on (webhook, gate, push receiver,
+    metrics, health)."""
     webhook_host: str | None = None
     """Host name or IP the API server uses to reach the webhook by URL (outside a cluster,
     e.g. 127.0.0.1); unset inside a cluster, where webhook_service is used."""
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     admission_digest_ttl: Duration = "1m"
     """How long a tag's digest, resolved at admission, is reused before asking the
     registry again (a thousand pods of one image cause one lookup)."""
+    cluster_role: str | None = None
+    """The chart's ClusterRole (set by the chart). It owns the webhook configurations the
+    operator and kopf write, so that garbage collection removes them with the release:
+    left behind, a configuration naming a deleted Service would refuse every workload."""
     manage_admission_configuration: bool = True
     """Create and keep up to date the ValidatingWebhookConfiguration scangate-workloads
     that sends workloads to the gate (off when the chart renders it)."""

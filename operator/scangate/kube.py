@@ -84,6 +84,7 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.admission = client.AdmissionregistrationV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -184,8 +185,29 @@ class Kube:
             client.AuthenticationV1Api(self.core.api_client).create_self_subject_review, body)
         return str(review["status"]["userInfo"]["username"])
 
+    async def cluster_role_owner(self, name: str) -> Obj:
+        """An ownerReference to the ClusterRole `name` (for cluster-scoped dependents)."""
+        role = await self._json(self.rbac.read_cluster_role, name)
+        return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "name": name, "uid": role["metadata"]["uid"]}
+
+    async def get_webhook(self, kind: str, name: str) -> Obj | None:
+        """A Validating- or MutatingWebhookConfiguration, or None."""
+        read = (self.admission.read_validating_webhook_configuration
+                if kind == "ValidatingWebhookConfiguration"
+                else self.admission.read_mutating_webhook_configuration)
+        try:
+            found: Obj = await self._json(read, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return found
+
     async def put_webhook(self, body: Obj) -> None:
-        """Create a Validating- or MutatingWebhookConfiguration, or patch the one there."""
+        """Create a Validating- or MutatingWebhookConfiguration, or patch the one there.
+        A merge patch: the webhooks given replace those held (a strategic merge would
+        keep a `url` beside a new `service`, which the API server refuses)."""
         name, kind = body["metadata"]["name"], body["kind"]
         create, patch = ((self.admission.create_validating_webhook_configuration,
                           self.admission.patch_validating_webhook_configuration)
@@ -193,7 +215,8 @@ class Kube:
                          (self.admission.create_mutating_webhook_configuration,
                           self.admission.patch_mutating_webhook_configuration))
         if not await self._create(create, body):
-            await self._call(patch, name, body, _preload_content=False)
+            await self._call(patch, name, body, _preload_content=False,
+                             _content_type="application/merge-patch+json")
 
     async def delete_webhook(self, body: Obj) -> None:
         """Delete the webhook configuration of that kind and name; gone already is fine."""

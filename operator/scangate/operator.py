@@ -23,6 +23,8 @@ from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
 
 log = logging.getLogger("scangate")
+KOPF_CONFIGURATION = "scangate.dev"
+"""The name of kopf's webhook configurations (scangate's own resources)."""
 
 
 class ServiceWebhookServer(kopf.WebhookServer):
@@ -42,7 +44,7 @@ class ServiceWebhookServer(kopf.WebhookServer):
 
 def webhook_server(settings: Settings) -> kopf.WebhookServer:
     tls: dict[str, Any] = {
-        "addr": settings.webhook_address, "port": settings.webhook_port,
+        "addr": settings.listen_address, "port": settings.webhook_port,
         "certfile": settings.webhook_cert_file, "pkeyfile": settings.webhook_key_file,
         "cafile": settings.webhook_ca_file,
     }
@@ -56,7 +58,7 @@ def configure(config: Settings) -> None:
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.server = webhook_server(config)
         if config.manage_webhook_configuration:
-            settings.admission.managed = "scangate.dev"
+            settings.admission.managed = KOPF_CONFIGURATION
         settings.peering.standalone = True
         settings.posting.level = logging.INFO
         settings.persistence.finalizer = "scangate.dev/finalizer"
@@ -88,10 +90,16 @@ async def main(settings: Settings) -> None:
     validation.use_rules(rules.registry_url)
     configure(settings)
     if settings.metrics_port:
-        prometheus_client.start_http_server(settings.metrics_port)
-    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+        prometheus_client.start_http_server(settings.metrics_port, settings.listen_address)
+    liveness = (f"http://{settings.listen_address}:{settings.health_port}/healthz"
+                if settings.health_port else None)
+    owners = [await kube.cluster_role_owner(settings.cluster_role)] if settings.cluster_role \
+        else []
     work: list[Coroutine[Any, Any, None]] = [
-        kopf.operator(clusterwide=True, liveness_endpoint=liveness),
+        # kopf would name itself after the login user, which a non-root uid with no passwd
+        # entry (the image's 65532) does not have: it takes the elected identity (kopf does
+        # not export its Identity type, a NewType of str).
+        kopf.operator(clusterwide=True, liveness_endpoint=liveness, identity=leader.me),  # type: ignore[arg-type]
         leader.run(), reconciler.run(), rules.run()]
     if settings.admission_port:
         gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
@@ -101,10 +109,12 @@ async def main(settings: Settings) -> None:
         if settings.manage_admission_configuration and settings.webhook_ca_file:
             work.append(configuration.keep_current(
                 kube, settings, settings.webhook_ca_file.read_bytes(), gate.pinning,
-                gate.policies_changed, server.listening))
+                gate.policies_changed, server.listening, owners))
         elif settings.manage_admission_configuration:
             log.warning("no webhook CA file: the workload webhook configurations are not "
                         "managed (render them with the chart)")
+    if owners and settings.manage_webhook_configuration:
+        work.append(configuration.own_kopf_configurations(kube, KOPF_CONFIGURATION, owners))
     if settings.push_port:
         work.append(PushReceiver(kube, settings, rules.on_push).run())
     tasks = [asyncio.create_task(w) for w in work]

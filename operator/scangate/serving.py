@@ -38,7 +38,7 @@ async def serve(app: web.Application, settings: Settings, port: int, what: str,
     """Serve `app` over TLS on `port` until cancelled; `listening` is set once it is."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.webhook_address, port, ssl_context=server_tls(settings))
+    site = web.TCPSite(runner, settings.listen_address, port, ssl_context=server_tls(settings))
     await site.start()
     log.info(f"{what} listening", extra={"port": port})
     if listening is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,46 +15,9 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
-from scans import create_scan, push_variant, scans, wait_done
+from scans import Policy, admit, create_scan, deployment, push_variant, scans, wait_done
 
 pytestmark = pytest.mark.sandbox
-Policy = Callable[..., str]
-
-
-@pytest.fixture
-def policy(kubectl: Kubectl, namespace: str) -> Iterator[Policy]:
-    """Apply a ScanPolicy confined to the test's namespace; all are deleted afterwards."""
-    made: list[str] = []
-
-    def apply(**spec: Any) -> str:
-        name = f"p-{uuid.uuid4().hex[:8]}"
-        spec.setdefault("match", {})["namespaces"] = [namespace]
-        kubectl.apply(json.dumps({"apiVersion": "scangate.dev/v1alpha1",
-                                  "kind": "ScanPolicy", "metadata": {"name": name},
-                                  "spec": spec}))
-        made.append(name)
-        return name
-
-    yield apply
-    if made:
-        kubectl.run("delete", "scanpolicy", *made, "--wait=false", check=False)
-
-
-def deployment(name: str, image: str, **extra: Any) -> str:
-    return json.dumps({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, **extra},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}},
-                              "spec": {"containers": [{"name": "app", "image": image}]}}}})
-
-
-def admit(kubectl: Kubectl, manifest: str, namespace: str, *extra: str
-          ) -> tuple[bool, str]:
-    """kubectl apply: admitted or not, and what kubectl said (stderr holds warnings)."""
-    out = kubectl.run("apply", "-n", namespace, *extra, "-f", "-", input=manifest,
-                      check=False)
-    return out.returncode == 0, out.stdout + out.stderr
 
 
 def scanned(kubectl: Kubectl, namespace: str, env: dict[str, str], name: str

@@ -203,6 +203,9 @@ class Sandbox:
             "--service-cluster-ip-range", "10.0.0.0/24",
             # Loopback is not a valid Endpoints address, so skip the kubernetes Endpoints.
             "--endpoint-reconciler-type", "none",
+            # With no proxy, webhooks behind a Service are called at its endpoints (the node
+            # agent gives serving pods addresses of their own), as aggregated APIs can be.
+            "--enable-aggregator-routing=true",
             "--allow-privileged=true",
             "--kubelet-certificate-authority", str(ca.cert_path),
             "--kubelet-client-certificate", str(kubelet_client.cert),
@@ -236,6 +239,7 @@ class Sandbox:
             "--serving-cert", str(node.cert), "--serving-key", str(node.key),
             "--port", str(node_port), "--node-name", NODE_NAME,
             "--work-dir", str(self.dir / "node"), "--faults", str(self.dir / "faults.json"),
+            "--image-map", str(self._image_map()),
         ], env={"PYTHONPATH": str(REPO / "tests"), "PATH": self._node_path()})
 
         self.env = {
@@ -343,6 +347,26 @@ class Sandbox:
     def operator_pid(self, name: str = "operator") -> int:
         return int(str(next(p["pid"] for p in self._pids() if p["name"] == name)))
 
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, grace: float = 15
+                     ) -> tuple[list[str], dict[str, str]]:
+        """Stop one of the sandbox's processes by its name in pids.json (a fault: the
+        registry, the Trivy server, the API server down; SIGKILL after `grace`); its
+        command line and environment, as read from /proc, for start_process to start it
+        again as it was."""
+        pid = self.operator_pid(name)
+        proc = Path(f"/proc/{pid}")
+        argv = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")[:-1]]
+        env = {k: v for k, _, v in (e.decode().partition("=")
+                                    for e in (proc / "environ").read_bytes().split(b"\0") if e)}
+        self._stop(pid, sig, grace)
+        self.pids_file.write_text(json.dumps([p for p in self._pids() if p["name"] != name]))
+        return argv, env
+
+    def start_process(self, name: str, command: tuple[list[str], dict[str, str]]) -> None:
+        """Start again (same argv, same environment, so the same port) a process that
+        stop_process stopped."""
+        self._spawn(name, *command)
+
     def start_operator(self, timeout: float = 60.0, extra_args: tuple[str, ...] = (),
                        name: str = "operator") -> None:
         """Install the CRDs and run `scangate run` from the checkout with its webhooks,
@@ -366,7 +390,7 @@ class Sandbox:
         self._spawn(name, [
             str(Path(sys.executable).parent / "scangate"), "run",
             "--namespace", "scangate-system", "--log-format", "text",
-            "--webhook-host", "127.0.0.1", "--webhook-address", "127.0.0.1",
+            "--webhook-host", "127.0.0.1", "--listen-address", "127.0.0.1",
             "--webhook-port", str(webhook_port), "--metrics-port", str(metrics_port),
             "--health-port", str(health_port),
             # The registry notifies the first replica's port; another needs its own.
@@ -412,6 +436,14 @@ class Sandbox:
                 return False
 
             self._until(gate_current, timeout, "operator gate")
+
+    def _image_map(self) -> Path:
+        """The node's images: the operator's is this checkout's `scangate` (the chart runs
+        it with `args: [run]`, as the Dockerfile's entrypoint would)."""
+        path = self.dir / "image-map.json"
+        path.write_text(json.dumps({"scangate/scangate": [
+            str(Path(sys.executable).parent / "scangate")]}))
+        return path
 
     def _node_path(self) -> str:
         """PATH of the node's containers: the host's, plus the virtualenv (trivy lives there)."""

@@ -16,6 +16,13 @@ root read-only; runAsUser/runAsGroup/fsGroup, dropped capabilities and
 allowPrivilegeEscalation=false are applied with setpriv. Mount points that do not
 exist on the host are created there as empty directories.
 
+A pod that declares container ports gets a pod IP of its own, from 198.18.0.0/15 (the
+benchmarking range of RFC 2544, unused on real networks), added to the host's loopback
+interface while it runs: Endpoints accept it (loopback addresses are refused), and
+replicas that listen on their pod IP do not collide. Other pods report 127.0.0.1.
+readinessProbes (httpGet, tcpSocket) are run, and decide the pod's Ready condition;
+containers see KUBERNETES_SERVICE_HOST/PORT of the real API server, as a kubelet sets them.
+
 Fault injection for tests: a pod annotation `sandbox.scangate.dev/truncate-log: "N"`
 makes the log endpoint serve only the first N bytes of that pod's logs. For pods
 that a controller creates, the faults file (`--faults FILE`, JSON) does the same
@@ -23,7 +30,10 @@ without touching the pod: `{"truncateLogs": [{"labels": {"k": "v"}, "bytes": N,
 "times": T}]}` truncates the logs of the next T pods whose labels include those
 (each pod counts once, however often its log is read), and `{"replaceCommand":
 [{"labels": {...}, "command": [...], "times": T}]}` runs that command instead of
-the containers' own in the next T matching pods (a crash, a hang, hostile output).
+the containers' own in the next T matching pods (a crash, a hang, hostile output);
+`{"delayStart": [{"labels": {...}, "seconds": S, "times": T}]}` holds the next T
+matching pods for S seconds before their containers start (a slow image pull), so
+that a test can break what they need while they wait.
 """
 
 from __future__ import annotations
@@ -32,12 +42,15 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -56,6 +69,29 @@ log = logging.getLogger("nodeagent")
 Obj = dict[str, Any]
 TRUNCATE_ANNOTATION = "sandbox.scangate.dev/truncate-log"
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+HOST_IP = "127.0.0.1"
+POD_NETWORK = ipaddress.ip_network("198.18.0.0/15")
+
+
+def claim_pod_ip() -> str:
+    """A free address of POD_NETWORK, added to the loopback interface. Random, so that
+    sandboxes side by side on one host do not need to agree (the kernel refuses a
+    duplicate)."""
+    for _ in range(100):
+        ip = str(POD_NETWORK[random.randrange(1, POD_NETWORK.num_addresses - 1)])
+        done = subprocess.run(["ip", "address", "add", f"{ip}/32", "dev", "lo"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return ip
+        if "exists" not in done.stderr:
+            raise RuntimeError(f"ip address add {ip}: {done.stderr.strip()}")
+    raise RuntimeError("no free pod IP")
+
+
+def release_pod_ip(ip: str) -> None:
+    if ip != HOST_IP:
+        subprocess.run(["ip", "address", "del", f"{ip}/32", "dev", "lo"],
+                       capture_output=True, check=False)
 
 
 def now() -> str:
@@ -126,6 +162,9 @@ class Container:
         self.terminated: Obj | None = None  # the last termination
         self.waiting: Obj | None = {"reason": "ContainerCreating"}
         self.next_start = 0.0
+        self.ready = False
+        """The readinessProbe's last answer (running, without a probe)."""
+        self.next_probe = 0.0
 
     @property
     def running(self) -> bool:
@@ -139,6 +178,9 @@ class Container:
                 env=env, start_new_session=True,
             )
         self.started_at, self.waiting = now(), None
+        probe = self.spec.get("readinessProbe") or {}
+        self.ready = False
+        self.next_probe = time.monotonic() + probe.get("initialDelaySeconds", 0)
 
     def reap(self) -> bool:
         """Record the exit of a finished process; True when it just ended."""
@@ -177,7 +219,7 @@ class Container:
         status: Obj = {
             "name": self.name, "image": self.spec.get("image", ""),
             "imageID": f"sandbox://{self.spec.get('image', '')}",
-            "ready": self.running, "started": self.running,
+            "ready": self.running and self.ready, "started": self.running,
             "restartCount": self.restarts, "state": state,
         }
         if self.running or self.terminated:
@@ -202,6 +244,7 @@ class PodRunner(threading.Thread):
         self.reason: str | None = None
         self.message: str | None = None
         self.start_time = now()
+        self.ip = HOST_IP
         self._began = time.monotonic()
         self._last_status: Obj | None = None
 
@@ -221,19 +264,29 @@ class PodRunner(threading.Thread):
 
     def run(self) -> None:
         try:
+            spec = self.pod["spec"]
+            if not spec.get("hostNetwork") and any(
+                    c.get("ports") for c in spec.get("containers", [])):
+                self.ip = claim_pod_ip()
             self._run()
         except Exception:
             log.exception("pod %s/%s runner crashed", self.ns, self.name)
             self.phase, self.reason, self.message = "Failed", "NodeAgentError", "see node-agent log"
             self._kill_all(0)
             self._report()
+        finally:
+            release_pod_ip(self.ip)
         if self.stop_grace is not None:
             self.agent.finalize_deletion(self.ns, self.name, self.uid)
 
     def _run(self) -> None:
         self._report()
         volumes = self._wait_for_volumes()
-        if volumes is not None:
+        delayed = self.agent.fault("delayStart", self.pod)
+        until = time.monotonic() + float(delayed["seconds"]) if delayed else 0.0
+        while self.stop_grace is None and time.monotonic() < until:
+            time.sleep(0.1)
+        if volumes is not None and self.stop_grace is None:
             policy = self.pod["spec"].get("restartPolicy", "Always")
             # Init containers run in order, each to success; Always behaves as OnFailure.
             init_policy = "Never" if policy == "Never" else "OnFailure"
@@ -270,6 +323,7 @@ class PodRunner(threading.Thread):
                 restart = policy == "Always" or (policy == "OnFailure" and failed)
                 if not c.running and (restart or c.waiting) and time.monotonic() >= c.next_start:
                     self._start(c, volumes)
+                self._probe(c)
             done = [c.terminated for c in containers if not c.running and not c.waiting]
             if policy != "Always" and len(done) == len(containers):
                 ok = all(t and t["exitCode"] == 0 for t in done)
@@ -290,6 +344,37 @@ class PodRunner(threading.Thread):
             self.message = "Pod was active on the node longer than the specified deadline"
             return False
         return True
+
+    def _probe(self, c: Container) -> None:
+        """Run the container's readinessProbe when due (httpGet or tcpSocket)."""
+        probe = c.spec.get("readinessProbe")
+        if not c.running or not probe:
+            c.ready = c.running
+            return
+        if time.monotonic() < c.next_probe:
+            return
+        c.next_probe = time.monotonic() + probe.get("periodSeconds", 10)
+        timeout = probe.get("timeoutSeconds", 1)
+        action = probe.get("httpGet") or probe.get("tcpSocket")
+        if action is None:
+            c.ready = True  # exec and grpc probes are not run here
+            return
+        port = action["port"]
+        if isinstance(port, str):
+            port = next(p["containerPort"] for p in c.spec.get("ports", [])
+                        if p.get("name") == port)
+        host = action.get("host") or self.ip
+        try:
+            if "httpGet" in probe:
+                scheme = action.get("scheme", "HTTP").lower()
+                r = httpx.get(f"{scheme}://{host}:{port}{action.get('path', '/')}",
+                              verify=False, timeout=timeout)
+                c.ready = 200 <= r.status_code < 400
+            else:
+                socket.create_connection((host, port), timeout=timeout).close()
+                c.ready = True
+        except (httpx.HTTPError, OSError):
+            c.ready = False
 
     def _kill_all(self, grace: float) -> None:
         everyone = self.init + self.main
@@ -317,7 +402,10 @@ class PodRunner(threading.Thread):
             c.waiting = {"reason": "CreateContainerError", "message": str(e)}
             c.next_start = time.monotonic() + 2
             return
-        host_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": self.name}
+        api = urllib.parse.urlsplit(self.agent.args.server)
+        host_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": self.name,
+                    "KUBERNETES_SERVICE_HOST": api.hostname or HOST_IP,
+                    "KUBERNETES_SERVICE_PORT": str(api.port or 443)}
         c.start(argv, {**host_env, **env})
         self._report()
 
@@ -424,7 +512,7 @@ class PodRunner(threading.Thread):
         values: dict[str, str] = {"metadata.name": self.name, "metadata.namespace": self.ns,
                   "metadata.uid": self.uid, "spec.nodeName": self.agent.node_name,
                   "spec.serviceAccountName": self.pod["spec"].get("serviceAccountName", ""),
-                  "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
+                  "status.podIP": self.ip, "status.hostIP": HOST_IP}
         m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
         if m:
             return str(meta.get(m.group(1), {}).get(m.group(2), ""))
@@ -510,14 +598,14 @@ class PodRunner(threading.Thread):
 
     def _report(self) -> None:
         initialized = all(c.terminated and c.terminated["exitCode"] == 0 for c in self.init)
-        ready = self.phase == "Running" and all(c.running for c in self.main)
+        ready = self.phase == "Running" and all(c.running and c.ready for c in self.main)
 
         def cond(kind: str, ok: bool) -> Obj:
             return {"type": kind, "status": "True" if ok else "False"}
 
         status: Obj = {
-            "phase": self.phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": self.start_time,
+            "phase": self.phase, "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}],
+            "podIP": self.ip, "podIPs": [{"ip": self.ip}], "startTime": self.start_time,
             "conditions": [cond("PodScheduled", True), cond("Initialized", initialized),
                            cond("ContainersReady", ready), cond("Ready", ready)],
             "initContainerStatuses": [c.status() for c in self.init] or None,
@@ -529,8 +617,17 @@ class PodRunner(threading.Thread):
         stamped = json.loads(json.dumps(status))
         for c in stamped["conditions"]:
             c["lastTransitionTime"] = now()
-        r = self.agent.api.patch(f"/api/v1/namespaces/{self.ns}/pods/{self.name}/status",
-                                 {"status": stamped})
+        while True:
+            try:
+                r = self.agent.api.patch(f"/api/v1/namespaces/{self.ns}/pods/{self.name}/status",
+                                         {"status": stamped})
+                break
+            except httpx.TransportError as e:
+                # The API server is away (restarting): a kubelet keeps the pod's status and
+                # reports it once the server is back, rather than losing the pod.
+                log.warning("status of %s/%s: %s; retrying", self.ns, self.name, e)
+                if self.agent.stopping.wait(1):
+                    return
         if r.status_code < 300:
             self._last_status = status
         elif r.status_code != 404:
@@ -801,6 +898,7 @@ class NodeAgent:
             runners = list(self.runners.values())
         for r in runners:
             r._kill_all(0)
+            release_pod_ip(r.ip)
         os._exit(0)
 
     def run(self) -> None:

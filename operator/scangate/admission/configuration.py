@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from scangate.config import Settings
 from scangate.kube import Kube, Obj
@@ -62,37 +62,67 @@ def _webhook(settings: Settings, ca_bundle: bytes, name: str, path: str) -> Obj:
     }
 
 
-def webhook_configuration(settings: Settings, ca_bundle: bytes) -> Obj:
+def _metadata(name: str, owners: Sequence[Obj]) -> Obj:
+    metadata: Obj = {"name": name, "labels": {"app.kubernetes.io/managed-by": "scangate"}}
+    if owners:
+        metadata["ownerReferences"] = list(owners)
+    return metadata
+
+
+def webhook_configuration(settings: Settings, ca_bundle: bytes, owners: Sequence[Obj] = ()
+                          ) -> Obj:
     """The validating configuration: every workload to the gate."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/managed-by": "scangate"}},
+        "metadata": _metadata(NAME, owners),
         "webhooks": [_webhook(settings, ca_bundle, "workloads.scangate.dev", PATH)],
     }
 
 
-def pin_configuration(settings: Settings, ca_bundle: bytes) -> Obj:
+def pin_configuration(settings: Settings, ca_bundle: bytes, owners: Sequence[Obj] = ()
+                      ) -> Obj:
     """The mutating configuration of pinDigests: it answers at once, with no patch, while
     no ScanPolicy pins digests."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": PIN_NAME, "labels": {"app.kubernetes.io/managed-by": "scangate"}},
+        "metadata": _metadata(PIN_NAME, owners),
         "webhooks": [{**_webhook(settings, ca_bundle, "pin-digests.scangate.dev", PIN_PATH),
                       "reinvocationPolicy": "Never"}],
     }
 
 
+async def own_kopf_configurations(kube: Kube, name: str, owners: Sequence[Obj],
+                                  interval: float = 2.0, recheck: float = 60.0) -> None:
+    """Keep kopf's own configurations (`name`, validating and mutating) owned as the gate's
+    are, whenever kopf (re)creates them: kopf empties them when it stops, but never
+    deletes them. Runs until cancelled."""
+    uids = {o["uid"] for o in owners}
+    while True:
+        owned = 0
+        for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+            found = await kube.get_webhook(kind, name)
+            if found is None:
+                continue
+            if not uids <= {o.get("uid") for o in found["metadata"].get("ownerReferences") or []}:
+                await kube.put_webhook({"kind": kind, "metadata": _metadata(name, owners)})
+                log.info("webhook configuration %s %s owned by %s", kind, name,
+                         ", ".join(f"{o['kind']} {o['name']}" for o in owners))
+            owned += 1
+        await asyncio.sleep(recheck if owned == 2 else interval)
+
+
 async def keep_current(kube: Kube, settings: Settings, ca_bundle: bytes,
                        pinning: Callable[[], bool], changed: asyncio.Event,
-                       listening: asyncio.Event) -> None:
+                       listening: asyncio.Event, owners: Sequence[Obj]) -> None:
     """Keep the configurations current: the gate's always; the pinDigests one only while
     a ScanPolicy pins digests, so that a cluster without one pays no second webhook call
     per request. Runs until cancelled, acting each time `changed` is set; starts once the
-    gate is `listening` (a configuration naming a closed port would refuse workloads)."""
+    gate is `listening` (a configuration naming a closed port would refuse workloads).
+    `owners` (the chart's ClusterRole) have them removed with the release."""
     await listening.wait()
-    await kube.put_webhook(webhook_configuration(settings, ca_bundle))
+    await kube.put_webhook(webhook_configuration(settings, ca_bundle, owners))
     log.info("workload webhook configuration %s current", NAME)
     pinned: bool | None = None
     while True:
@@ -102,7 +132,7 @@ async def keep_current(kube: Kube, settings: Settings, ca_bundle: bytes,
             continue
         pinned = pinning()
         if pinned:
-            await kube.put_webhook(pin_configuration(settings, ca_bundle))
+            await kube.put_webhook(pin_configuration(settings, ca_bundle, owners))
         else:
             await kube.delete_webhook(pin_configuration(settings, ca_bundle))
         log.info("digest pinning webhook %s", "registered" if pinned else "removed")

@@ -27,6 +27,40 @@ MAX_BODY = 8 << 20
 BODY_TIMEOUT = 10.0
 
 
+_OBJECTS = ("kind", "userInfo", "oldObject")
+"""Request fields that are an object when present (null: absent)."""
+
+
+def _request(review: object) -> tuple[dict[str, Any], str]:
+    """The request of an AdmissionReview v1 and its uid; raises TypeError for a body of
+    another shape (never quoting it: the body is the sender's). The API server sends
+    nothing else, so the gate never judges a review it would misread."""
+    if not isinstance(review, dict):
+        raise TypeError("the body is not a JSON object")
+    if (review.get("apiVersion"), review.get("kind")) != ("admission.k8s.io/v1",
+                                                          "AdmissionReview"):
+        raise TypeError("want apiVersion admission.k8s.io/v1 and kind AdmissionReview")
+    body = review.get("request")
+    if not isinstance(body, dict):
+        raise TypeError("no request")
+    uid = body.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise TypeError("no request.uid")
+    if not isinstance(body.get("object"), dict):
+        raise TypeError("no request.object")
+    for key in _OBJECTS:
+        if body.get(key) is not None and not isinstance(body[key], dict):
+            raise TypeError(f"request.{key} is not an object")
+    user = body.get("userInfo") or {}
+    for where, value, kind in (("namespace", body.get("namespace"), str),
+                               ("dryRun", body.get("dryRun"), bool),
+                               ("userInfo.username", user.get("username"), str),
+                               ("userInfo.groups", user.get("groups"), list)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"request.{where} has the wrong type")
+    return body, uid
+
+
 class AdmissionServer:
     def __init__(self, gate: Gate, settings: Settings) -> None:
         self.gate, self.settings = gate, settings
@@ -51,11 +85,9 @@ class AdmissionServer:
         """The AdmissionReview's request and uid; raises web.HTTPException (400, 413)."""
         try:
             review = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
-            body = review["request"]
-            uid = body.get("uid") if isinstance(body, dict) else None
-            if not isinstance(uid, str):
-                raise TypeError("no request.uid")
-        except (ValueError, KeyError, TypeError, TimeoutError) as e:
+            body, uid = _request(review)
+        # RecursionError: nesting deeper than the parser (a few kB of brackets).
+        except (ValueError, KeyError, TypeError, TimeoutError, RecursionError) as e:
             metrics.ADMISSION_LATENCY.labels("malformed").observe(0)
             raise web.HTTPBadRequest(text=json.dumps({"error": f"not an AdmissionReview: {e}"}),
                                      content_type="application/json") from None

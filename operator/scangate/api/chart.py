@@ -11,9 +11,9 @@ from pydantic.alias_generators import to_camel
 from scangate.config import Settings
 
 DERIVED = frozenset({
-    "namespace", "webhook_address", "webhook_host", "webhook_service", "webhook_cert_file",
+    "namespace", "listen_address", "webhook_host", "webhook_service", "webhook_cert_file",
     "webhook_key_file", "webhook_ca_file", "trivy_server_url", "trivy_token_secret",
-    "push_token_secret"})
+    "push_token_secret", "cluster_role"})
 """Settings the chart's templates set from the release, not from values."""
 _KEEP = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "pattern", "maxLength",
          "items", "description")
@@ -57,6 +57,8 @@ def values_schema() -> Schema:
             }, "The operator image."),
             "replicas": {"type": "integer", "minimum": 1,
                          "description": "Replicas; one leads (Lease scangate-leader)."},
+            "listenOnPodIP": {"type": "boolean", "description": "Listen on the pod's IP "
+                              "only, where pods share one network namespace."},
             "podDisruptionBudget": _object({
                 "enabled": {"type": "boolean"},
                 "minAvailable": {"type": ["integer", "string"]},
@@ -64,6 +66,10 @@ def values_schema() -> Schema:
             "config": _object(config, "The operator's settings (SCANGATE_* variables)."),
             "trivyServer": _object({
                 "enabled": {"type": "boolean"},
+                "url": {"type": "string", "description": "With enabled false: an existing "
+                        "Trivy server."},
+                "tokenSecret": {"type": "string", "description": "With enabled false: the "
+                                "Secret (key token) holding its token."},
                 "image": {"type": "string", "minLength": 1},
                 "dbRepository": {"type": "string"},
                 "persistence": _object({"size": {"type": "string"},

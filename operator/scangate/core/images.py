@@ -12,7 +12,9 @@ _DOMAIN = re.compile(
     r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?$"
     r"|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$"
 )
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+# ASCII: the grammar's \w is Go's ([A-Za-z0-9_]), not Unicode's letters and digits.
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
+_PORT = re.compile(r":([0-9]+)$")
 _DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
 
 
@@ -58,32 +60,41 @@ def parse_image(reference: str) -> ImageRef:
     'docker.io/library/nginx:latest'
     """
     text = reference.strip()
-    if not text or len(text) > 1024:
-        raise InvalidReference(f"invalid image reference {reference!r}: empty or too long")
-    rest, _, digest = text.partition("@")
-    if digest and not _DIGEST.match(digest):
+    if not text:
+        raise InvalidReference(f"invalid image reference {reference!r}: empty")
+    if len(text) > 1024:  # not quoted: the reason would drown in it, or be cut off
+        raise InvalidReference(
+            f"invalid image reference of {len(text)} characters: longer than 1024")
+    rest, at, digest = text.partition("@")
+    # fullmatch throughout: `$` alone also matches before a final newline. A bare `@`
+    # names no digest: refused, not read as the tag `latest`.
+    if at and not _DIGEST.fullmatch(digest):
         raise InvalidReference(f"invalid digest {digest!r} in image reference {reference!r}")
     tag = None
     last_slash = rest.rfind("/")
     colon = rest.rfind(":")
     if colon > last_slash:
         rest, tag = rest[:colon], rest[colon + 1:]
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise InvalidReference(f"invalid tag {tag!r} in image reference {reference!r}")
     first, _, remainder = rest.partition("/")
     is_domain = "." in first or ":" in first or first == "localhost" or first.startswith("[")
     if remainder and is_domain:
         registry, repository = first, remainder
-        if not _DOMAIN.match(registry):
+        if not _DOMAIN.fullmatch(registry):
             raise InvalidReference(
                 f"invalid registry {registry!r} in image reference {reference!r}")
+        port = _PORT.search(registry)
+        if port and not 0 < int(port.group(1)) <= 65535:  # nothing listens there
+            raise InvalidReference(
+                f"invalid port in registry {registry!r} of image reference {reference!r}")
     else:
         registry, repository = DEFAULT_REGISTRY, rest
     if registry in ("index.docker.io", "registry-1.docker.io"):
         registry = DEFAULT_REGISTRY
     if registry == DEFAULT_REGISTRY and "/" not in repository:
         repository = f"library/{repository}"
-    if not _PATH.match(repository):
+    if not _PATH.fullmatch(repository):
         raise InvalidReference(
             f"invalid repository {repository!r} in image reference {reference!r}: "
             "use lowercase letters, digits and separators (. _ -)"

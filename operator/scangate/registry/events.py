@@ -174,7 +174,8 @@ def _image(where: str, host: str, repository: str, tag: str | None,
            digest: str | None) -> PushedImage:
     if tag is None and digest is None:
         raise PushEventError(f"{where}: names neither a tag nor a digest")
-    if host and not _HOST.fullmatch(host):
+    port = host.rpartition("]")[2].partition(":")[2]
+    if host and (not _HOST.fullmatch(host) or (port and not 0 < int(port) <= 65535)):
         raise PushEventError(f"{where}: registry host is not host[:port]")
     # The grammar is parse_image's. The placeholder registry keeps the repository as the event
     # names it (no Docker Hub normalisation); the round trip refuses what parse_image would
