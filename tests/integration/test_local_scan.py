@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import sarif_schema
 from sandbox.controlplane import load_env
 from scans import push_variant
 
@@ -48,6 +49,27 @@ def test_a_local_scan_summarises_and_judges_under_a_policy_file(
     assert " LOW " not in table.stdout.split("SEVERITY", 1)[1]  # only CRITICAL rows
     passed = scan(sandbox_env, clean, "--policy", str(policy))
     assert passed.returncode == 0 and "PASS" in passed.stdout, passed.stderr
+
+
+def test_a_sarif_scan_is_valid_sarif_2_1_0_and_exits_1_when_blocked(
+    sandbox_env: dict[str, str], tmp_path: Path,
+) -> None:
+    bad, _ = push_variant(sandbox_env, "debian-critical")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: scangate.dev/v1alpha1\nkind: ScanPolicy\n"
+                      "metadata: {name: no-critical}\nspec: {thresholds: {critical: 0}}\n")
+    blocked = scan(sandbox_env, bad, "--policy", str(policy), "--format", "sarif")
+    assert blocked.returncode == 1, blocked.stderr
+    log: dict[str, Any] = json.loads(blocked.stdout)
+    assert [e.message for e in sarif_schema.validator().iter_errors(log)] == []
+    run = log["runs"][0]
+    assert run["properties"]["decision"]["allowed"] is False
+    assert run["invocations"][0]["exitCode"] == 1
+    assert len(run["results"]) == run["properties"]["summary"]["total"] > 0
+    critical = [r for r in run["results"] if r["properties"]["severity"] == "CRITICAL"]
+    assert critical and all(r["level"] == "error" for r in critical)
+    assert any(rule.get("helpUri", "").startswith("https://")
+               for rule in run["tool"]["driver"]["rules"])
 
 
 def test_errors_are_one_clear_line_and_exit_2(sandbox_env: dict[str, str]) -> None:
