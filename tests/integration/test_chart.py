@@ -116,3 +116,22 @@ def test_the_certificate_comes_from_cert_manager_or_a_secret_when_asked(
     assert not {k for k in provided if k[0] in ("Certificate", "Secret")
                 and "webhook" in k[1]}
     assert ("ServiceMonitor", "scangate") in kinds("--set", "serviceMonitor.enabled=true")
+
+
+@pytest.mark.parametrize("values", list(COMBINATIONS), ids=list(COMBINATIONS))
+def test_every_rendered_setting_is_one_the_operator_accepts(
+    sandbox_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, values: str,
+) -> None:
+    # Helm reads numbers as floats: 67108864 once rendered as 6.7108864e+07, which the
+    # operator refused at start (found by test_helm_install).
+    from scangate.config import Settings
+
+    objects = render(sandbox_env, "scangate-system", *COMBINATIONS[values])
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.max_result_log_bytes == 64 * 1024 * 1024
+    assert str(settings.max_running_scans) == env["SCANGATE_MAX_RUNNING_SCANS"]

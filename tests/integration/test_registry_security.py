@@ -120,6 +120,10 @@ CAN = [
      "mutatingwebhookconfigurations.admissionregistration.k8s.io/scangate-pin-digests"),
     ("list", "scanpolicies.scangate.dev"), ("watch", "scanpolicies.scangate.dev"),
     ("list", "namespaces"), ("watch", "namespaces"),
+    # Its own ClusterRole owns the webhook configurations it writes (test_helm_install).
+    ("get", "clusterroles.rbac.authorization.k8s.io/scangate"),
+    ("get", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
+    ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
 ]
 # In the operator's namespace only.
 CAN_THERE = [("create", "leases.coordination.k8s.io"),
@@ -135,6 +139,7 @@ CANNOT = [
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/other"),
     ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"), ("patch", "namespaces"),
+    ("get", "clusterroles.rbac.authorization.k8s.io/admin"),
     ("update", "scanpolicies.scangate.dev"), ("delete", "namespaces"),
     ("create", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io/other"),
 ]
