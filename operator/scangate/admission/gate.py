@@ -253,7 +253,11 @@ class Gate:
             async with client:
                 resolved = await asyncio.wait_for(client.resolve(ref), timeout)
             answer = (resolved.digest, "")
-        except (RegistryError, TimeoutError, OSError) as e:
+        except Exception as e:
+            # Whatever went wrong, the shared lookup must end: every review of this image
+            # waits on it, and would otherwise wait until the API server gives up.
+            if not isinstance(e, RegistryError | TimeoutError | OSError):
+                log.exception("digest lookup of %s failed", ref)
             why = str(e) or f"no answer within {timeout}s"
             answer = (None, f"the registry could not say which image {ref} is: {why}"[:300])
         # A failed lookup is remembered briefly only: the registry may be back soon.

@@ -60,6 +60,8 @@ from scangate.outbound import check_destination
 from scangate.registry.auth import CredentialsError, secret_field
 from scangate.scanning.registries import tls_context
 
+SEND_DEADLINE = 30.0
+"""Seconds one delivery may take, from connecting to the last byte of the answer."""
 log = logging.getLogger("scangate.notify")
 QUEUE_LIMIT = 10_000
 """Pending events held per receiver; more wait in the API (their keys are not recorded)
@@ -316,26 +318,13 @@ class Notifier:
             verify=tls_context(state.spec.get("caBundle")), timeout=10.0,
             follow_redirects=False,
             event_hooks={"request": [lambda r: check_destination(self.destinations, r)]})
-        async with client:
-            if kind == "dingtalk":
-                if not secret:
-                    raise NotifyError("a DingTalk robot needs its signing secret "
-                                      "(signingSecretRef)")
-                body = (dingtalk_message(batch[0].event) if len(batch) == 1 else
-                        dingtalk_summary([p.event for p in batch], datetime.now(UTC)))
-                target = dingtalk_signed_url(url, secret, int(time.time() * 1000))
-                response = await client.post(target, json=body)
-                _check(response)
-                answer = response.json() if response.content else {}
-                code = answer.get("errcode", 0) if isinstance(answer, dict) else "?"
-                if code != 0:  # DingTalk answers 200 with its error in the body
-                    raise NotifyError(f"DingTalk answered errcode {code}")
-                self._windows[_robot_key(url)].sent(datetime.now(UTC))
-            else:
-                payload = webhook_payload(batch[0].event)
-                response = await client.post(url, content=payload, headers=webhook_headers(
-                    batch[0].event, payload, secret))
-                _check(response)
+        try:
+            # httpx's timeout bounds each read: a receiver trickling a byte at a time
+            # would hold its worker forever without this deadline on the whole exchange.
+            async with client, asyncio.timeout(SEND_DEADLINE):
+                await self._post(client, kind, url, secret, batch)
+        except TimeoutError:
+            raise NotifyError(f"no complete answer within {SEND_DEADLINE:.0f}s") from None
         metrics.NOTIFICATIONS.labels(kind, "delivered").inc()
         state.deliveries += 1
         state.failures = 0
@@ -344,6 +333,28 @@ class Notifier:
         self._dirty.add((receiver.namespace, receiver.owner))
         await self._record(receiver, batch)
         self._pop(state, len(batch))
+
+    async def _post(self, client: httpx.AsyncClient, kind: str, url: str, secret: str | None,
+                    batch: list[Pending]) -> None:
+        if kind == "dingtalk":
+            if not secret:
+                raise NotifyError("a DingTalk robot needs its signing secret "
+                                  "(signingSecretRef)")
+            body = (dingtalk_message(batch[0].event) if len(batch) == 1 else
+                    dingtalk_summary([p.event for p in batch], datetime.now(UTC)))
+            target = dingtalk_signed_url(url, secret, int(time.time() * 1000))
+            response = await client.post(target, json=body)
+            _check(response)
+            answer = response.json() if response.content else {}
+            code = answer.get("errcode", 0) if isinstance(answer, dict) else "?"
+            if code != 0:  # DingTalk answers 200 with its error in the body
+                raise NotifyError(f"DingTalk answered errcode {code}")
+            self._windows[_robot_key(url)].sent(datetime.now(UTC))
+        else:
+            payload = webhook_payload(batch[0].event)
+            response = await client.post(url, content=payload, headers=webhook_headers(
+                batch[0].event, payload, secret))
+            _check(response)
 
     def _pop(self, state: ReceiverState, count: int) -> None:
         for _ in range(count):
