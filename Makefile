@@ -40,8 +40,10 @@ sandbox-up: deps venv testbin
 sandbox-down: venv
 	hack/sandbox down --dir $(SANDBOX_DIR)
 
+# make demo: the whole story, then the sandbox stays up until Ctrl-C;
+# make demo ARGS=--no-wait: unattended, cleans up at the end.
 demo: deps venv testbin
-	hack/demo
+	hack/demo $(ARGS)
 
 # The scale benchmark on a sandbox of its own (bench/README.md); e.g.
 # make bench-scale ARGS="--count 1000 --new 100 --sandbox-dir /tmp/sb"
