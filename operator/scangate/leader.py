@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from scangate.core.scanstate import parse_time
 from scangate.kube import Kube, Obj
@@ -71,7 +72,7 @@ class LeaderElector:
                 lease["spec"].update(holderIdentity="", renewTime=None)
                 await self.kube.replace_lease(self.namespace, NAME, lease)
                 log.info("released the lead")
-        except (ApiException, OSError) as e:
+        except (ApiException, OSError, HTTPError) as e:
             log.warning("could not release the lead (%s); it expires by itself",
                         type(e).__name__)
 
@@ -82,7 +83,7 @@ class LeaderElector:
             except ApiException as e:
                 log.warning("leader election: the API server answered %s", e.status)
                 held = False
-            except OSError as e:
+            except (OSError, HTTPError) as e:
                 log.warning("leader election: %s", type(e).__name__)
                 held = False
             if held:
