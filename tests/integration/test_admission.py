@@ -174,6 +174,10 @@ def test_with_the_operator_down_policed_namespaces_are_refused_and_kube_system_i
 ) -> None:
     clean, _ = scanned(kubectl, namespace, sandbox_env, "clean")
     policy(action="Enforce", thresholds={"critical": 0})
+    app = json.loads(deployment("app", clean))
+    app["spec"]["template"]["spec"]["containers"][0]["command"] = ["sleep", "3600"]
+    ok, said = admit(kubectl, json.dumps(app), namespace)
+    assert ok, said
     pod = {"apiVersion": "v1", "kind": "Pod",
            "spec": {"containers": [{"name": "app", "image": clean}]}}
     sandbox.stop_operator()
@@ -185,6 +189,12 @@ def test_with_the_operator_down_policed_namespaces_are_refused_and_kube_system_i
         ok, said = admit(kubectl, json.dumps({**pod, "metadata": {"name": name}}),
                          "kube-system", "--dry-run=server")
         assert ok, said
+        # The admitted Deployment still scales: the controllers' own writes of what they
+        # control never wait on the gate (the configuration's matchConditions).
+        kubectl("scale", "deployment", "app", "-n", namespace, "--replicas=2")
+        wait_for(lambda: kubectl("get", "deployment", "app", "-n", namespace, "-o",
+                                 "jsonpath={.status.readyReplicas}") == "2", 60,
+                 "a second replica created while the gate is down")
     finally:
         sandbox.start_operator()
 

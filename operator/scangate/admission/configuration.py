@@ -24,6 +24,16 @@ IGNORE_LABEL = "scangate.dev/ignore"
 SERVICE_PORT = 8443
 """The port of the webhook Service that leads to the gate (the chart's)."""
 
+CONTROLLER_WRITES = (
+    "!((request.userInfo.username == 'system:kube-controller-manager'"
+    " || (request.userInfo.username.startsWith('system:serviceaccount:kube-system:')"
+    " && has(request.userInfo.groups)"
+    " && 'system:serviceaccounts:kube-system' in request.userInfo.groups))"
+    " && has(object.metadata.ownerReferences)"
+    " && object.metadata.ownerReferences.exists(r, has(r.controller) && r.controller))")
+"""CEL: false when a Kubernetes controller writes an object it controls (its owner's
+template was judged), the only requests the webhook is not called for."""
+
 RULES = [
     {"apiGroups": [""], "apiVersions": ["v1"],
      "resources": ["pods", "pods/ephemeralcontainers", "replicationcontrollers"]},
@@ -54,6 +64,11 @@ def _webhook(settings: Settings, ca_bundle: bytes, name: str, path: str) -> Obj:
         # A dry run is answered but starts no scan.
         "sideEffects": "NoneOnDryRun",
         "timeoutSeconds": settings.admission_timeout_seconds,
+        # Judged in the gate too (core.workloads.owned_by_controller_request); here as well
+        # so that controllers keep working while the gate cannot answer: Pods of an
+        # admitted ReplicaSet are created, scan Jobs' pods lose their finalizers.
+        "matchConditions": [{"name": "not-a-controller-writing-what-it-controls",
+                             "expression": CONTROLLER_WRITES}],
         "namespaceSelector": {"matchExpressions": [
             {"key": IGNORE_LABEL, "operator": "NotIn", "values": ["true"]},
             {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
