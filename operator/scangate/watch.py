@@ -25,6 +25,8 @@ T = TypeVar("T")
 Obj = dict[str, Any]
 
 PAGE_SIZE = 100
+INITIAL_BACKOFF = 0.5
+"""Seconds before a failed list or watch is tried again; doubled up to 30 s."""
 """Objects per LIST page: each page is parsed at once, and a smaller one keeps the
 start-up's peak memory down."""
 WATCH_SECONDS = 120
@@ -55,6 +57,7 @@ class Feed(Generic[T]):
         self._sink = sink
         self._selector = selector
         self.synced = asyncio.Event()
+        self._backoff = INITIAL_BACKOFF
 
     async def run(self) -> None:
         """Forever; returns only by cancellation."""
@@ -72,21 +75,19 @@ class Feed(Generic[T]):
 
     def _run_blocking(self, loop: asyncio.AbstractEventLoop) -> None:
         version: str | None = None
-        backoff = 0.5
         while True:
             try:
                 if version is None:
                     version = self._relist(loop)
                 version = self._watch(loop, version)
-                backoff = 0.5
             except Gone:
                 log.info("watch of %s expired; relisting", self.name)
                 version = None
             except Exception as e:  # a broken stream is retried, never fatal
                 log.warning("watch of %s failed (%s); retrying in %.1fs", self.name,
-                            e.__class__.__name__, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                            e.__class__.__name__, self._backoff)
+                time.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 30.0)
 
     def _relist(self, loop: asyncio.AbstractEventLoop) -> str:
         items: list[T] = []
@@ -124,6 +125,9 @@ class Feed(Generic[T]):
             if e.status == 410:
                 raise Gone() from None
             raise
+        # Connected: the next failure starts its backoff afresh (waiting for a whole
+        # watch to end first would let the delays grow across separate outages).
+        self._backoff = INITIAL_BACKOFF
         # A watch the API server forgets (its cacher replaced when the CRD changes, say)
         # may hold the connection open and send nothing, or only bookmarks, for ever:
         # the read timeout never fires. Close it once it has outlived its own timeout.
