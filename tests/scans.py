@@ -11,9 +11,13 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
+
 from conftest import Kubectl, wait_for
 from sandbox.advisories import expected_findings, load_images
+from sandbox.controlplane import Sandbox
 from sandbox.images import Pusher, build_image, platforms
+from sandbox.nodeagent import Api
 
 SCAN_LABEL = "scangate.dev/imagescan"
 Policy = Callable[..., str]
@@ -128,3 +132,40 @@ def admit(kubectl: Kubectl, manifest: str, namespace: str, *extra: str
     out = kubectl.run("apply", "-n", namespace, *extra, "-f", "-", input=manifest,
                       check=False)
     return out.returncode == 0, out.stdout + out.stderr
+
+
+def admin_api(sandbox: Sandbox) -> Api:
+    """A raw JSON client of the API server, as the sandbox's admin."""
+    pki = sandbox.dir / "pki"
+    server = json.loads(sandbox.kubectl("config", "view", "-o", "json", "--minify"))[
+        "clusters"][0]["cluster"]["server"]
+    return Api(server, str(pki / "ca.crt"), str(pki / "admin.crt"), str(pki / "admin.key"))
+
+
+class RunningJobs(threading.Thread):
+    """Follows every Job event of a namespace; the most Jobs unfinished at once."""
+
+    def __init__(self, api: Api, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.api, self.path = api, f"/apis/batch/v1/namespaces/{namespace}/jobs"
+        self.running: dict[str, bool] = {}
+        self.most = self.events = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        listing = self.api.get(self.path)
+        assert listing is not None
+        try:
+            for event in self.api.watch(self.path, listing["metadata"]["resourceVersion"]):
+                if self.stop.is_set():
+                    return
+                if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+                    continue
+                job = event["object"]
+                self.events += 1
+                done = any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
+                           for c in job.get("status", {}).get("conditions") or [])
+                self.running[job["metadata"]["name"]] = not done and event["type"] != "DELETED"
+                self.most = max(self.most, sum(self.running.values()))
+        except httpx.HTTPError:
+            pass

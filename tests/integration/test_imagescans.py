@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,10 +22,11 @@ from sandbox.advisories import expected_findings, load_images
 from sandbox.controlplane import Sandbox, free_port
 from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image
-from sandbox.nodeagent import Api
 from sandbox.tokenserver import TokenServer
 from scans import (
     SCAN_LABEL,
+    RunningJobs,
+    admin_api,
     assert_result,
     counts,
     create_scan,
@@ -89,47 +89,12 @@ def test_ten_scans_over_three_digests_run_three_jobs(
     assert len(reused) == 7
 
 
-class JobWatcher(threading.Thread):
-    """Follows every Job event in a namespace and records the most active at once."""
-
-    def __init__(self, sandbox: Sandbox, namespace: str) -> None:
-        super().__init__(daemon=True)
-        pki = sandbox.dir / "pki"
-        server = json.loads(sandbox.kubectl("config", "view", "-o", "json", "--minify"))[
-            "clusters"][0]["cluster"]["server"]
-        self.api = Api(server, str(pki / "ca.crt"), str(pki / "admin.crt"),
-                       str(pki / "admin.key"))
-        self.path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
-        self.active: dict[str, bool] = {}
-        self.max_active = 0
-        self.events = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        listing = self.api.get(self.path)
-        assert listing is not None
-        try:
-            for event in self.api.watch(self.path, listing["metadata"]["resourceVersion"]):
-                if self.stop.is_set():
-                    return
-                job = event["object"]
-                if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
-                    continue
-                self.events += 1
-                finished = any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
-                               for c in job.get("status", {}).get("conditions") or [])
-                self.active[job["metadata"]["name"]] = not finished and event["type"] != "DELETED"
-                self.max_active = max(self.max_active, sum(self.active.values()))
-        except httpx.HTTPError:
-            pass
-
-
 def test_running_jobs_never_exceed_the_limit(
     kubectl: Kubectl, namespace: str, sandbox: Sandbox, sandbox_env: dict[str, str],
     operator: Callable[..., None],
 ) -> None:
     operator("--max-running-scans", "2")
-    watcher = JobWatcher(sandbox, namespace)
+    watcher = RunningJobs(admin_api(sandbox), namespace)
     watcher.start()
     names = ["clean", "debian-critical", "alpine-mixed", "python-app", "npm-app", "all-low"]
     variants = {n: push_variant(sandbox_env, n) for n in names}
@@ -141,9 +106,9 @@ def test_running_jobs_never_exceed_the_limit(
         assert_result(done[name], variants[name][1]["linux/amd64"])
     # One Job per attempt of each scan: a retried attempt (a log read too early on a
     # loaded machine) is a new Job; a scan started twice for one attempt is not allowed.
-    per_scan = Counter(job.rsplit("-", 1)[0].removeprefix("scan-") for job in watcher.active)
+    per_scan = Counter(job.rsplit("-", 1)[0].removeprefix("scan-") for job in watcher.running)
     assert per_scan == {n: done[n]["status"]["attempts"] for n in names}, per_scan
-    assert watcher.max_active == 2, watcher.max_active
+    assert watcher.most == 2, watcher.most
     assert watcher.events >= 12
 
 

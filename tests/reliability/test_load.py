@@ -18,7 +18,6 @@ import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,8 +31,16 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
-from sandbox.nodeagent import Api
-from scans import SCAN_LABEL, Policy, assert_result, create_scan, push_variant, wait_done
+from scans import (
+    SCAN_LABEL,
+    Policy,
+    RunningJobs,
+    admin_api,
+    assert_result,
+    create_scan,
+    push_variant,
+    wait_done,
+)
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sandbox]
 
@@ -45,43 +52,6 @@ RATE, SECONDS = 500, 60
 
 def report(test: str, **figures: object) -> None:
     print(f"\nreliability figures [{test}]: {json.dumps(figures)}")
-
-
-def admin_api(sandbox: Sandbox) -> Api:
-    """A raw JSON client of the API server, as the sandbox's admin."""
-    pki = sandbox.dir / "pki"
-    server = json.loads(sandbox.kubectl("config", "view", "-o", "json", "--minify"))[
-        "clusters"][0]["cluster"]["server"]
-    return Api(server, str(pki / "ca.crt"), str(pki / "admin.crt"), str(pki / "admin.key"))
-
-
-class RunningJobs(threading.Thread):
-    """Follows every Job event of a namespace; the most Jobs unfinished at once."""
-
-    def __init__(self, api: Api, namespace: str) -> None:
-        super().__init__(daemon=True)
-        self.api, self.path = api, f"/apis/batch/v1/namespaces/{namespace}/jobs"
-        self.running: dict[str, bool] = {}
-        self.most = self.events = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        listing = self.api.get(self.path)
-        assert listing is not None
-        try:
-            for event in self.api.watch(self.path, listing["metadata"]["resourceVersion"]):
-                if self.stop.is_set():
-                    return
-                if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
-                    continue
-                job = event["object"]
-                self.events += 1
-                done = any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
-                           for c in job.get("status", {}).get("conditions") or [])
-                self.running[job["metadata"]["name"]] = not done and event["type"] != "DELETED"
-                self.most = max(self.most, sum(self.running.values()))
-        except httpx.HTTPError:
-            pass
 
 
 def bench_admission() -> ModuleType:
