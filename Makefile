@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= $(CURDIR)/.sandbox
 
-.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench-scale \
-	bench-registry bench-admission
+.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench \
+	bench-scale bench-registry bench-admission bench-overhead
 
 all: test
 
@@ -45,6 +45,16 @@ sandbox-down: venv
 demo: deps venv testbin
 	hack/demo $(ARGS)
 
+# Every benchmark on one sandbox of its own, each target's PASS or MISS, the figures into
+# bench/results.json and the admission latency plot into bench/admission-latency.png
+# (bench/README.md); about 15 minutes on 2 cores. Try it small: make bench ARGS=--quick
+bench: deps testbin $(VENV)/.bench-installed
+	$(BIN)/python bench/all.py $(ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
 # The scale benchmark on a sandbox of its own (bench/README.md); e.g.
 # make bench-scale ARGS="--count 1000 --new 100 --sandbox-dir /tmp/sb"
 bench-scale: deps venv testbin
@@ -59,6 +69,11 @@ bench-registry: deps venv testbin
 # make bench-admission ARGS="--scans 1000 --creates 100 --sandbox-dir /tmp/sb"
 bench-admission: deps venv testbin
 	$(BIN)/python bench/admission.py $(ARGS)
+
+# ImageScan against the same `trivy image` run directly, ClientServer and Standalone, e.g.
+# make bench-overhead ARGS="--rounds 1 --sandbox-dir /tmp/sb"
+bench-overhead: deps venv testbin
+	$(BIN)/python bench/overhead.py $(ARGS)
 
 clean:
 	-hack/sandbox down --dir $(SANDBOX_DIR)

@@ -11,7 +11,9 @@
    generator built from its Go module into ~/.cache/scangate/bin) sends AdmissionReviews
    straight to the gate's HTTPS endpoint at a constant rate: p99 at 200 requests/s
    (target <= 5 ms), and the highest rate tried whose p99 stays under 10 ms. The no-op
-   webhook under the same load is the baseline of the same run.
+   webhook under the same load is the baseline of the same run. (--scans 0 stores none
+   and counts those already stored, as `make bench` does after the scale benchmark.)
+With --plot FILE, both latency distributions are drawn (bench/plot.py, matplotlib).
 
 Run: make bench-admission [ARGS="--scans 1000 --creates 100"]
      .venv/bin/python bench/admission.py [--sandbox-dir DIR] [--json FILE]
@@ -35,15 +37,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import run_in_sandbox
-from scale import Api, bounded, log  # the benchmarks' shared API client
+from harness import (
+    GROUP_VERSION,
+    TABLE,
+    Api,
+    Figures,
+    Target,
+    bench_parser,
+    bounded,
+    log,
+    percentile,
+    run_bench,
+    run_in_sandbox,
+    target,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+from sandbox.controlplane import Sandbox, free_port
 
-from sandbox.controlplane import free_port, load_env
-
-GROUP_VERSION = "scangate.dev/v1alpha1"
 VEGETA_MODULE = "github.com/tsenart/vegeta/v12@v12.13.0"
 CACHE = Path(os.environ.get("SCANGATE_CACHE", Path.home() / ".cache" / "scangate")) / "bin"
 OVERHEAD_TARGET_MS = 2.0
@@ -77,11 +87,6 @@ def vegeta() -> Path:
     return binary
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def pod_review(namespace: str, image: str) -> dict[str, Any]:
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
         "uid": str(uuid.uuid4()), "kind": {"group": "", "version": "v1", "kind": "Pod"},
@@ -98,7 +103,7 @@ class Bench:
         self.api, self.env, self.args = api, env, args
         self.run = uuid.uuid4().hex[:6]
         self.judged, self.noop = f"bench-adm-{self.run}", f"bench-noop-{self.run}"
-        self.figures: dict[str, Any] = {}
+        self.figures: Figures = {"samples": {}}
         self.work = Path(tempfile.mkdtemp(prefix="scangate-bench-admission-"))
         self.noop_port = free_port()
         self.noop_proc: subprocess.Popen[bytes] | None = None
@@ -107,11 +112,9 @@ class Bench:
 
     async def setup(self) -> None:
         sandbox_dir = Path(self.args.sandbox_dir)
-        for name, labels in ((self.judged, {}), (self.noop, {"scangate.dev/ignore": "true",
-                                                            "bench.scangate.dev/noop": "true"})):
-            await self.api.call("POST", "/api/v1/namespaces", body=json.dumps({
-                "apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": name, "labels": labels}}).encode(), ok=(201, 409))
+        await self.api.create_namespace(self.judged)
+        await self.api.create_namespace(self.noop, {"scangate.dev/ignore": "true",
+                                                    "bench.scangate.dev/noop": "true"})
         # The no-op webhook: the sandbox CA's certificate for 127.0.0.1, like the gate's.
         pki = sandbox_dir / "pki"
         cert = sorted(pki.glob("operator-webhook*.crt"))
@@ -195,9 +198,11 @@ class Bench:
             if not wrong:
                 break
             log(f"  re-patching {len(wrong)} ImageScans the operator overwrote")
-            await bounded(len(wrong), 32, lambda k, wrong=wrong: self.api.patch_status(
-                namespace, f"s{wrong[k]:05d}", status(wrong[k])))
-        self.figures["indexed_scans"] = self.args.scans
+
+            async def repatch(k: int, wrong: list[int] = wrong) -> None:
+                await self.api.patch_status(namespace, f"s{wrong[k]:05d}", status(wrong[k]))
+
+            await bounded(len(wrong), 32, repatch)
 
     # -- 1. through the API server ---------------------------------------------------
 
@@ -217,6 +222,7 @@ class Bench:
                                     body=body.encode(), params={"dryRun": "All"})
                 timings[namespace].append((time.perf_counter() - began) * 1000)
         judged, noop = timings[self.judged], timings[self.noop]
+        self.figures["samples"].update(api_scangate_ms=judged, api_noop_ms=noop)
         self.figures["through_api_server"] = {
             "creates_each": self.args.creates,
             "scangate_p50_ms": round(statistics.median(judged), 2),
@@ -227,7 +233,10 @@ class Bench:
 
     # -- 2. the webhook alone, under vegeta ------------------------------------------
 
-    def attack(self, url: str, rate: int, seconds: float) -> dict[str, Any]:
+    def attack(self, url: str, rate: int, seconds: float,
+               samples: str | None = None) -> dict[str, Any]:
+        """One vegeta attack: its figures; with `samples`, each request's latency (ms) is
+        kept in figures["samples"] under that name."""
         body = self.work / "review.json"
         body.write_text(json.dumps(pod_review(self.judged, self.image)))
         targets = self.work / "targets.txt"
@@ -241,6 +250,12 @@ class Bench:
                                 check=True, capture_output=True)
         result: dict[str, Any] = json.loads(report.stdout)
         latencies = result["latencies"]
+        if samples:
+            encoded = subprocess.run([str(vegeta()), "encode", "-to=json"],
+                                     input=attack.stdout, check=True, capture_output=True)
+            self.figures["samples"][samples] = [
+                round(json.loads(line)["latency"] / 1e6, 3)
+                for line in encoded.stdout.splitlines() if line.strip()]
         return {"rate": rate, "requests": result["requests"],
                 "success": round(result["success"], 4),
                 "p50_ms": round(latencies["50th"] / 1e6, 2),
@@ -252,12 +267,12 @@ class Bench:
         noop = f"https://127.0.0.1:{self.noop_port}/validate"
         seconds = self.args.seconds
         log(f"vegeta: 200/s for {seconds}s at the gate and at the no-op webhook")
-        at_200 = await asyncio.to_thread(self.attack, gate, 200, seconds)
-        baseline = await asyncio.to_thread(self.attack, noop, 200, seconds)
+        at_200 = await asyncio.to_thread(self.attack, gate, 200, seconds, "alone_scangate_ms")
+        baseline = await asyncio.to_thread(self.attack, noop, 200, seconds, "alone_noop_ms")
         steps = []
         for rate in (400, 800, 1600, 3200):
-            log(f"vegeta: {rate}/s for {seconds}s at the gate")
-            step = await asyncio.to_thread(self.attack, gate, rate, seconds)
+            log(f"vegeta: {rate}/s for {self.args.step_seconds}s at the gate")
+            step = await asyncio.to_thread(self.attack, gate, rate, self.args.step_seconds)
             steps.append(step)
             if step["p99_ms"] >= RATE_LIMIT_MS or step["success"] < 1:
                 break
@@ -267,11 +282,13 @@ class Bench:
                                          "steps": steps, "highest_rate_p99_under_10ms":
                                          sustained}
 
-    async def cleanup(self) -> None:
+    def stop_noop(self) -> None:
         if self.noop_proc is not None:
             self.noop_proc.terminate()
             self.noop_proc.wait(10)
         shutil.rmtree(self.work, ignore_errors=True)
+
+    async def cleanup(self) -> None:
         await self.api.call("DELETE", "/apis/admissionregistration.k8s.io/v1/"
                             f"validatingwebhookconfigurations/bench-noop-{self.run}",
                             ok=(200, 404))
@@ -282,60 +299,62 @@ class Bench:
         try:
             vegeta()
             await self.setup()
-            log(f"indexing {self.args.scans} ImageScans")
-            await self.populate()
-            await asyncio.sleep(5)  # the operator's watch takes them in
+            if self.args.scans:
+                log(f"indexing {self.args.scans} ImageScans")
+                await self.populate()
+                await asyncio.sleep(5)  # the operator's watch takes them in
+            self.figures["indexed_scans"] = await self.count_scans()
             log(f"{self.args.creates} dry-run Deployment creates in each namespace")
             await self.through_api_server()
             await self.webhook_alone()
         finally:
-            await self.cleanup()
+            self.stop_noop()
+        if getattr(self.args, "plot", None):
+            from plot import admission_latency  # matplotlib: the `bench` extra
+            admission_latency(self.figures["samples"], self.args.plot)
+
+    async def count_scans(self) -> int:
+        """The ImageScans stored in the whole cluster (all of them in the gate's index)."""
+        table = (await self.api.call("GET", f"/apis/{GROUP_VERSION}/imagescans", accept=TABLE,
+                                     params={"limit": 1, "includeObject": "None"})).json()
+        return len(table["rows"]) + int(table["metadata"].get("remainingItemCount") or 0)
 
 
-def report(figures: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(figures: Figures) -> list[Target]:
     api, alone = figures["through_api_server"], figures["webhook_alone"]
-    targets = [
-        {"name": "admission overhead over a no-op webhook, p99", "target":
-         f"<= {OVERHEAD_TARGET_MS} ms", "value": f"{api['p99_overhead_ms']} ms (scangate "
-         f"{api['scangate_p99_ms']} ms, no-op {api['noop_p99_ms']} ms)",
-         "pass": api["p99_overhead_ms"] <= OVERHEAD_TARGET_MS},
-        {"name": f"decision p99 at 200/s with {figures['indexed_scans']} ImageScans",
-         "target": f"<= {P99_TARGET_MS} ms", "value": f"{alone['at_200']['p99_ms']} ms "
-         f"(no-op webhook {alone['noop_at_200']['p99_ms']} ms)",
-         "pass": alone["at_200"]["p99_ms"] <= P99_TARGET_MS
-         and alone["at_200"]["success"] == 1},
-        {"name": "highest rate tried with p99 under 10 ms", "target": "reported",
-         "value": f"{alone['highest_rate_p99_under_10ms']}/s", "pass": True},
+    return [
+        target("admission overhead over a no-op webhook, p99", f"<= {OVERHEAD_TARGET_MS} ms",
+               f"{api['p99_overhead_ms']} ms (scangate {api['scangate_p99_ms']} ms, no-op "
+               f"{api['noop_p99_ms']} ms)", api["p99_overhead_ms"] <= OVERHEAD_TARGET_MS),
+        target(f"decision p99 at 200/s, {figures['indexed_scans']} ImageScans",
+               f"<= {P99_TARGET_MS} ms", f"{alone['at_200']['p99_ms']} ms (no-op webhook "
+               f"{alone['noop_at_200']['p99_ms']} ms)",
+               alone["at_200"]["p99_ms"] <= P99_TARGET_MS and alone["at_200"]["success"] == 1),
+        target("highest rate tried with p99 under 10 ms", "reported",
+               f"{alone['highest_rate_p99_under_10ms']}/s", True),
     ]
-    return targets
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/admission.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench/admission.py", __doc__)
     parser.add_argument("--scans", type=int, default=10_000, help="ImageScans indexed")
-    parser.add_argument("--creates", type=int, default=300,
+    parser.add_argument("--creates", type=int, default=1000,
                         help="dry-run Deployment creates per namespace")
-    parser.add_argument("--seconds", type=float, default=20, help="length of each attack")
-    parser.add_argument("--sandbox-dir", type=Path,
-                        help="use this running sandbox (`hack/sandbox up --operator`)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--seconds", type=float, default=20,
+                        help="length of the attacks at 200/s, the gate's and the no-op's")
+    parser.add_argument("--step-seconds", type=float, default=10,
+                        help="length of each attack at the higher rates")
+    parser.add_argument("--plot", type=Path,
+                        help="draw the latency distributions into this PNG (matplotlib)")
     return parser.parse_args(argv)
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    env = load_env(args.sandbox_dir)
-    api = Api(args.sandbox_dir / "kubeconfig", 32)
-    bench = Bench(api, env, args)
-    try:
-        await bench.main()
-    finally:
-        await api.close()
-    return bench.figures
+async def run(args: argparse.Namespace, sandbox: Sandbox) -> Figures:
+    return await run_bench(args, 32, lambda api, env: Bench(api, env, args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_in_sandbox("bench-admission", parse_args(argv), run_bench, report)
+    return run_in_sandbox("bench-admission", parse_args(argv), run, targets)
 
 
 if __name__ == "__main__":

@@ -22,41 +22,44 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import random
 import secrets
-import shutil
-import signal
-import ssl
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
 
 import httpx
-import yaml
+from harness import (
+    BENCH_ERRORS,
+    GROUP_VERSION,
+    TABLE,
+    Api,
+    Figures,
+    Process,
+    Target,
+    bench_parser,
+    bounded,
+    log,
+    percentile,
+    restart_operator,
+    run_bench,
+    run_in_sandbox,
+    target,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-# The sandbox lives with the tests; the operator's source root, for its constants.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# The operator's source root, for its constants.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
 from sandbox.controlplane import Sandbox, load_env
 from scangate.core.trivy import DEFAULT_FINDINGS_BUDGET, SEVERITIES
 
-GROUP_VERSION = "scangate.dev/v1alpha1"
-MERGE_PATCH = "application/merge-patch+json"
-# The server-side table printing of `kubectl get`: the Phase column without the
-# objects, so that polling 10,000 ImageScans does not move 640 MB of findings.
-TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
-PAGE = 500
 NAMESPACES = 10
+REFUSED_HOST = "169.254.169.254"
 
 RSS_TARGET_MIB = 300.0
 CPU_TARGET_PERCENT = 2.0
@@ -83,10 +86,6 @@ PACKAGES = (
 )
 # Per (severity, has a fix): more entries than any object lists of that kind.
 POOL_SIZE = 700
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def stamp() -> str:
@@ -193,107 +192,20 @@ def completed_status(pool: dict[tuple[str, bool], list[str]], run: str, i: int, 
     return Result(body, summary["critical"], size, truncated)
 
 
-# -- the API server -------------------------------------------------------------------
-
-
-class Api:
-    """An async client with the sandbox's admin certificate, retrying overload answers."""
-
-    RETRY = frozenset({429, 500, 502, 503, 504})
-
-    def __init__(self, kubeconfig: Path, concurrency: int) -> None:
-        config = yaml.safe_load(kubeconfig.read_text())
-        cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
-        self.server = str(cluster["server"])
-        context = ssl.create_default_context(cafile=cluster["certificate-authority"])
-        context.load_cert_chain(user["client-certificate"], user["client-key"])
-        self.client = httpx.AsyncClient(
-            base_url=self.server, verify=context, timeout=httpx.Timeout(60, connect=10),
-            limits=httpx.Limits(max_connections=concurrency + 4,
-                                max_keepalive_connections=concurrency + 4))
-        self.warnings: Counter[str] = Counter()
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-    async def call(self, method: str, path: str, *, body: bytes | None = None,
-                   content_type: str = "application/json", accept: str = "application/json",
-                   params: dict[str, Any] | None = None,
-                   ok: tuple[int, ...] = (200, 201)) -> httpx.Response:
-        delay = 0.2
-        for attempt in range(8):
-            try:
-                response = await self.client.request(
-                    method, path, content=body, params=params,
-                    headers={"Content-Type": content_type, "Accept": accept})
-            except httpx.TransportError:
-                if attempt == 7:
-                    raise
-            else:
-                for warning in response.headers.get_list("warning"):
-                    self.warnings[warning] += 1
-                if response.status_code in ok:
-                    return response
-                if response.status_code not in self.RETRY:
-                    raise RuntimeError(f"{method} {path}: {response.status_code} "
-                                       f"{response.text[:500]}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        raise RuntimeError(f"{method} {path}: still refused after retries")
-
-    async def create_namespace(self, name: str) -> None:
-        body = json.dumps({"apiVersion": "v1", "kind": "Namespace",
-                           "metadata": {"name": name}}).encode()
-        await self.call("POST", "/api/v1/namespaces", body=body, ok=(201, 409))
-
-    async def create_scan(self, namespace: str, name: str, image: str, run: str) -> None:
-        body = json.dumps({"apiVersion": GROUP_VERSION, "kind": "ImageScan",
-                           "metadata": {"name": name, "labels": {"bench.scangate.dev/run": run}},
-                           "spec": {"image": image}}).encode()
-        await self.call("POST", f"/apis/{GROUP_VERSION}/namespaces/{namespace}/imagescans",
-                        body=body)
-
-    async def patch_status(self, namespace: str, name: str, body: bytes) -> None:
-        await self.call("PATCH",
-                        f"/apis/{GROUP_VERSION}/namespaces/{namespace}/imagescans/{name}/status",
-                        body=body, content_type=MERGE_PATCH)
-
-    async def phases(self, namespace: str) -> dict[str, str]:
-        """name -> status.phase ("" before the first status) of a namespace's ImageScans."""
-        phases: dict[str, str] = {}
-        params: dict[str, Any] = {"limit": PAGE, "includeObject": "None"}
-        while True:
-            table = (await self.call("GET", f"/apis/{GROUP_VERSION}/namespaces/{namespace}/"
-                                     "imagescans", accept=TABLE, params=params)).json()
-            columns = [c["name"] for c in table["columnDefinitions"]]
-            name, phase = columns.index("Name"), columns.index("Phase")
-            for row in table["rows"]:
-                phases[row["cells"][name]] = row["cells"][phase] or ""
-            token = (table.get("metadata") or {}).get("continue")
-            if not token:
-                return phases
-            params["continue"] = token
-
-    async def get_scan(self, namespace: str, name: str) -> dict[str, Any]:
-        response = await self.call(
-            "GET", f"/apis/{GROUP_VERSION}/namespaces/{namespace}/imagescans/{name}")
-        obj: dict[str, Any] = response.json()
-        return obj
-
-    async def request_counts(self) -> Counter[tuple[str, str]]:
-        """apiserver_request_total of LIST and WATCH of ImageScans and Jobs, summed over
-        codes, scopes and clients (the metric has no client label)."""
-        text = (await self.call("GET", "/metrics", accept="text/plain")).text
-        # Only the lines of the one counter: the whole exposition is megabytes.
-        lines = "\n".join(line for line in text.splitlines()
-                          if line.startswith("apiserver_request_total{"))
-        counts: Counter[tuple[str, str]] = Counter()
-        for family in text_string_to_metric_families(lines + "\n"):
-            for sample in family.samples:
-                verb, resource = sample.labels.get("verb"), sample.labels.get("resource")
-                if verb in ("LIST", "WATCH") and resource in ("imagescans", "jobs"):
-                    counts[verb, resource] += int(sample.value)
-        return counts
+async def request_counts(api: Api) -> Counter[tuple[str, str]]:
+    """apiserver_request_total of LIST and WATCH of ImageScans and Jobs, summed over
+    codes, scopes and clients (the metric has no client label)."""
+    text = (await api.call("GET", "/metrics", accept="text/plain")).text
+    # Only the lines of the one counter: the whole exposition is megabytes.
+    lines = "\n".join(line for line in text.splitlines()
+                      if line.startswith("apiserver_request_total{"))
+    counts: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(lines + "\n"):
+        for sample in family.samples:
+            verb, resource = sample.labels.get("verb"), sample.labels.get("resource")
+            if verb in ("LIST", "WATCH") and resource in ("imagescans", "jobs"):
+                counts[verb, resource] += int(sample.value)
+    return counts
 
 
 async def operator_metrics(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -324,61 +236,7 @@ def scans_by_result(samples: dict[str, list[tuple[dict[str, str], float]]]) -> C
                     for labels, value in samples.get("scangate_scans_total", [])})
 
 
-# -- the operator process ----------------------------------------------------------------
-
-
-class Process:
-    """One process of the sandbox, read from /proc."""
-
-    def __init__(self, sandbox_dir: Path, name: str) -> None:
-        pids = json.loads((sandbox_dir / "pids.json").read_text())
-        entry = next((p for p in pids if p["name"] == name), None)
-        if entry is None:
-            raise RuntimeError(f"no {name} in {sandbox_dir}/pids.json (started with "
-                               "--operator?)")
-        self.name, self.pid = name, int(entry["pid"])
-
-    def status_kib(self, field_name: str) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(f"{field_name}:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no {field_name} in /proc/{self.pid}/status")
-
-    def rss_mib(self) -> float:
-        return self.status_kib("VmRSS") / 1024
-
-    def peak_mib(self) -> float:
-        return self.status_kib("VmHWM") / 1024
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of all the process's threads."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # -- the steps -----------------------------------------------------------------------------
-
-
-async def bounded(count: int, concurrency: int, work: Callable[[int], Awaitable[None]],
-                  what: str = "") -> None:
-    """work(0..count-1) with at most `concurrency` in flight; the first error stops all."""
-    items = iter(range(count))
-    done = 0
-    started = time.monotonic()
-    step = max(count // 10, 1)
-
-    async def worker() -> None:
-        nonlocal done
-        for i in items:  # one iterator shared by the workers: each item is taken once
-            await work(i)
-            done += 1
-            if what and done % step == 0 and done < count:
-                log(f"  {what} {done}/{count} ({done / (time.monotonic() - started):.0f}/s)")
-
-    async with asyncio.TaskGroup() as group:
-        for _ in range(min(concurrency, count)):
-            group.create_task(worker())
 
 
 @dataclass
@@ -387,33 +245,50 @@ class Bench:
     env: dict[str, str]
     operator: Process
     args: argparse.Namespace
+    sandbox: Sandbox
     run: str = field(default_factory=lambda: secrets.token_hex(3))
-    figures: dict[str, Any] = field(default_factory=dict)
+    figures: Figures = field(default_factory=dict)
 
     @property
     def namespaces(self) -> list[str]:
         return [f"bench-scale-{self.run}-{k}" for k in range(NAMESPACES)]
 
     def place(self, i: int) -> tuple[str, str, str]:
-        """Namespace, name and image of the i-th stored ImageScan."""
+        """Namespace, name and image of the i-th stored ImageScan: on a host the operator
+        refuses to contact (link-local), so that it fails the new scan at once instead of
+        asking the registry for a made-up image."""
         return (self.namespaces[i % NAMESPACES], f"app-{i:05d}",
-                f"{self.env['REGISTRY']}/bench/app-{i}:1.0")
+                f"{REFUSED_HOST}/bench/app-{i}:1.0")
 
     async def metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
         return await operator_metrics(self.env["SCANGATE_METRICS"])
 
     async def populate(self, pool: dict[tuple[str, bool], list[str]]) -> int:
-        """Create the stored ImageScans with completed statuses; their critical count."""
+        """Create the stored ImageScans with completed statuses; their critical count.
+
+        The status subresource ignores status on create, so each object is first a new,
+        Pending scan, which the operator fails (its host is refused). Each result is
+        written once a watch has seen that failure: a result written earlier would be
+        overwritten by it (see settle()). Creating and writing overlap."""
         count = self.args.count
         for namespace in self.namespaces:
             await self.api.create_namespace(namespace)
         critical, findings_bytes, truncated = 0, 0, 0
         status_bytes = 0
+        failed: asyncio.Queue[int] = asyncio.Queue()
 
         async def create(i: int) -> None:
-            nonlocal critical, findings_bytes, truncated, status_bytes
             namespace, name, image = self.place(i)
             await self.api.create_scan(namespace, name, image, self.run)
+
+        async def complete(_: int) -> None:
+            nonlocal critical, findings_bytes, truncated, status_bytes
+            try:
+                i = await asyncio.wait_for(failed.get(), 300)
+            except TimeoutError:
+                raise RuntimeError("the operator failed no new stored ImageScan in 300 s "
+                                   "(their host is refused)") from None
+            namespace, name, image = self.place(i)
             result = completed_status(pool, self.run, i, image, self.args.budget)
             await self.api.patch_status(namespace, name, result.body)
             critical += result.critical
@@ -422,15 +297,52 @@ class Bench:
             status_bytes += len(result.body)
 
         started = time.monotonic()
-        await bounded(count, self.args.concurrency, create, "created")
+        workers = max(self.args.concurrency // 2, 1)
+        try:
+            async with asyncio.TaskGroup() as group:
+                watch = group.create_task(self.watch_failed(failed))
+                completing = group.create_task(
+                    bounded(count, workers, complete, "results written"))
+                await bounded(count, workers, create, "created")
+                posted = time.monotonic()
+                await completing
+                watch.cancel()
+        except* BENCH_ERRORS as group_error:
+            raise group_error.exceptions[0] from None
         elapsed = time.monotonic() - started
         self.figures["create"] = {
             "count": count, "seconds": round(elapsed, 2), "per_second": round(count / elapsed, 1),
+            "post_seconds": round(posted - started, 2),
             "status_kib_avg": round(status_bytes / count / 1024, 1),
             "findings_kib_avg": round(findings_bytes / count / 1024, 1),
-            "truncated": truncated, "critical": critical}
+            "truncated": truncated, "critical": critical, "budget": self.args.budget}
         log(f"  created {count} in {elapsed:.1f}s")
         return critical
+
+    async def watch_failed(self, failed: asyncio.Queue[int]) -> None:
+        """Put the index of each stored ImageScan into `failed` once it has left Pending
+        (the operator failed it), as a watch of the run's ImageScans (table rows) sees."""
+        params = {"watch": "true", "includeObject": "None", "timeoutSeconds": "3600",
+                  "labelSelector": f"bench.scangate.dev/run={self.run}"}
+        seen: set[int] = set()
+        while True:  # a new watch lists every object again: `seen` skips the known ones
+            columns: list[str] = []
+            async with self.api.client.stream(
+                    "GET", f"/apis/{GROUP_VERSION}/imagescans", params=params,
+                    headers={"Accept": TABLE}, timeout=httpx.Timeout(None)) as response:
+                async for line in response.aiter_lines():
+                    event = json.loads(line) if line.strip() else {}
+                    if event.get("type") not in ("ADDED", "MODIFIED"):
+                        continue
+                    table = event["object"]
+                    columns = [c["name"] for c in table.get("columnDefinitions") or []] or columns
+                    name, phase = columns.index("Name"), columns.index("Phase")
+                    for row in table.get("rows") or []:
+                        i = int(row["cells"][name].removeprefix("app-"))
+                        if row["cells"][phase] not in (None, "", "Pending") and i not in seen:
+                            seen.add(i)
+                            failed.put_nowait(i)
+            log("  the watch of the stored ImageScans ended; watching again")
 
     async def wait_loaded(self, expected: int, figure: str = "load_seconds") -> None:
         """Until the operator's per-namespace totals add up to what was stored."""
@@ -451,11 +363,10 @@ class Bench:
     async def settle(self, pool: dict[tuple[str, bool], list[str]]) -> int:
         """Re-patch every stored ImageScan the operator overwrote, until it is quiet.
 
-        The status subresource ignores status on create, so each object exists for a
-        moment as a new, Pending scan; if the operator's pass sees it then, it resolves
-        the (made-up) image, and its `Failed: ImageNotFound` write may land after ours.
-        Writes made with a stale picture keep coming as long as such work is queued, so
-        this ends when the operator's counters stand still and nothing is left to fix."""
+        populate() writes each result after the operator failed the new scan; should a
+        failure still land after the result (work queued with a stale picture), the
+        result is written again. This ends when the operator's counters stand still and
+        nothing is left to fix."""
         count = self.args.count
         started = time.monotonic()
         timeout = max(300.0, count / 10)
@@ -496,11 +407,11 @@ class Bench:
     async def idle(self) -> None:
         """RSS, CPU and the API server's request counters over an idle window."""
         seconds = self.args.idle_seconds
-        requests_before = await self.api.request_counts()
+        requests_before = await request_counts(self.api)
         cpu_before, wall_before = self.operator.cpu_seconds(), time.monotonic()
         await asyncio.sleep(seconds)
         cpu_after, wall_after = self.operator.cpu_seconds(), time.monotonic()
-        requests_after = await self.api.request_counts()
+        requests_after = await request_counts(self.api)
         cpu = cpu_after - cpu_before
         wall = wall_after - wall_before
         delta = {f"{verb} {resource}": requests_after[verb, resource]
@@ -557,21 +468,20 @@ class Bench:
                                        if n not in finished)),
             "all_completed_seconds": (round(max(completed) - first, 2)
                                       if len(completed) == count else None),
+            "timeout_seconds": self.args.drain_timeout,
             "latency_p50": round(statistics.median(latencies), 2) if latencies else None,
-            "latency_p95": (round(latencies[int(0.95 * (len(latencies) - 1))], 2)
-                            if latencies else None),
+            "latency_p95": round(percentile(latencies, 0.95), 2) if latencies else None,
             "latency_max": round(latencies[-1], 2) if latencies else None,
             "trivy_scans": results["completed"], "reused": results["reused"],
             "retried": results["retried"], "failed_reasons": reasons}
 
-    async def restart(self, sandbox: Sandbox, expected: int) -> None:
+    async def restart(self, expected: int) -> None:
         """A new operator process that loads the stored ImageScans by its paged LIST, as a
         restarted pod does: its RSS, without the history of the one that saw them made."""
         log("restarting the operator (cold load of the stored ImageScans)")
         self.figures["rss_running_mib"] = self.figures["rss_loaded_mib"]
         began = time.monotonic()
-        await asyncio.to_thread(sandbox.stop_operator)
-        await asyncio.to_thread(sandbox.start_operator)
+        await restart_operator(self.sandbox)
         # A new process, and a new metrics port.
         self.env = load_env(self.args.sandbox_dir)
         self.operator = Process(self.args.sandbox_dir, "operator")
@@ -582,10 +492,9 @@ class Bench:
     async def cleanup(self) -> None:
         """Delete the bench's namespaces (a reused sandbox); the namespace controller
         removes their ImageScans in the background."""
-        for namespace in [*self.namespaces, f"bench-scale-{self.run}-drain"]:
-            await self.api.call("DELETE", f"/api/v1/namespaces/{namespace}", ok=(200, 202, 404))
+        await self.api.delete_namespaces([*self.namespaces, f"bench-scale-{self.run}-drain"])
 
-    async def main(self, sandbox: Sandbox) -> None:
+    async def main(self) -> None:
         pool = finding_pool()
         self.figures["rss_before_mib"] = round(self.operator.rss_mib(), 1)
         log(f"creating {self.args.count} ImageScans in {NAMESPACES} namespaces "
@@ -596,13 +505,13 @@ class Bench:
         log("waiting for the operator to settle (re-patching scans it overwrote)")
         await self.settle(pool)
         await self.wait_loaded(expected, "settled_load_seconds")  # all there still
-        sandbox.check_alive()
+        self.sandbox.check_alive()
         self.figures["rss_loaded_mib"] = round(self.operator.rss_mib(), 1)
         if self.args.restart_operator:
-            await self.restart(sandbox, expected)
+            await self.restart(expected)
         log(f"idle window of {self.args.idle_seconds:.0f}s")
         await self.idle()
-        sandbox.check_alive()
+        self.sandbox.check_alive()
         self.figures["rss_after_idle_mib"] = round(self.operator.rss_mib(), 1)
         self.figures["rss_peak_mib"] = round(self.operator.peak_mib(), 1)
         self.figures["other_rss_mib"] = {
@@ -610,7 +519,7 @@ class Bench:
             for name in ("kube-apiserver", "etcd")}
         log(f"drain: {self.args.new} new ImageScans over the named test images")
         await self.drain()
-        sandbox.check_alive()
+        self.sandbox.check_alive()
         self.figures["rss_after_drain_mib"] = round(self.operator.rss_mib(), 1)
         self.figures["warnings"] = dict(self.api.warnings)
 
@@ -618,96 +527,97 @@ class Bench:
 # -- the report ----------------------------------------------------------------------------
 
 
-def report(figures: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Print the figures and the target lines; the targets as data for --json."""
+def describe(figures: Figures) -> str:
+    """The figures, for people."""
     create, idle, drain = figures["create"], figures["idle"], figures["drain"]
     requests = idle["requests"]
-    print(f"\nscangate scale benchmark: {create['count']} stored ImageScans, "
-          f"{drain['count']} new over {drain['images']} images")
-    print(f"  create          {create['count']} in {create['seconds']:.1f} s "
-          f"({create['per_second']:.0f}/s, POST + status PATCH); status "
-          f"{create['status_kib_avg']:.1f} KiB avg, findings {create['findings_kib_avg']:.1f} "
-          f"KiB avg, {create['truncated']} truncated at {args.budget} bytes")
-    print(f"  operator load   totals matched {create['critical']} critical "
-          f"{figures['load_seconds']:.1f} s after the last create")
-    settle = figures["settle"]
-    print(f"  settle          {settle['repatched']} ImageScans overwritten by the operator's "
-          f"own resolution and re-patched; quiet after {settle['seconds']:.0f} s")
-    if "rss_running_mib" in figures:
-        print(f"  operator RSS    before {figures['rss_before_mib']:.1f} MiB, loaded "
-              f"{figures['rss_running_mib']:.1f} MiB; restarted: loaded "
+    lines = [
+        f"scangate scale benchmark: {create['count']} stored ImageScans, "
+        f"{drain['count']} new over {drain['images']} images",
+        f"  create          {create['count']} in {create['seconds']:.1f} s "
+        f"({create['per_second']:.0f}/s: POSTs done after {create['post_seconds']:.1f} s, "
+        "each result PATCHed once the operator failed the new scan); status "
+        f"{create['status_kib_avg']:.1f} KiB avg, "
+        f"findings {create['findings_kib_avg']:.1f} KiB avg, {create['truncated']} truncated "
+        f"at {create['budget']} bytes",
+        f"  operator load   totals matched {create['critical']} critical "
+        f"{figures['load_seconds']:.1f} s after the last status PATCH",
+        f"  settle          {figures['settle']['repatched']} ImageScans overwritten by the "
+        f"operator's own resolution and re-patched; quiet after "
+        f"{figures['settle']['seconds']:.0f} s"]
+    rss = (f"before {figures['rss_before_mib']:.1f} MiB, loaded "
+           + (f"{figures['rss_running_mib']:.1f} MiB; restarted: loaded "
               f"{figures['rss_loaded_mib']:.1f} MiB ({figures['restart_load_seconds']:.1f} s "
-              f"from stop to totals matching), after idle {figures['rss_after_idle_mib']:.1f} "
-              f"MiB, peak {figures['rss_peak_mib']:.1f} MiB (VmHWM)")
-    else:
-        print(f"  operator RSS    before {figures['rss_before_mib']:.1f} MiB, loaded "
-              f"{figures['rss_loaded_mib']:.1f} MiB, after idle "
-              f"{figures['rss_after_idle_mib']:.1f} MiB, peak {figures['rss_peak_mib']:.1f} MiB "
-              "(VmHWM)")
+              "from stop to totals matching)" if "rss_running_mib" in figures else
+              f"{figures['rss_loaded_mib']:.1f} MiB"))
     others = figures["other_rss_mib"]
-    print(f"                  after the drain test {figures['rss_after_drain_mib']:.1f} MiB "
-          "(not a target figure)")
-    print(f"  (for scale)     kube-apiserver RSS {others['kube-apiserver']:.0f} MiB, etcd "
-          f"{others['etcd']:.0f} MiB")
-    print(f"  idle CPU        {idle['cpu_percent']:.2f}% of a core ({idle['cpu_seconds']:.2f} s "
-          f"CPU in {idle['seconds']:.1f} s)")
-    print("  idle requests   " + ", ".join(f"{k} {v}" for k, v in requests.items()))
-    print("                  (apiserver_request_total, cluster-wide: the operator is the only "
-          "client listing imagescans;\n                  kube-controller-manager may list jobs "
-          "on a rare informer relist; WATCH counts watches that ended)")
+    lines += [
+        f"  operator RSS    {rss}, after idle {figures['rss_after_idle_mib']:.1f} MiB, peak "
+        f"{figures['rss_peak_mib']:.1f} MiB (VmHWM)",
+        f"                  after the drain test {figures['rss_after_drain_mib']:.1f} MiB "
+        "(not a target figure)",
+        f"  (for scale)     kube-apiserver RSS {others['kube-apiserver']:.0f} MiB, etcd "
+        f"{others['etcd']:.0f} MiB",
+        f"  idle CPU        {idle['cpu_percent']:.2f}% of a core ({idle['cpu_seconds']:.2f} s "
+        f"CPU in {idle['seconds']:.1f} s)",
+        "  idle requests   " + ", ".join(f"{k} {v}" for k, v in requests.items()),
+        "                  (apiserver_request_total, cluster-wide: the operator is the only "
+        "client listing imagescans;\n                  kube-controller-manager may list jobs "
+        "on a rare informer relist; WATCH counts watches that ended)"]
     done = drain["all_completed_seconds"]
-    print(f"  drain           {drain['count']} created in {drain['create_seconds']:.1f} s; "
-          + (f"all Completed {done:.1f} s after the first create" if done is not None else
-             f"{drain['completed']} Completed, {drain['failed']} Failed, unfinished "
-             f"{drain['unfinished']} after {args.drain_timeout:.0f} s"))
+    lines.append(
+        f"  drain           {drain['count']} created in {drain['create_seconds']:.1f} s; "
+        + (f"all Completed {done:.1f} s after the first create" if done is not None else
+           f"{drain['completed']} Completed, {drain['failed']} Failed, unfinished "
+           f"{drain['unfinished']} after {drain['timeout_seconds']:.0f} s"))
     if drain["latency_p50"] is not None:
-        print(f"                  create to Completed: p50 {drain['latency_p50']:.1f} s, p95 "
-              f"{drain['latency_p95']:.1f} s, max {drain['latency_max']:.1f} s (polled every "
-              f"0.5 s); Trivy scans {drain['trivy_scans']}, reused {drain['reused']}, "
-              f"retried {drain['retried']}, failed {drain['failed']}")
-    for reason in drain["failed_reasons"]:
-        print(f"                  failed {reason}")
-    for warning, n in figures["warnings"].items():
-        print(f"  API warning     {n}x {warning}")
-
-    rss = max(figures["rss_loaded_mib"], figures["rss_after_idle_mib"],
-              figures.get("rss_running_mib", 0.0))
-    lists = requests["LIST imagescans"] + requests["LIST jobs"]
-    targets = [
-        {"target": f"operator RSS <= {RSS_TARGET_MIB:.0f} MiB", "ok": rss <= RSS_TARGET_MIB,
-         "measured": f"{rss:.1f} MiB"},
-        {"target": f"idle CPU <= {CPU_TARGET_PERCENT:g}% of a core",
-         "ok": idle["cpu_percent"] <= CPU_TARGET_PERCENT,
-         "measured": f"{idle['cpu_percent']:.2f}%"},
-        {"target": f"no LIST of imagescans/jobs in {idle['seconds']:.0f} s idle",
-         "ok": lists == 0, "measured": f"{requests['LIST imagescans']} imagescans, "
-                                       f"{requests['LIST jobs']} jobs"},
-        {"target": f"{drain['count']} new ImageScans Completed <= {DRAIN_TARGET_S:.0f} s",
-         "ok": done is not None and done <= DRAIN_TARGET_S,
-         "measured": f"{done:.1f} s" if done is not None else
-         f"{drain['completed']}/{drain['count']} Completed, {drain['failed']} Failed"},
-    ]
-    print()
+        lines.append(
+            f"                  create to Completed: p50 {drain['latency_p50']:.1f} s, p95 "
+            f"{drain['latency_p95']:.1f} s, max {drain['latency_max']:.1f} s (polled every "
+            f"0.5 s); Trivy scans {drain['trivy_scans']}, reused {drain['reused']}, "
+            f"retried {drain['retried']}, failed {drain['failed']}")
+    lines += [f"                  failed {reason}" for reason in drain["failed_reasons"]]
+    lines += [f"  API warning     {n}x {warning}" for warning, n in figures["warnings"].items()]
     if create["count"] != TARGET_COUNT:
-        print(f"  (the targets are set for {TARGET_COUNT} stored ImageScans; this run has "
-              f"{create['count']})")
-    for t in targets:
-        print(f"{'PASS' if t['ok'] else 'MISS'}  {t['target']:<48}  {t['measured']}")
-    return targets
+        lines.append(f"  (the targets are set for {TARGET_COUNT} stored ImageScans; this run "
+                     f"has {create['count']})")
+    return "\n".join(lines)
+
+
+def rss_figure(figures: Figures) -> float:
+    """The operator's RSS holding the stored ImageScans: the largest of loaded, restarted
+    and after the idle window."""
+    return float(max(figures["rss_loaded_mib"], figures["rss_after_idle_mib"],
+                     figures.get("rss_running_mib", 0.0)))
+
+
+def targets(figures: Figures) -> list[Target]:
+    idle, drain = figures["idle"], figures["drain"]
+    requests, done, count = idle["requests"], drain["all_completed_seconds"], drain["count"]
+    rss = rss_figure(figures)
+    return [
+        target(f"operator RSS with {figures['create']['count']} ImageScans",
+               f"<= {RSS_TARGET_MIB:.0f} MiB", f"{rss:.1f} MiB", rss <= RSS_TARGET_MIB),
+        target("idle CPU", f"<= {CPU_TARGET_PERCENT:g}%", f"{idle['cpu_percent']:.2f}% of a core",
+               idle["cpu_percent"] <= CPU_TARGET_PERCENT),
+        target(f"LIST of imagescans/jobs in {idle['seconds']:.0f} s idle", "none",
+               f"{requests['LIST imagescans']} imagescans, {requests['LIST jobs']} jobs",
+               requests["LIST imagescans"] + requests["LIST jobs"] == 0),
+        target(f"{count} new ImageScans Completed", f"<= {DRAIN_TARGET_S:.0f} s",
+               f"{done:.1f} s (p95 per scan {drain['latency_p95']} s)" if done is not None
+               else f"{drain['completed']}/{count} Completed, {drain['failed']} Failed",
+               done is not None and done <= DRAIN_TARGET_S),
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench/scale.py", __doc__)
     parser.add_argument("--count", type=int, default=TARGET_COUNT,
                         help="ImageScans stored with completed results (default %(default)s)")
     parser.add_argument("--new", type=int, default=1000,
                         help="new ImageScans of the drain test (default %(default)s)")
     parser.add_argument("--idle-seconds", type=float, default=60.0,
                         help="length of the idle window (default %(default)s)")
-    parser.add_argument("--sandbox-dir", type=Path,
-                        help="use this running sandbox (`hack/sandbox up --operator`) instead "
-                             "of starting one; the bench deletes its namespaces afterwards")
     parser.add_argument("--concurrency", type=int, default=32,
                         help="API requests in flight while creating (default %(default)s)")
     parser.add_argument("--budget", type=int, default=DEFAULT_FINDINGS_BUDGET,
@@ -720,76 +630,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(a cold load by LIST) as well")
     parser.add_argument("--keep", action="store_true",
                         help="keep the bench's namespaces in a reused sandbox")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.count < 1 or args.new < 1 or args.concurrency < 1 or args.idle_seconds <= 0:
         parser.error("--count, --new, --concurrency and --idle-seconds must be positive")
     return args
 
 
-def _terminate(signum: int, _frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops the sandbox
-
-
-async def run_bench(args: argparse.Namespace, sandbox: Sandbox) -> dict[str, Any]:
-    env = load_env(args.sandbox_dir)
-    if "SCANGATE_METRICS" not in env:
+async def run(args: argparse.Namespace, sandbox: Sandbox) -> Figures:
+    if "SCANGATE_METRICS" not in load_env(args.sandbox_dir):
         raise RuntimeError(f"{args.sandbox_dir} runs no operator (start it with --operator)")
-    api = Api(args.sandbox_dir / "kubeconfig", args.concurrency)
-    bench = Bench(api, env, Process(args.sandbox_dir, "operator"), args)
-    try:
-        await bench.main(sandbox)
-        if args.cleanup:
-            await bench.cleanup()
-    finally:
-        await api.close()
-    return bench.figures
+    return await run_bench(args, args.concurrency, lambda api, env: Bench(
+        api, env, Process(args.sandbox_dir, "operator"), args, sandbox))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    started_here = args.sandbox_dir is None
-    # A sandbox of our own is thrown away whole, so deleting namespaces is pointless there.
-    args.cleanup = not started_here and not args.keep
-    if started_here:
-        args.sandbox_dir = Path(tempfile.mkdtemp(prefix="scangate-bench-"))
-    else:
-        args.sandbox_dir = args.sandbox_dir.resolve()
-    sandbox = Sandbox(args.sandbox_dir)
-    ok = False
-    try:
-        if started_here:
-            log(f"starting a sandbox in {args.sandbox_dir}")
-            began = time.monotonic()
-            sandbox.up(operator=True)
-            log(f"sandbox up in {time.monotonic() - began:.1f}s")
-        else:
-            sandbox = Sandbox.attach(args.sandbox_dir)
-            sandbox.check_alive()
-        figures = asyncio.run(run_bench(args, sandbox))
-        targets = report(figures, args)
-        if args.json:
-            args.json.write_text(json.dumps({"figures": figures, "targets": targets},
-                                            indent=1) + "\n")
-        ok = True
-    except (RuntimeError, httpx.HTTPError, OSError) as e:
-        print(f"bench-scale failed: {e}", file=sys.stderr)
-        if not started_here:
-            print(f"  logs: {args.sandbox_dir}/logs", file=sys.stderr)
-    finally:
-        if started_here:
-            sandbox.down()
-            # etcd's data alone is about 100 KiB per stored ImageScan; the logs are kept
-            # for a look at what the operator did.
-            for path in args.sandbox_dir.iterdir():
-                if path.name != "logs":
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
-            log(f"sandbox stopped; its logs are in {args.sandbox_dir}/logs")
-    return 0 if ok else 1
+    return run_in_sandbox("bench-scale", parse_args(argv), run, targets, describe)
 
 
 if __name__ == "__main__":

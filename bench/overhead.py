@@ -1,0 +1,362 @@
+"""Scan overhead: an ImageScan from creation to Completed, against the same `trivy image`
+run directly.
+
+Over the sandbox's named test images (each platform of the multi-platform one), in
+rounds after a warm-up round:
+- directly: the `trivy image` line of the scan Job's script (scangate's own
+  trivy_command, with the same arguments and a new empty cache directory as the Job's
+  emptyDir), run on this host against the sandbox's Trivy server, its DB warm;
+- through scangate: an ImageScan of the image, from its POST until a watch sees it
+  Completed; then it is deleted (and gone) so that the next round scans again instead
+  of reusing the result.
+Figure: the sum over the images of the median ImageScan time, divided by the same sum of
+the direct run. Target <= 1.15 (ClientServer). To tell where the difference goes, the
+Job's whole script (also `trivy version` and the result frames) is timed on this host
+too, and watches of the scan's ImageScan, Job, Pod and Events time each step between
+(medians).
+
+Then the operator is restarted with --trivy-mode Standalone (each Job downloads the DB
+from the sandbox registry) and the same is measured against the direct Standalone run
+(also from an empty cache, so also downloading the DB), and ClientServer against
+Standalone; the operator is restarted in ClientServer mode at the end.
+
+Run: .venv/bin/python bench/overhead.py [--rounds 3] [--sandbox-dir DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import (
+    GROUP_VERSION,
+    Api,
+    Figures,
+    Target,
+    bench_parser,
+    log,
+    restart_operator,
+    run_bench,
+    run_in_sandbox,
+    target,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+
+from sandbox.controlplane import Sandbox
+from scangate.scanning.job import SCAN_LABEL, WORK, ScanJobSpec, TrivySettings, trivy_command
+
+RATIO_TARGET = 1.15
+SCAN_TIMEOUT_S = 600
+Obj = dict[str, Any]
+# The steps of one scan, each between two moments the watches saw (medians are shown).
+STEPS = (
+    ("resolve the tag to a digest", "created", "scan Queued"),
+    ("queue, create the Job", "scan Queued", "job created"),
+    ("Job controller creates the pod", "job created", "pod created"),
+    ("node starts the container", "pod created", "pod running"),
+    ("container runs (trivy image, trivy version, result frames)", "pod running",
+     "pod succeeded"),
+    ("Job controller marks the Job complete", "pod succeeded", "job complete"),
+    ("operator reads the log, writes the result", "job complete", "scan Completed"),
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One named test image on one platform."""
+
+    name: str
+    image: str
+    digest: str
+    platform: str | None
+
+    @property
+    def key(self) -> str:
+        return self.name + (f" ({self.platform})" if self.platform else "")
+
+
+def entries(sandbox_dir: Path) -> list[Entry]:
+    return [Entry(e["name"], e["image"], e["digest"], e.get("platform"))
+            for e in json.loads((sandbox_dir / "images.json").read_text())]
+
+
+def job_script(entry: Entry, trivy: TrivySettings, work: Path) -> str:
+    """The scan Job's script for this image, with its paths under `work`."""
+    repository = entry.image.rsplit(":", 1)[0]
+    spec = ScanJobSpec(scan_name="bench", namespace="bench", scan_uid="bench",
+                       image=f"{repository}@{entry.digest}", queued_at="", attempt=1,
+                       timeout_seconds=SCAN_TIMEOUT_S,
+                       platform=entry.platform or "linux/amd64", insecure_registry=True)
+    return trivy_command(spec, trivy).replace(WORK, str(work))
+
+
+def states(kind: str, obj: Obj) -> tuple[str, list[str]]:
+    """The scan an object belongs to, and the states it shows."""
+    metadata, status = obj.get("metadata") or {}, obj.get("status") or {}
+    if kind == "scan":
+        phase = status.get("phase")
+        return metadata.get("name", ""), [f"scan {phase}"] if phase else []
+    if kind == "event":
+        return (obj.get("involvedObject") or {}).get("name", ""), [f"event {obj.get('reason')}"]
+    scan = (metadata.get("labels") or {}).get(SCAN_LABEL, "")
+    if kind == "job":
+        done = any(c.get("type") == "Complete" and c.get("status") == "True"
+                   for c in status.get("conditions") or [])
+        return scan, ["job created", *(["job complete"] if done else [])]
+    phase = status.get("phase")
+    return scan, ["pod created", *(["pod running"] if phase in ("Running", "Succeeded") else []),
+                  *(["pod succeeded"] if phase == "Succeeded" else [])]
+
+
+@dataclass
+class Timeline:
+    """When each scan's objects were first seen in each state (monotonic seconds), from
+    watches of ImageScans, Jobs, Pods and Events in one namespace."""
+
+    api: Api
+    namespace: str
+    seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        for kind, path in (("scan", f"/apis/{GROUP_VERSION}/namespaces/{self.namespace}/"
+                                    "imagescans"),
+                           ("job", f"/apis/batch/v1/namespaces/{self.namespace}/jobs"),
+                           ("pod", f"/api/v1/namespaces/{self.namespace}/pods"),
+                           ("event", f"/api/v1/namespaces/{self.namespace}/events")):
+            self.tasks.append(asyncio.create_task(self.watch(kind, path)))
+        await asyncio.sleep(1)  # the watches are established
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def watch(self, kind: str, path: str) -> None:
+        params = {"watch": "true", "timeoutSeconds": "3600"}
+        async with self.api.client.stream("GET", path, params=params,
+                                          timeout=httpx.Timeout(None)) as response:
+            async for line in response.aiter_lines():
+                seen = time.monotonic()
+                if line.strip():
+                    scan, found = states(kind, json.loads(line)["object"])
+                    for state in found:
+                        self.seen.setdefault((scan, state), seen)
+                    self.changed.set()
+
+    async def wait(self, scan: str, states: tuple[str, ...], timeout: float) -> str | None:
+        """The first of `states` the scan reached, or None after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not (reached := [s for s in states if (scan, s) in self.seen]):
+            if any(t.done() for t in self.tasks):
+                raise RuntimeError(f"a watch of {self.namespace} ended")
+            self.changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return reached[0]
+
+
+class Bench:
+    def __init__(self, api: Api, env: dict[str, str], args: argparse.Namespace,
+                 sandbox: Sandbox) -> None:
+        self.api, self.env, self.args, self.sandbox = api, env, args, sandbox
+        self.run = uuid.uuid4().hex[:6]
+        self.entries = entries(Path(args.sandbox_dir))
+        self.figures: Figures = {}
+        self.namespaces: list[str] = []
+
+    def trivy(self, mode: str) -> TrivySettings:
+        return TrivySettings(mode=mode, server_url=self.env["TRIVY_SERVER"],
+                             db_repository=self.env["TRIVY_DB_REPOSITORY"],
+                             insecure_db_repository=True)
+
+    async def direct(self, entry: Entry, mode: str, whole: bool = False) -> float:
+        """Seconds of the Job's `trivy image` run on this host, from an empty cache (with
+        `whole`, of the Job's whole script: also `trivy version` and the result frames)."""
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TRIVY_")}
+        environ.update(TRIVY_INSECURE="true", **(
+            {"TRIVY_TOKEN": self.env["TRIVY_TOKEN"]} if mode == "ClientServer" else {}))
+        environ["PATH"] = f"{Path(self.env['TRIVY']).parent}:{environ.get('PATH', '')}"
+        with tempfile.TemporaryDirectory(prefix="scangate-bench-trivy-") as work:
+            script = job_script(entry, self.trivy(mode), Path(work))
+            argv = (["sh", "-c", script] if whole else shlex.split(next(
+                line for line in script.splitlines() if line.startswith("trivy image "))))
+            began = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=environ, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            seconds = time.monotonic() - began
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(argv)}: exit {proc.returncode}: "
+                               f"{err.decode(errors='replace')[-1000:]}")
+        return seconds
+
+    async def scan(self, timeline: Timeline, name: str, entry: Entry) -> dict[str, float]:
+        """One ImageScan from POST to Completed, then deleted (and gone): the moments the
+        watches saw, relative to the POST."""
+        namespace = timeline.namespace
+        path = f"/apis/{GROUP_VERSION}/namespaces/{namespace}/imagescans/{name}"
+        began = time.monotonic()
+        await self.api.create_scan(namespace, name, entry.image, self.run, entry.platform)
+        reached = await timeline.wait(name, ("scan Completed", "scan Failed"), SCAN_TIMEOUT_S)
+        status = (await self.api.get_scan(namespace, name)).get("status") or {}
+        if reached != "scan Completed":
+            raise RuntimeError(f"ImageScan {namespace}/{name} ({entry.key}) not Completed "
+                               f"after {time.monotonic() - began:.0f}s: phase "
+                               f"{status.get('phase')}, {status.get('reason')}: "
+                               f"{status.get('message')}")
+        if status.get("reusedFrom"):
+            raise RuntimeError(f"{namespace}/{name} reused the result of "
+                               f"{status['reusedFrom']}: this bench needs a sandbox where no "
+                               "other ImageScan holds a result of the named test images")
+        # The operator records the event once it holds the result it wrote. A deletion it
+        # sees before that is undone in its index by that late write, and every later
+        # scan of the digest then waits in Queued to reuse the deleted result.
+        await timeline.wait(name, ("event ScanCompleted",), 30)
+        await self.api.call("DELETE", path)
+        while (await self.api.call("GET", path, ok=(200, 404))).status_code == 200:
+            await asyncio.sleep(0.05)
+        return {state: seen - began
+                for (scan, state), seen in list(timeline.seen.items()) if scan == name}
+
+    async def mode(self, mode: str, rounds: int) -> Figures:
+        namespace = f"bench-overhead-{self.run}-{mode.lower()}"
+        self.namespaces.append(namespace)
+        await self.api.create_namespace(namespace)
+        timeline = Timeline(self.api, namespace)
+        await timeline.start()
+        direct: dict[str, list[float]] = {e.key: [] for e in self.entries}
+        scripts: dict[str, list[float]] = {e.key: [] for e in self.entries}
+        scans: dict[str, list[float]] = {e.key: [] for e in self.entries}
+        steps: dict[str, list[float]] = {step: [] for step, _, _ in STEPS}
+        try:
+            for r in range(rounds + 1):  # round 0 warms up: not counted
+                log(f"  {mode}: round {r} of {rounds}{' (warm-up)' if r == 0 else ''}")
+                for i, entry in enumerate(self.entries):
+                    seconds = await self.direct(entry, mode)
+                    script = await self.direct(entry, mode, whole=True)
+                    moments = await self.scan(timeline, f"r{r}-{i}", entry)
+                    if r:
+                        direct[entry.key].append(seconds)
+                        scripts[entry.key].append(script)
+                        scans[entry.key].append(moments["scan Completed"])
+                        moments["created"] = 0.0
+                        for step, a, b in STEPS:
+                            if a in moments and b in moments:
+                                steps[step].append(moments[b] - moments[a])
+        finally:
+            await timeline.stop()
+        per_image = {key: {"scan_seconds": round(statistics.median(scans[key]), 3),
+                           "direct_seconds": round(statistics.median(direct[key]), 3)}
+                     for key in scans}
+        scan_total = sum(v["scan_seconds"] for v in per_image.values())
+        direct_total = sum(v["direct_seconds"] for v in per_image.values())
+        return {"rounds": rounds, "images": per_image,
+                "scan_seconds": round(scan_total, 3), "direct_seconds": round(direct_total, 3),
+                "ratio": round(scan_total / direct_total, 2),
+                "job_script_seconds": round(sum(statistics.median(v)
+                                                for v in scripts.values()), 3),
+                "steps_median_seconds": {step: round(statistics.median(v), 3) if v else None
+                                         for step, v in steps.items()}}
+
+    async def main(self) -> None:
+        log(f"scan overhead, ClientServer: {len(self.entries)} images, "
+            f"{self.args.rounds} rounds")
+        self.figures["ClientServer"] = await self.mode("ClientServer", self.args.rounds)
+        if not self.args.standalone_rounds:
+            return
+        log("restarting the operator in Standalone mode")
+        await restart_operator(self.sandbox, "--trivy-mode", "Standalone")
+        try:
+            self.figures["Standalone"] = await self.mode("Standalone",
+                                                         self.args.standalone_rounds)
+        finally:
+            log("restarting the operator in ClientServer mode")
+            await restart_operator(self.sandbox)
+        self.figures["clientserver_vs_standalone"] = round(
+            self.figures["ClientServer"]["scan_seconds"]
+            / self.figures["Standalone"]["scan_seconds"], 2)
+
+    async def cleanup(self) -> None:
+        await self.api.delete_namespaces(self.namespaces)
+
+
+def describe(figures: Figures) -> str:
+    lines = ["scan overhead: median seconds per image, ImageScan (POST to Completed) and the "
+             "same `trivy image` run directly"]
+    modes = [m for m in ("ClientServer", "Standalone") if m in figures]
+    for mode in modes:
+        f = figures[mode]
+        lines.append(f"  {mode} ({f['rounds']} rounds)")
+        for key, v in f["images"].items():
+            lines.append(f"    {key:<24} ImageScan {v['scan_seconds']:6.2f} s   direct "
+                         f"{v['direct_seconds']:6.2f} s")
+        lines.append(f"    {'all images':<24} ImageScan {f['scan_seconds']:6.2f} s   direct "
+                     f"{f['direct_seconds']:6.2f} s   ratio {f['ratio']}")
+        lines.append(f"    the Job's whole script (trivy image, trivy version, result frames) "
+                     f"on this host: {f['job_script_seconds']:.2f} s for all images")
+        lines.append("    where an ImageScan's time goes (median of each step):")
+        for step, seconds in f["steps_median_seconds"].items():
+            shown = "-" if seconds is None else f"{seconds:.3f} s"
+            lines.append(f"      {step:<60} {shown}")
+    if "clientserver_vs_standalone" in figures:
+        lines.append(f"  ClientServer against Standalone (ImageScan time): "
+                     f"{figures['clientserver_vs_standalone']}")
+    return "\n".join(lines)
+
+
+def targets(figures: Figures) -> list[Target]:
+    cs = figures["ClientServer"]
+    found = [target("scan overhead ratio, ClientServer", f"<= {RATIO_TARGET}",
+                    f"{cs['ratio']} ({cs['scan_seconds']:.2f} s / {cs['direct_seconds']:.2f} s "
+                    f"over {len(cs['images'])} images)", cs["ratio"] <= RATIO_TARGET)]
+    if "Standalone" in figures:
+        sa = figures["Standalone"]
+        found.append(target("scan overhead ratio, Standalone", "reported",
+                            f"{sa['ratio']} ({sa['scan_seconds']:.2f} s / "
+                            f"{sa['direct_seconds']:.2f} s); ClientServer against Standalone "
+                            f"{figures['clientserver_vs_standalone']}", True))
+    return found
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = bench_parser("bench/overhead.py", __doc__)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured rounds over the images, ClientServer (default 3)")
+    parser.add_argument("--standalone-rounds", type=int, default=2,
+                        help="measured rounds in Standalone mode (default 2; 0 skips it)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.standalone_rounds < 0:
+        parser.error("--rounds must be positive")
+    return args
+
+
+async def run(args: argparse.Namespace, sandbox: Sandbox) -> Figures:
+    return await run_bench(args, 8, lambda api, env: Bench(api, env, args, sandbox))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_in_sandbox("bench-overhead", parse_args(argv), run, targets, describe)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
