@@ -245,3 +245,17 @@ def test_an_expected_job_never_hides_the_one_already_held() -> None:
     assert [(s.name, j.version) for s, j in idx.collectable()] == [("a", 7)]
     idx.expect_job(JobState("ns", "k", scan="b"))
     assert idx.jobs[("ns", "k")].version == -1 and idx.running_jobs == 1
+
+
+def test_a_deleted_scan_is_not_revived_by_a_write_answered_after_its_deletion() -> None:
+    # A status write races the DELETED event: its answer must not bring back a result
+    # that can no longer be read, or every later scan of the digest would wait on it.
+    idx = index(done("a"))
+    idx.delete_scan(("ns", "a"))
+    assert not idx.upsert_scan(done("a", version=5))
+    assert idx.scans == {} and idx.fresh_result(scan_key("sha256:1", ["vuln"], False), NOW) is None
+    queued = scan("b", version=1)
+    idx.upsert_scan(queued)
+    assert [type(a).__name__ for a in idx.plan(NOW, limit=1)] == ["Start"]
+    # A new object of the same name is another UID, and is held.
+    assert idx.upsert_scan(replace(done("a"), uid="uid-a-2"))

@@ -224,6 +224,10 @@ class Requeue:
 Action = Start | Reuse | Requeue
 
 
+DELETED_REMEMBERED = 10_000
+"""Deleted ImageScans remembered by UID, so that a write answered late cannot revive one."""
+
+
 @dataclass
 class ScanIndex:
     """ImageScans and scan Jobs with the indexes the reconciler and admission read."""
@@ -245,6 +249,8 @@ class ScanIndex:
     """Completed results by the time they go stale (a heap; entries checked when popped)."""
     _gone: set[Ref] = field(default_factory=set)
     """Jobs deleted while their scan was Scanning: lost at once, without a grace period."""
+    _deleted: dict[str, None] = field(default_factory=dict)
+    """UIDs of ImageScans deleted, the newest DELETED_REMEMBERED (insertion-ordered)."""
     totals: dict[str, list[int]] = field(default_factory=dict)
     """Finding counts by namespace over the latest results: critical..unknown, total."""
 
@@ -257,6 +263,11 @@ class ScanIndex:
         `claim`: the operator's own change of the version held (a Job starting, before
         the API knows). An event of the version held is then old news: it would undo
         the claim, and a second scan of the same digest could start."""
+        if state.uid and state.uid in self._deleted:
+            # The operator's own status write answered after the scan's deletion: held
+            # again, it would be a result nobody can read, reused by every scan of its
+            # digest for ever.
+            return False
         old = self.scans.get(state.ref)
         if old is not None and not claim and 0 <= state.version <= old.version and (
                 state.version < old.version or old.claimed):
@@ -276,6 +287,10 @@ class ScanIndex:
     def delete_scan(self, ref: Ref) -> bool:
         old = self.scans.pop(ref, None)
         if old is not None:
+            if old.uid:
+                self._deleted[old.uid] = None
+                if len(self._deleted) > DELETED_REMEMBERED:
+                    del self._deleted[next(iter(self._deleted))]
             self._forget(old)
             self._gone.discard((old.namespace, old.job_name or ""))
         return old is not None
