@@ -60,7 +60,7 @@ from harness import (
 from sandbox.controlplane import Sandbox
 
 HERE = Path(__file__).resolve().parent
-QUICK = {"overhead": "--rounds 1 --standalone-rounds 1",
+QUICK = {"overhead": "--rounds 1 --standalone-rounds 1 --sized 125",
          "registry": "--repositories 20 --tags 5 --pushes 5",
          "scale": "--count 1000 --new 100 --idle-seconds 10 --restart-operator",
          "admission": "--creates 100 --seconds 5 --step-seconds 3"}

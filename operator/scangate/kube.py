@@ -64,6 +64,13 @@ def api_server_endpoints() -> list[tuple[str, int]]:
     return resolved
 
 
+def _read_body(fn: Any, *args: Any, **kwargs: Any) -> bytes:
+    """The body of one API call, read to its end (which returns its connection to the
+    pool), without the client's model deserialisation."""
+    data: bytes = fn(*args, _preload_content=False, **kwargs).data
+    return data
+
+
 class LogTooLarge(ValueError):
     """A pod log longer than scangate reads."""
 
@@ -87,14 +94,17 @@ class Kube:
         self.rbac = client.RbacAuthorizationV1Api(api)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
 
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> bytes:
+        """Call `fn` on a thread of this Kube's own; the raw body of its answer.
+
+        The body is read whatever the caller wants of it: an unread response never goes
+        back to urllib3's pool, so every later call would open a new TLS connection."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._threads, partial(fn, *args, **kwargs))
+            self._threads, partial(_read_body, fn, *args, **kwargs))
 
     async def _json(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call returning the raw JSON body (no model deserialisation)."""
-        response = await self._call(fn, *args, _preload_content=False, **kwargs)
-        return json.loads(response.data)
+        """Call returning the JSON body as plain data (no model deserialisation)."""
+        return json.loads(await self._call(fn, *args, **kwargs))
 
     # -- scangate resources --------------------------------------------------------
 
@@ -111,7 +121,7 @@ class Kube:
     async def _create(self, fn: Any, *args: Any) -> bool:
         """Create an object; False if it exists already (a rerun, or a restart)."""
         try:
-            await self._call(fn, *args, _preload_content=False)
+            await self._call(fn, *args)
         except ApiException as e:
             if e.status == 409:
                 return False
@@ -127,7 +137,7 @@ class Kube:
         """Delete one of scangate's objects; gone already is fine."""
         try:
             await self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION,
-                             namespace, plural, name, _preload_content=False)
+                             namespace, plural, name)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -157,7 +167,7 @@ class Kube:
                 "type": "Opaque", "data": data}
         if not await self._create(self.core.create_namespaced_secret, namespace, body):
             await self._call(self.core.patch_namespaced_secret, name, namespace,
-                             {"data": data}, _preload_content=False)
+                             {"data": data})
 
     async def get_lease(self, namespace: str, name: str) -> Obj | None:
         try:
@@ -175,8 +185,7 @@ class Kube:
 
     async def replace_lease(self, namespace: str, name: str, body: Obj) -> None:
         """Replace a Lease (409 if its resourceVersion is no longer current)."""
-        await self._call(self.coordination.replace_namespaced_lease, name, namespace, body,
-                         _preload_content=False)
+        await self._call(self.coordination.replace_namespaced_lease, name, namespace, body)
 
     async def whoami(self) -> str:
         """The user name the API server knows this process by (SelfSubjectReview)."""
@@ -215,8 +224,7 @@ class Kube:
                          (self.admission.create_mutating_webhook_configuration,
                           self.admission.patch_mutating_webhook_configuration))
         if not await self._create(create, body):
-            await self._call(patch, name, body, _preload_content=False,
-                             _content_type="application/merge-patch+json")
+            await self._call(patch, name, body, _content_type="application/merge-patch+json")
 
     async def delete_webhook(self, body: Obj) -> None:
         """Delete the webhook configuration of that kind and name; gone already is fine."""
@@ -224,7 +232,7 @@ class Kube:
                   if body["kind"] == "ValidatingWebhookConfiguration"
                   else self.admission.delete_mutating_webhook_configuration)
         try:
-            await self._call(delete, body["metadata"]["name"], _preload_content=False)
+            await self._call(delete, body["metadata"]["name"])
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -241,10 +249,8 @@ class Kube:
         if not pods["items"]:
             raise LookupError(f"no pod of Job {namespace}/{job}")
         pod = sorted(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])[-1]
-        response = await self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
-                                    namespace, container=container, _preload_content=False,
-                                    limit_bytes=limit_bytes + 1)
-        data: bytes = response.data
+        data = await self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
+                                namespace, container=container, limit_bytes=limit_bytes + 1)
         if len(data) > limit_bytes:
             raise LogTooLarge(f"the log of Job {namespace}/{job} exceeds {limit_bytes} bytes")
         return data.decode("utf-8", errors="replace")
@@ -264,5 +270,4 @@ class Kube:
             "reportingComponent": "scangate.dev/operator", "reportingInstance": "scangate",
         }
         with contextlib.suppress(ApiException):  # a courtesy: never fail the work for it
-            await self._call(self.core.create_namespaced_event, meta["namespace"], body,
-                             _preload_content=False)
+            await self._call(self.core.create_namespaced_event, meta["namespace"], body)

@@ -8,12 +8,15 @@ from typing import Any
 
 from scangate.core.scanstate import (
     JobState,
+    Newest,
+    PodState,
     Requeue,
     Reuse,
     ScanIndex,
     ScanState,
     Start,
     project_job,
+    project_pod,
     project_scan,
     scan_key,
 )
@@ -168,9 +171,77 @@ def test_collectable_and_orphaned_scans() -> None:
     assert [s.name for s in idx.orphaned(NOW, timedelta(minutes=1))] == ["lost"]
 
 
+def test_a_scan_is_collectable_once_its_pod_succeeded_before_its_job_completes() -> None:
+    started = NOW - timedelta(minutes=5)
+    idx = index(scan("a", "Scanning", job_name="ja", start_time=started),
+                scan("b", "Scanning", job_name="jb", start_time=started))
+    idx.upsert_job(JobState("ns", "ja", scan="a"))
+    assert idx.upsert_pod(PodState("ns", "ja-x1", job="ja")) is False  # still running
+    assert idx.collectable() == []
+    assert idx.upsert_pod(PodState("ns", "ja-x1", job="ja", succeeded=True)) is True
+    assert [(s.name, j.name, j.finished) for s, j in idx.collectable()] == [
+        ("a", "ja", "Complete")]
+    assert idx.running_jobs == 1  # the Job holds its slot until it is marked complete
+    # A pod of the next attempt's Job says nothing of this one; a deleted pod is forgotten.
+    idx.upsert_pod(PodState("ns", "jb-x1", job="jb-2", succeeded=True))
+    assert [s.name for s, _ in idx.collectable()] == ["a"]
+    idx.delete_pod(PodState("ns", "ja-x1", job="ja", succeeded=True))
+    assert idx.collectable() == []
+    idx.replace_pods([PodState("ns", "jb-x2", job="jb", succeeded=True)])
+    assert [s.name for s, _ in idx.collectable()] == ["b"]
+
+
+def test_pod_projection_names_its_job_and_success() -> None:
+    pod = {"metadata": {"namespace": "ns", "name": "j-x", "ownerReferences": [
+        {"kind": "Job", "name": "j", "controller": True}]}, "status": {"phase": "Succeeded"}}
+    assert project_pod(pod) == PodState("ns", "j-x", job="j", succeeded=True)
+    assert project_pod({"metadata": {"name": "p"}, "status": {"phase": "Running"}}) == \
+        PodState("", "p", job="")
+
+
 def test_by_digest_finds_every_scan_of_a_digest() -> None:
     idx = index(done("a", "sha256:x"), scan("b", digest="sha256:x"), scan("c", digest="sha256:y"))
     assert sorted(s.name for s in idx.by_digest("sha256:x")) == ["a", "b"]
+
+
+def test_in_phase_and_newest_vulnerabilities_follow_each_change() -> None:
+    idx = index(done("old", "sha256:x", age=2 * DAY), done("new", "sha256:x"),
+                done("secrets", "sha256:x", age=timedelta(0), scanners=("secret",)),
+                scan("q", digest="sha256:x"), scan("f", "Failed", digest="sha256:x"))
+    newest = idx.newest_vulnerabilities("sha256:x")
+    assert newest is not None and newest.name == "new"
+    queued = idx.in_phase("sha256:x", ("Scanning", "Queued"))
+    assert queued is not None and queued.name == "q"
+    assert idx.in_phase("sha256:x", ("Pending",)) is None
+    idx.delete_scan(("ns", "new"))
+    newest = idx.newest_vulnerabilities("sha256:x")
+    assert newest is not None and newest.name == "old"
+    idx.upsert_scan(scan("old", "Scanning", digest="sha256:x", version=3))
+    idx.upsert_scan(scan("q", "Scanning", digest="sha256:x", version=3))
+    assert idx.newest_vulnerabilities("sha256:x") is None
+    assert idx.in_phase("sha256:x", ("Queued",)) is None
+    assert idx.by_digest("sha256:y") == [] and idx.in_phase("sha256:y", ("Failed",)) is None
+
+
+def test_newest_is_kept_as_times_come_and_go() -> None:
+    newest = Newest()
+    assert newest.newest() is None
+    times = {("ns", str(i)): NOW + timedelta(minutes=(i * 7) % 10) for i in range(10)}
+    for ref, when in times.items():
+        newest.add(ref, when)
+    while times:
+        top = max(times.values())
+        held = newest.newest()
+        assert held is not None and held[1] == top and times[held[0]] == top
+        # Move one scan back in time, remove the newest: each must be noticed.
+        first = next(iter(times))
+        times[first] -= timedelta(hours=1)
+        newest.add(first, times[first])
+        held = newest.newest()
+        assert held is not None and held[1] == max(times.values())
+        del times[held[0]]
+        newest.remove(held[0])
+    assert newest.newest() is None
 
 
 def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:

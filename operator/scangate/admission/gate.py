@@ -273,15 +273,13 @@ class Gate:
     async def _result(self, digest: str) -> ImageResult | None:
         """The digest's best result: the newest completed scan, else one in progress
         (unscanned for now), else a failed one."""
-        scans = self.index.by_digest(digest)
-        done = [s for s in scans if s.phase == "Completed" and s.scanned_at is not None
-                and "vuln" in s.scanners]
-        if done:
-            return await self._full(max(done, key=lambda s: s.scanned_at or datetime.min))
-        running = next((s for s in scans if s.phase in IN_FLIGHT_PHASES), None)
+        done = self.index.newest_vulnerabilities(digest)
+        if done is not None:
+            return await self._full(done)
+        running = self.index.in_phase(digest, IN_FLIGHT_PHASES)
         if running is not None:
             return ImageResult(phase=running.phase, digest=digest)
-        failed = next((s for s in scans if s.phase == "Failed"), None)
+        failed = self.index.in_phase(digest, ("Failed",))
         return await self._full(failed) if failed is not None else None
 
     async def _full(self, state: ScanState) -> ImageResult:
@@ -304,9 +302,8 @@ class Gate:
         """An ImageScan for an image with no result, once per digest however many
         requests name it (and none while one of that digest is in progress)."""
         key = digest or str(ref)
-        if key in self._requested or (digest and any(
-                s.phase in IN_FLIGHT_PHASES or s.phase is None
-                for s in self.index.by_digest(digest))):
+        if key in self._requested or (digest and self.index.in_phase(
+                digest, (*IN_FLIGHT_PHASES, None)) is not None):
             return
         self._requested[key] = time.monotonic()
         while len(self._requested) > DIGESTS_CACHED:

@@ -201,6 +201,29 @@ def project_job(obj: dict[str, Any]) -> JobState:
                     deadline_exceeded=deadline)
 
 
+@dataclass(frozen=True, slots=True)
+class PodState:
+    """What the operator keeps of one scan pod: whether its Job's work is done."""
+
+    namespace: str
+    name: str
+    job: str
+    succeeded: bool = False
+
+    @property
+    def ref(self) -> Ref:
+        return (self.namespace, self.name)
+
+
+def project_pod(obj: dict[str, Any]) -> PodState:
+    meta = obj.get("metadata") or {}
+    job = next((o.get("name", "") for o in meta.get("ownerReferences") or []
+                if o.get("kind") == "Job" and o.get("controller")), "")
+    return PodState(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
+                    job=str(job),
+                    succeeded=(obj.get("status") or {}).get("phase") == "Succeeded")
+
+
 # -- what a pass decides ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -224,6 +247,51 @@ class Requeue:
 Action = Start | Reuse | Requeue
 
 
+@dataclass
+class Newest:
+    """Scans with a time each, and which is newest, kept as they come and go.
+
+    Many scans can hold results of one digest (thousands, in the scale benchmark), and
+    every queued scan and every admission review asks for the newest: O(1), but for
+    the removal of the newest itself, which costs one pass when next asked."""
+
+    times: dict[Ref, datetime] = field(default_factory=dict)
+    _top: Ref | None = None
+    _stale: bool = False
+
+    def add(self, ref: Ref, when: datetime) -> None:
+        before = self.times.get(ref)
+        self.times[ref] = when
+        if self._stale:
+            return
+        if self._top is None or when >= self.times[self._top]:
+            self._top = ref
+        elif self._top == ref and before is not None and when < before:
+            self._stale = True
+
+    def remove(self, ref: Ref) -> None:
+        if self.times.pop(ref, None) is not None and ref == self._top:
+            self._top, self._stale = None, True
+
+    def newest(self) -> tuple[Ref, datetime] | None:
+        if self._stale:
+            self._top = max(self.times, key=self.times.__getitem__, default=None)
+            self._stale = False
+        return None if self._top is None else (self._top, self.times[self._top])
+
+
+def _add(index: dict[str, Newest], key: str, ref: Ref, when: datetime) -> None:
+    index.setdefault(key, Newest()).add(ref, when)
+
+
+def _remove(index: dict[str, Newest], key: str, ref: Ref) -> None:
+    held = index.get(key)
+    if held is not None:
+        held.remove(ref)
+        if not held.times:
+            del index[key]
+
+
 DELETED_REMEMBERED = 10_000
 """Deleted ImageScans remembered by UID, so that a write answered late cannot revive one."""
 
@@ -240,13 +308,19 @@ class ScanIndex:
     _queued: dict[Ref, ScanState] = field(default_factory=dict)
     _scanning: dict[Ref, ScanState] = field(default_factory=dict)
     _in_flight: dict[str, set[Ref]] = field(default_factory=dict)
-    _results: dict[str, dict[Ref, datetime]] = field(default_factory=dict)
+    _results: dict[str, Newest] = field(default_factory=dict)
     """Completed results by key: which scans hold one, and when it was made."""
-    _by_digest: dict[str, set[Ref]] = field(default_factory=dict)
+    _vulnerabilities: dict[str, Newest] = field(default_factory=dict)
+    """Completed vulnerability results by digest (admission judges by the newest)."""
+    _by_digest: dict[str, dict[str | None, set[Ref]]] = field(default_factory=dict)
+    """ImageScans by digest, then by phase."""
     _by_rule: dict[Ref, set[str]] = field(default_factory=dict)
     """ImageScan names by the ScanRule (namespace, name) that owns them."""
     _expiry: list[tuple[datetime, Ref, datetime]] = field(default_factory=list)
     """Completed results by the time they go stale (a heap; entries checked when popped)."""
+    _succeeded: dict[Ref, Ref] = field(default_factory=dict)
+    """Jobs whose pod has succeeded (-> the pod): their result is ready to collect up to
+    a second before the Job controller marks the Job complete."""
     _gone: set[Ref] = field(default_factory=set)
     """Jobs deleted while their scan was Scanning: lost at once, without a grace period."""
     _deleted: dict[str, None] = field(default_factory=dict)
@@ -323,6 +397,26 @@ class ScanIndex:
                 self._gone.add(ref)
         return job is not None
 
+    def upsert_pod(self, pod: PodState) -> bool:
+        job = (pod.namespace, pod.job)
+        if pod.succeeded and pod.job:
+            changed = job not in self._succeeded
+            self._succeeded[job] = pod.ref
+            return changed
+        return self.delete_pod(pod)
+
+    def delete_pod(self, pod: PodState) -> bool:
+        job = (pod.namespace, pod.job)
+        if self._succeeded.get(job) != pod.ref:
+            return False
+        del self._succeeded[job]
+        return True
+
+    def replace_pods(self, pods: Iterable[PodState]) -> None:
+        self._succeeded = {}
+        for pod in pods:
+            self.upsert_pod(pod)
+
     def replace_scans(self, states: Iterable[ScanState]) -> None:
         """A relist: what it holds is the whole truth, so the rest was deleted meanwhile."""
         seen = set()
@@ -350,11 +444,13 @@ class ScanIndex:
             if s.key:
                 self._in_flight.setdefault(s.key, set()).add(s.ref)
         if s.digest:
-            self._by_digest.setdefault(s.digest, set()).add(s.ref)
+            self._by_digest.setdefault(s.digest, {}).setdefault(s.phase, set()).add(s.ref)
         if s.owner:
             self._by_rule.setdefault((s.namespace, s.owner), set()).add(s.name)
+        if s.phase == "Completed" and s.digest and s.scanned_at and "vuln" in s.scanners:
+            _add(self._vulnerabilities, s.digest, s.ref, s.scanned_at)
         if s.phase == "Completed" and s.result_key and s.scanned_at:
-            self._results.setdefault(s.result_key, {})[s.ref] = s.scanned_at
+            _add(self._results, s.result_key, s.ref, s.scanned_at)
             if s.key != s.result_key:  # its options were edited: scan with the new ones
                 self.requeue_at(s, s.scanned_at)
             elif old is None or (old.phase, old.scanned_at) != (s.phase, s.scanned_at):
@@ -373,18 +469,22 @@ class ScanIndex:
             if not self._in_flight[s.key]:
                 del self._in_flight[s.key]
         if s.digest and s.digest in self._by_digest:
-            self._by_digest[s.digest].discard(s.ref)
-            if not self._by_digest[s.digest]:
+            phases = self._by_digest[s.digest]
+            if s.phase in phases:
+                phases[s.phase].discard(s.ref)
+                if not phases[s.phase]:
+                    del phases[s.phase]
+            if not phases:
                 del self._by_digest[s.digest]
+        if s.digest:
+            _remove(self._vulnerabilities, s.digest, s.ref)
         rule = (s.namespace, s.owner or "")
         if rule in self._by_rule:
             self._by_rule[rule].discard(s.name)
             if not self._by_rule[rule]:
                 del self._by_rule[rule]
-        if s.result_key and s.result_key in self._results:
-            self._results[s.result_key].pop(s.ref, None)
-            if not self._results[s.result_key]:
-                del self._results[s.result_key]
+        if s.result_key:
+            _remove(self._results, s.result_key, s.ref)
         if s.summary is not None and s.namespace in self.totals:
             counts = self.totals[s.namespace]
             for i, n in enumerate(s.summary):
@@ -403,8 +503,22 @@ class ScanIndex:
         return len(self._queued)
 
     def by_digest(self, digest: str) -> list[ScanState]:
-        """Every ImageScan of a digest (admission's lookup)."""
-        return [self.scans[r] for r in self._by_digest.get(digest, ())]
+        """Every ImageScan of a digest."""
+        return [self.scans[r] for refs in self._by_digest.get(digest, {}).values()
+                for r in refs]
+
+    def in_phase(self, digest: str, phases: Iterable[str | None]) -> ScanState | None:
+        """An ImageScan of the digest in one of `phases`, if there is one."""
+        held = self._by_digest.get(digest, {})
+        for phase in phases:
+            for ref in held.get(phase, ()):
+                return self.scans[ref]
+        return None
+
+    def newest_vulnerabilities(self, digest: str) -> ScanState | None:
+        """The newest completed vulnerability scan of a digest (what admission judges)."""
+        newest = self._vulnerabilities.get(digest, Newest()).newest()
+        return None if newest is None else self.scans[newest[0]]
 
     def by_rule(self, namespace: str, rule: str) -> list[ScanState]:
         """The ImageScans a ScanRule created and keeps."""
@@ -412,10 +526,10 @@ class ScanIndex:
 
     def fresh_result(self, key: str, now: datetime) -> ScanState | None:
         """The newest result of `key` made within the rescan interval."""
-        holders = self._results.get(key)
-        if not holders:
+        newest = self._results.get(key, Newest()).newest()
+        if newest is None:
             return None
-        ref, made = max(holders.items(), key=lambda item: item[1])
+        ref, made = newest
         return self.scans[ref] if now - made < self.rescan_interval else None
 
     def due_pending(self, now: datetime) -> list[ScanState]:
@@ -424,12 +538,15 @@ class ScanIndex:
                 if s.retry_after is None or s.retry_after <= now]
 
     def collectable(self) -> list[tuple[ScanState, JobState]]:
-        """Scanning scans whose Job has finished."""
+        """Scanning scans whose Job has finished, or whose Job's pod has succeeded."""
         found = []
         for s in self._scanning.values():
-            job = self.jobs.get((s.namespace, s.job_name or ""))
+            ref = (s.namespace, s.job_name or "")
+            job = self.jobs.get(ref)
             if job is not None and job.finished and job.scan == s.name:
                 found.append((s, job))
+            elif ref in self._succeeded:
+                found.append((s, JobState(*ref, scan=s.name, finished="Complete")))
         return found
 
     def orphaned(self, now: datetime, grace: timedelta) -> list[ScanState]:

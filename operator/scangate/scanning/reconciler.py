@@ -34,6 +34,7 @@ from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.scanstate import (
     JobState,
+    PodState,
     Ref,
     Requeue,
     Reuse,
@@ -41,6 +42,7 @@ from scangate.core.scanstate import (
     ScanState,
     Start,
     project_job,
+    project_pod,
     project_scan,
 )
 from scangate.core.trivy import ReportError
@@ -120,6 +122,11 @@ class ScanReconciler:
             Feed("scan-jobs", kube.batch.list_job_for_all_namespaces, project_job,
                  Sink(self._on_jobs, self._on_job, self._on_job_deleted),
                  label_selector=SCAN_LABEL),
+            # A Job is marked complete up to a second after its pod succeeds (the Job
+            # controller batches its syncs): the pods say first that a result is ready.
+            Feed("scan-pods", kube.core.list_pod_for_all_namespaces, project_pod,
+                 Sink(self._on_pods, self._on_pod, self._on_pod_deleted),
+                 label_selector=SCAN_LABEL),
         ]
         metrics.watch_index(self.index, per_image=settings.per_image_metrics)
 
@@ -158,6 +165,16 @@ class ScanReconciler:
 
     def _on_job_deleted(self, job: JobState) -> None:
         self._changed(self.index.delete_job(job.ref))
+
+    def _on_pods(self, pods: list[PodState]) -> None:
+        self.index.replace_pods(pods)
+        self._wake.set()
+
+    def _on_pod(self, pod: PodState) -> None:
+        self._changed(self.index.upsert_pod(pod))
+
+    def _on_pod_deleted(self, pod: PodState) -> None:
+        self.index.delete_pod(pod)
 
     # -- the loop ------------------------------------------------------------------
 
