@@ -241,7 +241,7 @@ class Bench:
 
     async def direct(self, entry: Entry, mode: str, whole: bool = False) -> float:
         """Seconds of the Job's `trivy image` run on this host, from an empty cache (with
-        `whole`, of the Job's whole script: also `trivy version` and the result frames)."""
+        `whole`, of the Job's whole script: also the result frames)."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TRIVY_")}
         environ.update(TRIVY_INSECURE="true", **(
             {"TRIVY_TOKEN": self.env["TRIVY_TOKEN"]} if mode == "ClientServer" else {}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import uuid
 from collections import Counter
@@ -132,6 +134,14 @@ def admit(kubectl: Kubectl, manifest: str, namespace: str, *extra: str
     out = kubectl.run("apply", "-n", namespace, *extra, "-f", "-", input=manifest,
                       check=False)
     return out.returncode == 0, out.stdout + out.stderr
+
+
+def helm(env: dict[str, str], *args: str) -> str:
+    """Run the sandbox's helm (against its cluster, where it talks to one); its output."""
+    done = subprocess.run([env["HELM"], *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def admin_api(sandbox: Sandbox) -> Api:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import Kubectl
+from scans import helm
 
 pytestmark = pytest.mark.sandbox
 CHART = Path(__file__).resolve().parents[2] / "charts" / "scangate"
@@ -27,11 +28,6 @@ COMBINATIONS = {
                                    "--set", "config.pushPort=0"],
     "fail open": ["--set", "config.admissionFailurePolicy=Ignore"],
 }
-
-
-def helm(env: dict[str, str], *args: str) -> str:
-    return subprocess.run([env["HELM"], *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def render(env: dict[str, str], namespace: str, *values: str, release: str = "scangate"

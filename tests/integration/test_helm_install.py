@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+import scans
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
 from scans import Policy, admit, create_scan, deployment, push_variant, wait_done
@@ -37,10 +38,7 @@ STAND_IN = [("clusterrole", "scangate", None), ("clusterrolebinding", "scangate"
 
 
 def helm(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([env["HELM"], *args, "--namespace", NAMESPACE], capture_output=True,
-                          text=True, env={**os.environ, **env}, check=False)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return scans.helm(env, *args, "--namespace", NAMESPACE)
 
 
 def values(env: dict[str, str]) -> dict[str, Any]:

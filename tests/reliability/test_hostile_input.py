@@ -227,6 +227,41 @@ def test_malformed_admission_reviews_get_a_clean_answer_and_the_gate_keeps_judgi
     assert "Traceback" not in logged and "Error handling request" not in logged, logged[-3000:]
 
 
+KOPF_MAX_BODY = 1 << 20
+"""aiohttp's default, which kopf's server keeps (the objects it judges are small)."""
+
+
+@sandboxed
+def test_malformed_reviews_to_the_webhooks_of_scangates_own_resources_get_a_4xx(
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str],
+) -> None:
+    """kopf serves the validation of ScanRules, ScanPolicies and ImageScans; the same
+    bodies get a 4xx from it, never a 500, and it keeps refusing a bad ScanRule."""
+    env = sandbox_env
+    config = json.loads(kubectl("get", "validatingwebhookconfiguration", "scangate.dev",
+                                "-o", "json"))
+    urls = sorted({w["clientConfig"]["url"] for w in config["webhooks"]})
+    offset = operator_log(env).stat().st_size
+    with https(env) as client:
+        for url in urls:
+            for name, (body, gate_status) in _hostile_reviews(namespace).items():
+                TRIED["admission: malformed reviews to kopf's webhooks"] += 1
+                # A well-formed review of a pod: kopf serves no pods (404).
+                status = 413 if len(body) > KOPF_MAX_BODY else {200: 404}.get(
+                    gate_status, gate_status)
+                answer = client.post(url, content=body,
+                                     headers={"Content-Type": "application/json"})
+                assert answer.status_code == status, (url, name, answer.text[:300])
+    bad_rule = kubectl.run("apply", "-f", "-", check=False, input=json.dumps({
+        "apiVersion": "scangate.dev/v1alpha1", "kind": "ScanRule",
+        "metadata": {"name": "bad", "namespace": namespace},
+        "spec": {"registry": {"url": "http://registry.invalid"},
+                 "scope": {"namespaces": ["x"]}, "tagFilter": "("}}))
+    assert bad_rule.returncode != 0 and "tagFilter" in bad_rule.stderr, bad_rule.stderr
+    logged = log_since(env, offset)
+    assert "Traceback" not in logged and "Error handling request" not in logged, logged[-3000:]
+
+
 def _push_tags(env: dict[str, str], source: str, tags: list[str]) -> list[str]:
     """More tags of the image at `source` (its manifest put again): their references."""
     repository, tag = source.split("/", 1)[1].rsplit(":", 1)

@@ -330,3 +330,11 @@ def test_a_deleted_scan_is_not_revived_by_a_write_answered_after_its_deletion() 
     assert [type(a).__name__ for a in idx.plan(NOW, limit=1)] == ["Start"]
     # A new object of the same name is another UID, and is held.
     assert idx.upsert_scan(replace(done("a"), uid="uid-a-2"))
+
+
+def test_two_outcomes_in_one_second_of_different_digests_are_different_events() -> None:
+    first = done("a", "sha256:1", age=timedelta(0), completion_time=NOW)
+    moved = replace(first, digest="sha256:2")
+    assert first.event_key and moved.event_key and first.event_key != moved.event_key
+    assert first.event_key == replace(first, version=9).event_key  # the same across restarts
+    assert scan("q").event_key is None

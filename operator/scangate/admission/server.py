@@ -19,6 +19,7 @@ from scangate import metrics
 from scangate.admission.configuration import PATH, PIN_PATH
 from scangate.admission.gate import Gate
 from scangate.config import Settings
+from scangate.core.reviews import admission_request
 from scangate.serving import serve
 
 log = logging.getLogger("scangate.admission")
@@ -27,38 +28,17 @@ MAX_BODY = 8 << 20
 BODY_TIMEOUT = 10.0
 
 
-_OBJECTS = ("kind", "userInfo", "oldObject")
-"""Request fields that are an object when present (null: absent)."""
-
-
-def _request(review: object) -> tuple[dict[str, Any], str]:
-    """The request of an AdmissionReview v1 and its uid; raises TypeError for a body of
-    another shape (never quoting it: the body is the sender's). The API server sends
-    nothing else, so the gate never judges a review it would misread."""
-    if not isinstance(review, dict):
-        raise TypeError("the body is not a JSON object")
-    if (review.get("apiVersion"), review.get("kind")) != ("admission.k8s.io/v1",
-                                                          "AdmissionReview"):
-        raise TypeError("want apiVersion admission.k8s.io/v1 and kind AdmissionReview")
-    body = review.get("request")
-    if not isinstance(body, dict):
-        raise TypeError("no request")
-    uid = body.get("uid")
-    if not isinstance(uid, str) or not uid:
-        raise TypeError("no request.uid")
-    if not isinstance(body.get("object"), dict):
-        raise TypeError("no request.object")
-    for key in _OBJECTS:
-        if body.get(key) is not None and not isinstance(body[key], dict):
-            raise TypeError(f"request.{key} is not an object")
-    user = body.get("userInfo") or {}
-    for where, value, kind in (("namespace", body.get("namespace"), str),
-                               ("dryRun", body.get("dryRun"), bool),
-                               ("userInfo.username", user.get("username"), str),
-                               ("userInfo.groups", user.get("groups"), list)):
-        if value is not None and not isinstance(value, kind):
-            raise TypeError(f"request.{where} has the wrong type")
-    return body, uid
+async def read_review(request: web.Request, *, resource: bool = False
+                      ) -> tuple[dict[str, Any], str]:
+    """The AdmissionReview's request and uid (see admission_request); raises
+    web.HTTPException: 400 saying why in one line, 413 for a body too large."""
+    try:
+        review = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
+        return admission_request(review, resource=resource)
+    # RecursionError: nesting deeper than the parser (a few kB of brackets).
+    except (ValueError, KeyError, TypeError, TimeoutError, RecursionError) as e:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"not an AdmissionReview: {e}"}),
+                                 content_type="application/json") from None
 
 
 class AdmissionServer:
@@ -81,17 +61,12 @@ class AdmissionServer:
         return web.Response(status=200 if self.gate.ready else 503)
 
     @staticmethod
-    async def _review(request: web.Request) -> tuple[dict[str, Any], str]:
-        """The AdmissionReview's request and uid; raises web.HTTPException (400, 413)."""
+    async def _read(request: web.Request) -> tuple[dict[str, Any], str]:
         try:
-            review = json.loads(await asyncio.wait_for(request.read(), BODY_TIMEOUT))
-            body, uid = _request(review)
-        # RecursionError: nesting deeper than the parser (a few kB of brackets).
-        except (ValueError, KeyError, TypeError, TimeoutError, RecursionError) as e:
+            return await read_review(request)
+        except web.HTTPBadRequest:
             metrics.ADMISSION_LATENCY.labels("malformed").observe(0)
-            raise web.HTTPBadRequest(text=json.dumps({"error": f"not an AdmissionReview: {e}"}),
-                                     content_type="application/json") from None
-        return body, uid
+            raise
 
     @staticmethod
     def _answer(answer: dict[str, Any]) -> web.Response:
@@ -99,7 +74,7 @@ class AdmissionServer:
                                   "kind": "AdmissionReview", "response": answer})
 
     async def mutate(self, request: web.Request) -> web.Response:
-        body, uid = await self._review(request)
+        body, uid = await self._read(request)
         answer: dict[str, Any] = {"uid": uid, "allowed": True}
         try:
             patches = await self.gate.pins(body)
@@ -113,7 +88,7 @@ class AdmissionServer:
 
     async def validate(self, request: web.Request) -> web.Response:
         began = time.perf_counter()
-        body, uid = await self._review(request)
+        body, uid = await self._read(request)
         answer: dict[str, Any] = {"uid": uid, "allowed": True}
         try:
             decision = (await self.gate.review(body)).decision

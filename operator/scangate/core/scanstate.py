@@ -95,11 +95,12 @@ class ScanState:
     @property
     def event_key(self) -> str | None:
         """The identity of the scan's latest outcome, for notifications: the same across
-        restarts, new with each completion or failure."""
+        restarts, new with each completion or failure. With the digest: the times have
+        whole seconds only, and a tag pushed again can be scanned within the same one."""
         if self.phase not in ("Completed", "Failed"):
             return None
         when = self.completion_time or self.scanned_at
-        return f"{self.uid}/{self.phase}/{when.isoformat() if when else ''}"
+        return f"{self.uid}/{self.phase}/{self.digest or ''}/{when.isoformat() if when else ''}"
 
     @property
     def ref(self) -> Ref:

@@ -162,7 +162,9 @@ class Notifier:
                     last_delivery=old.get("lastDelivery"),
                     deliveries=int(old.get("deliveries") or 0))
                 if held_state.since is None:  # new: what finished before is not news to it
-                    held_state.since = datetime.now(UTC)
+                    # In whole seconds, as the scans' times are: a scan that finished in
+                    # the same second as the receiver came is news to it.
+                    held_state.since = datetime.now(UTC).replace(microsecond=0)
                     self._dirty.add((namespace, name))
                 added = True
             held_state.spec = receiver_spec

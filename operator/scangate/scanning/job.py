@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scangate.core.framing import BEGIN, END
+from scangate.core.scanstate import scan_key
 
 SCAN_LABEL = "scangate.dev/imagescan"
 TOKEN_SECRET = "scangate-trivy-token"
@@ -55,6 +56,11 @@ class ScanJobSpec:
     ca_bundle: str | None = None
     """The ScanRule's registry CA (PEM), trusted by Trivy beside the system's roots."""
 
+    @property
+    def key(self) -> str:
+        """The scan key this Job produces a result of (its digest and options)."""
+        return scan_key(self.image.rsplit("@", 1)[-1], self.scanners, self.ignore_unfixed)
+
 
 @dataclass(frozen=True)
 class TrivySettings:
@@ -84,10 +90,14 @@ def scan_label(scan_name: str) -> str:
     return f"{scan_name[:54].rstrip('-.')}-{hashlib.sha256(scan_name.encode()).hexdigest()[:8]}"
 
 
-def job_name(scan_name: str, scan_uid: str, queued_at: str, attempt: int) -> str:
-    """Deterministic for one attempt of one queueing, so that a restarted operator finds
-    the Job instead of duplicating it; a rescan (queued again) gets a new one."""
-    suffix = hashlib.sha256(f"{scan_uid}/{queued_at}/{attempt}".encode()).hexdigest()[:8]
+def job_name(scan_name: str, scan_uid: str, queued_at: str, attempt: int, key: str) -> str:
+    """Deterministic for one attempt of one queueing of one scan key (digest and
+    options), so that a restarted operator finds the Job instead of duplicating it; a
+    rescan gets a new one. queuedAt has whole seconds only: without the key, a rescan of
+    a moved tag within the second of the last queueing would find the last Job, and
+    take its result, of the old digest, for the new one."""
+    suffix = hashlib.sha256(f"{scan_uid}/{queued_at}/{attempt}/{key}".encode()
+                            ).hexdigest()[:8]
     return f"scan-{scan_name[:40].rstrip('-.')}-{suffix}"
 
 
@@ -127,7 +137,7 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
 
 
 def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
-    name = job_name(spec.scan_name, spec.scan_uid, spec.queued_at, spec.attempt)
+    name = job_name(spec.scan_name, spec.scan_uid, spec.queued_at, spec.attempt, spec.key)
     env: list[dict[str, Any]] = [{"name": "HOME", "value": WORK},
                                  {"name": "TMPDIR", "value": f"{WORK}/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]

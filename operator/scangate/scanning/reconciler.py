@@ -372,7 +372,9 @@ class ScanReconciler:
         """Count the Job against the limit and its digest as in flight *now*, before it
         exists, so that the next pass neither exceeds the limit nor scans it twice."""
         attempt = scan.attempts + 1
-        name = job_name(scan.name, scan.uid, stamp(scan.queued_at or current), attempt)
+        assert scan.key is not None  # Queued: its digest is known
+        name = job_name(scan.name, scan.uid, stamp(scan.queued_at or current), attempt,
+                        scan.key)
         placeholder = JobState(scan.namespace, name, scan=scan.name)
         self.index.expect_job(placeholder)
         self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name,
