@@ -406,6 +406,8 @@ def test_api_server_restarted_mid_run_loses_and_duplicates_no_scan(
         return now if now["Scanning"] and now["Completed"] < len(names) - 8 else None
 
     at_stop = wait_for(mid_run, 60, "scans under way")
+    log = sandbox.dir / "logs" / "operator.log"
+    offset = log.stat().st_size
     # Stopped (SIGTERM; SIGKILL if it still drains its watches after 2 s), away for 3 s
     # more (every client that renews, such as the operator's leader election every 3 s,
     # meets it), then started again.
@@ -436,6 +438,15 @@ def test_api_server_restarted_mid_run_loses_and_duplicates_no_scan(
     assert_no_loss(kubectl, namespace, done, "API server restart", 1,
                    dict(zip(names, (d for _, d in pushed), strict=True)),
                    phases_at_stop=dict(at_stop), outage_seconds=outage)
+    # An API server that does not answer is unavailable: no scan's surprise, no attempt
+    # spent, and retried at each pass (every second here), not in a loop as fast as
+    # connections are refused.
+    with log.open("rb") as f:
+        f.seek(offset)
+        logged = f.read()
+    assert b"unexpected error on ImageScan" not in logged
+    retries = logged.count(b"API unavailable for ImageScan")
+    assert retries <= len(names) * (outage + 10), (retries, outage)
 
 
 def restore(sandbox: Sandbox, kubectl: Kubectl) -> None:

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from scangate import metrics
 from scangate.api import GROUP, VERSION
@@ -237,6 +238,7 @@ class ScanReconciler:
         self._busy.add(scan.ref)
 
         async def guarded() -> None:
+            wake = True
             try:
                 async with slots or self._api_slots:
                     await work()
@@ -245,9 +247,15 @@ class ScanReconciler:
                 if status == 404:  # deleted meanwhile: its DELETED event follows
                     self.index.delete_scan(scan.ref)
                     return
-                if status is None or status == 429 or status >= 500:
+                # No answer at all (the API server down or restarting) is unavailable
+                # too: urllib3 gives up with its own errors, not an ApiException.
+                if (status is None or status == 429 or status >= 500
+                        or isinstance(e, HTTPError)):
                     log.warning("API unavailable for ImageScan %s/%s (%s); retrying",
-                                *scan.ref, status)
+                                *scan.ref, status or type(e).__name__)
+                    # At the next periodic pass, not at once: every pass would fail
+                    # again, in a loop as fast as the API server refuses connections.
+                    wake = False
                     return
                 # One object's surprise must not stop the others: it costs this scan an
                 # attempt, and the attempts are bounded.
@@ -259,7 +267,8 @@ class ScanReconciler:
                     await retry(held, "InternalError", f"{type(e).__name__}: {e}")
             finally:
                 self._busy.discard(scan.ref)
-                self._wake.set()
+                if wake:
+                    self._wake.set()
 
         task = asyncio.create_task(guarded())
         self._tasks.add(task)
