@@ -429,7 +429,10 @@ def test_api_server_restarted_mid_run_loses_and_duplicates_no_scan(
             return current if all(current[n].get("status", {}).get("phase") in (
                 "Completed", "Failed") for n in names) else None
 
-        done = wait_for(finished_alive, 200, "the scans to finish")
+        # Up to 5 minutes: after a restart the API server's watches can stay silent for
+        # a minute or two (kube-controller-manager's Job controller meanwhile conflicts
+        # with its own stale cache), so every controller, scangate's too, waits.
+        done = wait_for(finished_alive, 300, "the scans to finish")
     finally:
         if server is not None:
             sandbox.start_process("kube-apiserver", server)
