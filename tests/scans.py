@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -134,6 +135,18 @@ def admit(kubectl: Kubectl, manifest: str, namespace: str, *extra: str
     out = kubectl.run("apply", "-n", namespace, *extra, "-f", "-", input=manifest,
                       check=False)
     return out.returncode == 0, out.stdout + out.stderr
+
+
+def operator_log(env: dict[str, str]) -> Path:
+    """The sandbox operator's log (appended to across its restarts)."""
+    return Path(env["SANDBOX_DIR"]) / "logs" / "operator.log"
+
+
+def log_since(env: dict[str, str], offset: int) -> str:
+    """What the operator logged after `offset` (its log's size at some earlier moment)."""
+    with operator_log(env).open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 def helm(env: dict[str, str], *args: str) -> str:

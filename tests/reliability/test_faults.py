@@ -38,6 +38,8 @@ from scans import (
     assert_result,
     events,
     jobs,
+    log_since,
+    operator_log,
     push_variant,
     scan_rule,
     scans,
@@ -406,8 +408,7 @@ def test_api_server_restarted_mid_run_loses_and_duplicates_no_scan(
         return now if now["Scanning"] and now["Completed"] < len(names) - 8 else None
 
     at_stop = wait_for(mid_run, 60, "scans under way")
-    log = sandbox.dir / "logs" / "operator.log"
-    offset = log.stat().st_size
+    offset = operator_log(sandbox_env).stat().st_size
     # Stopped (SIGTERM; SIGKILL if it still drains its watches after 2 s), away for 3 s
     # more (every client that renews, such as the operator's leader election every 3 s,
     # meets it), then started again.
@@ -444,11 +445,9 @@ def test_api_server_restarted_mid_run_loses_and_duplicates_no_scan(
     # An API server that does not answer is unavailable: no scan's surprise, no attempt
     # spent, and retried at each pass (every second here), not in a loop as fast as
     # connections are refused.
-    with log.open("rb") as f:
-        f.seek(offset)
-        logged = f.read()
-    assert b"unexpected error on ImageScan" not in logged
-    retries = logged.count(b"API unavailable for ImageScan")
+    logged = log_since(sandbox_env, offset)
+    assert "unexpected error on ImageScan" not in logged
+    retries = logged.count("API unavailable for ImageScan")
     assert retries <= len(names) * (outage + 10), (retries, outage)
 
 

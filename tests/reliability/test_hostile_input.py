@@ -42,7 +42,15 @@ from scangate.core.trivy import (
     parse_report,
     summarize,
 )
-from scans import SCAN_LABEL, create_scan, push_variant, scans, wait_done
+from scans import (
+    SCAN_LABEL,
+    create_scan,
+    log_since,
+    operator_log,
+    push_variant,
+    scans,
+    wait_done,
+)
 
 pytestmark = pytest.mark.reliability
 sandboxed = pytest.mark.sandbox
@@ -67,16 +75,6 @@ def counts_table(request: pytest.FixtureRequest) -> Iterator[None]:
     with capture.global_and_fixture_disabled():  # shown even when output is captured
         for line in lines:
             reporter.write_line(line)
-
-
-def operator_log(env: dict[str, str]) -> Path:
-    return Path(env["SANDBOX_DIR"]) / "logs" / "operator.log"
-
-
-def log_since(env: dict[str, str], offset: int) -> str:
-    with operator_log(env).open("rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
 
 
 def metric(env: dict[str, str], name: str, labels: str) -> float:

@@ -25,14 +25,21 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
 import pytest
 
 from conftest import Kubectl, wait_for
-from scans import SCAN_LABEL, create_scan, http_server, push_variant, scan_rule, wait_done
+from scans import (
+    SCAN_LABEL,
+    create_scan,
+    http_server,
+    operator_log,
+    push_variant,
+    scan_rule,
+    wait_done,
+)
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sandbox]
 CHECKED: Counter[str] = Counter()
@@ -57,8 +64,7 @@ def everywhere(kubectl: Kubectl, env: dict[str, str]) -> dict[str, str]:
     """Each place a user or an operator reads, whole: the operator's log, every Event,
     the status of every scangate object, and the metrics endpoint."""
     return {
-        "operator log": (Path(env["SANDBOX_DIR"]) / "logs" / "operator.log").read_text(
-            errors="replace"),
+        "operator log": operator_log(env).read_text(errors="replace"),
         "Events": kubectl("get", "events", "-A", "-o", "json"),
         "status": kubectl("get", "imagescans,scanrules,scanpolicies", "-A", "-o", "json"),
         "metrics": httpx.get(f"{env['SCANGATE_METRICS']}/metrics", timeout=10).text,
