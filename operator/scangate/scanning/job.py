@@ -115,12 +115,11 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
         if trivy.db_repository:
             args += ["--db-repository", trivy.db_repository]
     args.append(spec.image)
+    version = ["trivy", "version", "--format", "json", "--cache-dir", f"{WORK}/cache"]
     # Standalone: which DB this Job downloaded is told by `trivy version` only. A
     # server's report says its own version and DB, so a client spares the second run.
-    version = ([] if trivy.mode == "ClientServer" else [
-        f"{shlex.join(['trivy', 'version', '--format', 'json', '--cache-dir', f'{WORK}/cache'])}"
-        f" > {WORK}/version.json",
-        f"emit version {WORK}/version.json"])
+    versioned = [] if trivy.mode == "ClientServer" else [
+        f"{shlex.join(version)} > {WORK}/version.json", f"emit version {WORK}/version.json"]
     trust = []
     if spec.ca_bundle:
         # Go reads one file of roots: the system's, then the registry's own CA. (A CA is
@@ -131,7 +130,7 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
     return "\n".join([
         "set -eu", _EMIT,
         f"mkdir -p {WORK}/tmp {WORK}/cache", *trust,
-        shlex.join(args), *version,
+        shlex.join(args), *versioned,
         f"emit report {WORK}/report.json",
     ])
 
