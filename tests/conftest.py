@@ -62,13 +62,16 @@ def wait_for(check: Callable[[], Any], timeout: float = 120, what: str = "condit
 class Kubectl:
     """The real kubectl against the sandbox."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], as_user: str | None = None) -> None:
         self.binary = env["KUBECTL"]
         self.env = {**os.environ, "KUBECONFIG": env["KUBECONFIG"]}
+        self.as_user = as_user
+        """Impersonated user (`kubectl --as`), for tests acting as a tenant."""
 
     def run(self, *args: str, input: str | None = None, check: bool = True,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([self.binary, *args], input=input, capture_output=True,
+        who = [f"--as={self.as_user}"] if self.as_user else []
+        proc = subprocess.run([self.binary, *who, *args], input=input, capture_output=True,
                               text=True, env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
@@ -94,6 +97,34 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
     kubectl("create", "namespace", name)
     yield name
     kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+class Tenant:
+    """A hostile tenant: a user bound to the `edit` ClusterRole in one namespace only (it
+    may create Pods, Jobs, Secrets, ScanRules and ImageScans there), acting through the
+    real kubectl with impersonation (`kubectl --as`)."""
+
+    def __init__(self, admin: Kubectl, namespace: str) -> None:
+        self.namespace = namespace
+        self.user = f"tenant-{namespace}"
+        admin("create", "rolebinding", "tenant-edit", "-n", namespace,
+              "--clusterrole=edit", f"--user={self.user}")
+        # scangate's own kinds, as a cluster would aggregate them into `edit`.
+        admin.apply(json.dumps({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "tenant-scangate", "namespace": namespace},
+            "rules": [{"apiGroups": ["scangate.dev"],
+                       "resources": ["scanrules", "imagescans"], "verbs": ["*"]}]}))
+        admin("create", "rolebinding", "tenant-scangate", "-n", namespace,
+              "--role=tenant-scangate", f"--user={self.user}")
+        self.kubectl = Kubectl({"KUBECTL": admin.binary,
+                                "KUBECONFIG": admin.env["KUBECONFIG"]}, as_user=self.user)
+
+
+@pytest.fixture
+def tenant(kubectl: Kubectl, namespace: str) -> Tenant:
+    """A tenant with `edit` in the test's namespace (and nothing elsewhere)."""
+    return Tenant(kubectl, namespace)
 
 
 @pytest.fixture
