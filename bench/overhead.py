@@ -64,13 +64,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
 from sandbox.controlplane import Sandbox
 from sandbox.images import Pusher, build_image
-from scangate.scanning.job import SCAN_LABEL, WORK, ScanJobSpec, TrivySettings, trivy_command
+from scangate.core.scanstate import SCAN_LABEL, SCAN_NAMESPACE_LABEL
+from scangate.scanning.job import WORK, ScanJobSpec, TrivySettings, trivy_command
 
 RATIO_TARGET = 1.15
 SIZED_MEGABYTES = (125, 500)
 """About a slim Python base image, and a full one halved."""
 SIZED_FILES = 4800
 SCAN_TIMEOUT_S = 600
+OPERATOR_NAMESPACE = "scangate-system"
+"""The sandbox operator's namespace, where the scan Jobs run."""
 Obj = dict[str, Any]
 # The steps of one scan, each between two moments the watches saw (medians are shown).
 STEPS = (
@@ -148,7 +151,7 @@ def push_sized(registry: str, megabytes: int, variant: str) -> tuple[str, str]:
 def job_script(entry: Entry, trivy: TrivySettings, work: Path) -> str:
     """The scan Job's script for this image, with its paths under `work`."""
     repository = entry.image.rsplit(":", 1)[0]
-    spec = ScanJobSpec(scan_name="bench", namespace="bench", scan_uid="bench",
+    spec = ScanJobSpec(scan_name="bench", scan_namespace="bench", scan_uid="bench",
                        image=f"{repository}@{entry.digest}", queued_at="", attempt=1,
                        timeout_seconds=SCAN_TIMEOUT_S,
                        platform=entry.platform or "linux/amd64", insecure_registry=True)
@@ -176,7 +179,8 @@ def states(kind: str, obj: Obj) -> tuple[str, list[str]]:
 @dataclass
 class Timeline:
     """When each scan's objects were first seen in each state (monotonic seconds), from
-    watches of ImageScans, Jobs, Pods and Events in one namespace."""
+    watches of ImageScans and Events in one namespace, and of the scan Jobs and pods of
+    its ImageScans (in the operator's namespace)."""
 
     api: Api
     namespace: str
@@ -185,12 +189,13 @@ class Timeline:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        for kind, path in (("scan", f"/apis/{GROUP_VERSION}/namespaces/{self.namespace}/"
-                                    "imagescans"),
-                           ("job", f"/apis/batch/v1/namespaces/{self.namespace}/jobs"),
-                           ("pod", f"/api/v1/namespaces/{self.namespace}/pods"),
-                           ("event", f"/api/v1/namespaces/{self.namespace}/events")):
-            self.tasks.append(asyncio.create_task(self.watch(kind, path)))
+        ours = {"labelSelector": f"{SCAN_NAMESPACE_LABEL}={self.namespace}"}
+        for kind, path, selector in (
+                ("scan", f"/apis/{GROUP_VERSION}/namespaces/{self.namespace}/imagescans", {}),
+                ("job", f"/apis/batch/v1/namespaces/{OPERATOR_NAMESPACE}/jobs", ours),
+                ("pod", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/pods", ours),
+                ("event", f"/api/v1/namespaces/{self.namespace}/events", {})):
+            self.tasks.append(asyncio.create_task(self.watch(kind, path, selector)))
         await asyncio.sleep(1)  # the watches are established
 
     async def stop(self) -> None:
@@ -198,8 +203,8 @@ class Timeline:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    async def watch(self, kind: str, path: str) -> None:
-        params = {"watch": "true", "timeoutSeconds": "3600"}
+    async def watch(self, kind: str, path: str, selector: dict[str, str]) -> None:
+        params = {"watch": "true", "timeoutSeconds": "3600", **selector}
         async with self.api.client.stream("GET", path, params=params,
                                           timeout=httpx.Timeout(None)) as response:
             async for line in response.aiter_lines():

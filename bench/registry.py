@@ -131,8 +131,10 @@ class Bench:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             jobs = (await self.api.call(
-                "GET", f"/apis/batch/v1/namespaces/{self.namespace}/jobs",
-                params={"labelSelector": f"scangate.dev/imagescan={label}"})).json()
+                "GET", "/apis/batch/v1/namespaces/scangate-system/jobs",  # the operator's
+                params={"labelSelector": f"scangate.dev/imagescan={label},"
+                                         f"scangate.dev/imagescan-namespace={self.namespace}"}
+            )).json()
             if jobs["items"]:
                 return
             await asyncio.sleep(0.01)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import ssl
 import subprocess
 import threading
 import uuid
@@ -23,6 +25,9 @@ from sandbox.images import Pusher, build_image, platforms
 from sandbox.nodeagent import Api
 
 SCAN_LABEL = "scangate.dev/imagescan"
+SCAN_NAMESPACE_LABEL = "scangate.dev/imagescan-namespace"
+OPERATOR_NAMESPACE = "scangate-system"
+"""The sandbox operator's namespace, where every scan Job runs."""
 Policy = Callable[..., str]
 """The `policy` fixture: apply a ScanPolicy confined to the test's namespace."""
 
@@ -76,9 +81,32 @@ def wait_done(kubectl: Kubectl, ns: str, names: list[str], timeout: float = 180
 
 
 def jobs(kubectl: Kubectl, ns: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(
-        kubectl("get", "jobs", "-n", ns, "-l", SCAN_LABEL, "-o", "json"))["items"]
+    """The scan Jobs of the ImageScans of namespace `ns` (they run in the operator's)."""
+    items: list[dict[str, Any]] = json.loads(kubectl(
+        "get", "jobs", "-n", OPERATOR_NAMESPACE, "-l",
+        f"{SCAN_LABEL},{SCAN_NAMESPACE_LABEL}={ns}", "-o", "json"))["items"]
     return items
+
+
+@contextmanager
+def injected(env: dict[str, str], *faults: tuple[str, list[str], dict[str, Any]]
+             ) -> Iterator[None]:
+    """Node-agent faults (see sandbox.nodeagent), each (kind, scans, rule) on the next
+    pod of each of the scans; what is left of them is taken out at the end."""
+    path = Path(env["SANDBOX_DIR"]) / "faults.json"
+    held = json.loads(path.read_text() or "{}") if path.exists() else {}
+    for kind, names, rule in faults:
+        held.setdefault(kind, []).extend(
+            {"labels": {SCAN_LABEL: name}, "times": 1, **rule} for name in names)
+    path.write_text(json.dumps(held))
+    try:
+        yield
+    finally:
+        held = json.loads(path.read_text() or "{}")
+        for kind, names, _ in faults:
+            held[kind] = [r for r in held.get(kind, [])
+                          if r.get("labels", {}).get(SCAN_LABEL) not in names]
+        path.write_text(json.dumps(held))
 
 
 def events(kubectl: Kubectl, ns: str, reason: str) -> Counter[str]:
@@ -149,6 +177,33 @@ def log_since(env: dict[str, str], offset: int) -> str:
         return f.read().decode(errors="replace")
 
 
+def metric(env: dict[str, str], name: str, labels: str) -> float:
+    """A sample of the operator's metrics endpoint (0 while the series does not exist)."""
+    text = httpx.get(f"{env['SCANGATE_METRICS']}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)}{{{re.escape(labels)}}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def https(env: dict[str, str]) -> httpx.Client:
+    """A client of the operator's HTTPS servers (the gate, the push receiver)."""
+    return httpx.Client(verify=ssl.create_default_context(cafile=env["SANDBOX_CA"]),
+                        timeout=30)
+
+
+def review(namespace: str, images: list[str], dry_run: bool = True, kind: str = "Pod",
+           uid: str = "") -> dict[str, Any]:
+    """An AdmissionReview v1 as the API server sends it, of a pod with these images."""
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": uid or str(uuid.uuid4()), "kind": {"group": "", "version": "v1", "kind": kind},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": namespace, "operation": "CREATE", "dryRun": dry_run,
+        "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+        "object": {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "p", "namespace": namespace},
+                   "spec": {"containers": [{"name": f"c{i}", "image": image}
+                                           for i, image in enumerate(images)]}}}}
+
+
 def helm(env: dict[str, str], *args: str) -> str:
     """Run the sandbox's helm (against its cluster, where it talks to one); its output."""
     done = subprocess.run([env["HELM"], *args], capture_output=True, text=True,
@@ -166,11 +221,13 @@ def admin_api(sandbox: Sandbox) -> Api:
 
 
 class RunningJobs(threading.Thread):
-    """Follows every Job event of a namespace; the most Jobs unfinished at once."""
+    """Follows every event of the scan Jobs of a namespace's ImageScans (which run in the
+    operator's namespace); the most Jobs unfinished at once."""
 
     def __init__(self, api: Api, namespace: str) -> None:
         super().__init__(daemon=True)
-        self.api, self.path = api, f"/apis/batch/v1/namespaces/{namespace}/jobs"
+        self.api, self.path = api, (f"/apis/batch/v1/namespaces/{OPERATOR_NAMESPACE}/jobs"
+                                    f"?labelSelector={SCAN_NAMESPACE_LABEL}%3D{namespace}")
         self.running: dict[str, bool] = {}
         self.most = self.events = 0
         self.stop = threading.Event()

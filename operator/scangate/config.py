@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     admission_digest_ttl: Duration = "1m"
     """How long a tag's digest, resolved at admission, is reused before asking the
     registry again (a thousand pods of one image cause one lookup)."""
+    admission_scan_rate: float = Field(default=2.0, gt=0)
+    """ImageScans a second the gate may create for unscanned images (a token bucket per
+    replica); what exceeds it is shed, counted, and asked for again by the next review."""
+    admission_scan_burst: int = Field(default=100, ge=1)
+    """ImageScans the gate may create at once after a quiet spell (the bucket's size)."""
+    admission_client_ca_file: Path | None = None
+    """CA bundle (PEM) that the API server's client certificate must chain to: when set,
+    the gate answers /validate and /mutate only to callers presenting such a certificate
+    (the API server, given one in its AdmissionConfiguration); /readyz stays open."""
     cluster_role: str | None = None
     """The chart's ClusterRole (set by the chart). It owns the webhook configurations the
     operator and kopf write, so that garbage collection removes them with the release:
@@ -77,6 +86,11 @@ class Settings(BaseSettings):
 
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint (0 disables)."""
+    metrics_secure: bool = True
+    """Serve /metrics over HTTPS (the webhook's certificate) to callers whose bearer token
+    the API server authenticates (TokenReview) and authorises for GET on the non-resource
+    URL /metrics (SubjectAccessReview), as controller-runtime's secure metrics do. Off:
+    plain HTTP on listen_address, for a scraper on the same host only."""
     health_port: int = Field(default=8081, ge=0, le=65535)
     """Port of the /healthz liveness endpoint (0 disables)."""
 
@@ -116,8 +130,7 @@ class Settings(BaseSettings):
     """The Trivy server of ClientServer mode."""
     trivy_token_secret: str | None = None
     """A Secret in the operator's namespace whose `token` the Trivy server requires
-    (ClientServer). The operator keeps a copy, Secret scangate-trivy-token, in each
-    namespace where it runs scan Jobs, since a pod reads Secrets of its own namespace."""
+    (ClientServer). Scan Jobs run in that namespace and read it there: it never leaves."""
     trivy_db_repository: str | None = None
     """OCI repository of the vulnerability DB in Standalone mode (an air-gapped mirror)."""
     trivy_insecure_db_repository: bool = False

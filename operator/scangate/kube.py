@@ -106,17 +106,21 @@ class Kube:
         """Call returning the JSON body as plain data (no model deserialisation)."""
         return json.loads(await self._call(fn, *args, **kwargs))
 
-    # -- scangate resources --------------------------------------------------------
-
-    async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:
+    async def _get(self, fn: Any, *args: Any) -> Obj | None:
+        """Read one object; None if there is none."""
         try:
-            obj: Obj = await self._json(self.custom.get_namespaced_custom_object, GROUP,
-                                        VERSION, namespace, plural, name)
+            obj: Obj = await self._json(fn, *args)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
         return obj
+
+    # -- scangate resources --------------------------------------------------------
+
+    async def get_custom(self, plural: str, namespace: str, name: str) -> Obj | None:
+        return await self._get(self.custom.get_namespaced_custom_object, GROUP, VERSION,
+                               namespace, plural, name)
 
     async def _create(self, fn: Any, *args: Any) -> bool:
         """Create an object; False if it exists already (a rerun, or a restart)."""
@@ -149,35 +153,24 @@ class Kube:
             plural, name, {"status": status}, _content_type="application/merge-patch+json")
         return obj
 
+    async def patch_cluster_status(self, plural: str, name: str, status: Obj) -> Obj:
+        """Merge-patch a cluster-scoped object's status (a ScanPolicy's)."""
+        obj: Obj = await self._json(
+            self.custom.patch_cluster_custom_object_status, GROUP, VERSION, plural, name,
+            {"status": status}, _content_type="application/merge-patch+json")
+        return obj
+
     # -- core ----------------------------------------------------------------------
 
     async def get_secret(self, namespace: str, name: str) -> Obj | None:
-        try:
-            secret: Obj = await self._json(self.core.read_namespaced_secret, name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return secret
+        return await self._get(self.core.read_namespaced_secret, name, namespace)
 
-    async def put_secret_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        """Create the Secret, or set its data if it exists (one the operator owns)."""
-        body = {"metadata": {"name": name, "namespace": namespace,
-                             "labels": {"app.kubernetes.io/managed-by": "scangate"}},
-                "type": "Opaque", "data": data}
-        if not await self._create(self.core.create_namespaced_secret, namespace, body):
-            await self._call(self.core.patch_namespaced_secret, name, namespace,
-                             {"data": data})
+    async def create_secret(self, namespace: str, body: Obj) -> bool:
+        """Create a Secret; False if it exists already."""
+        return await self._create(self.core.create_namespaced_secret, namespace, body)
 
     async def get_lease(self, namespace: str, name: str) -> Obj | None:
-        try:
-            lease: Obj = await self._json(self.coordination.read_namespaced_lease, name,
-                                          namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return lease
+        return await self._get(self.coordination.read_namespaced_lease, name, namespace)
 
     async def create_lease(self, namespace: str, body: Obj) -> bool:
         """Create a Lease; False if one exists already."""
@@ -194,6 +187,39 @@ class Kube:
             client.AuthenticationV1Api(self.core.api_client).create_self_subject_review, body)
         return str(review["status"]["userInfo"]["username"])
 
+    async def authenticate(self, token: str) -> Obj | None:
+        """The user a bearer token belongs to (TokenReview), or None if it is no one's."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token}}
+        review = await self._json(
+            client.AuthenticationV1Api(self.core.api_client).create_token_review, body)
+        status = review.get("status") or {}
+        user: Obj | None = status.get("user") if status.get("authenticated") else None
+        return user
+
+    async def may(self, user: Obj, attributes: Obj, *, resource: bool = True
+                  ) -> tuple[bool, str]:
+        """Whether the API server's authorizers let `user` (an AdmissionReview's or a
+        TokenReview's userInfo: username, uid, groups, extra) do what `attributes` (a
+        SubjectAccessReview's resourceAttributes, or with resource=False its
+        nonResourceAttributes) say, and the authorizer's reason (a SubjectAccessReview)."""
+        kind = "resourceAttributes" if resource else "nonResourceAttributes"
+        spec: Obj = {kind: attributes, "user": str(user.get("username") or "")}
+        if user.get("uid"):
+            spec["uid"] = str(user["uid"])
+        if user.get("groups"):
+            spec["groups"] = [str(g) for g in user["groups"]]
+        if user.get("extra"):
+            spec["extra"] = {str(k): [str(v) for v in values]
+                             for k, values in dict(user["extra"]).items()}
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                "spec": spec}
+        review = await self._json(
+            client.AuthorizationV1Api(self.core.api_client).create_subject_access_review, body)
+        status = review.get("status") or {}
+        return status.get("allowed") is True and not status.get("denied"), str(
+            status.get("reason") or status.get("evaluationError") or "")
+
     async def cluster_role_owner(self, name: str) -> Obj:
         """An ownerReference to the ClusterRole `name` (for cluster-scoped dependents)."""
         role = await self._json(self.rbac.read_cluster_role, name)
@@ -205,13 +231,7 @@ class Kube:
         read = (self.admission.read_validating_webhook_configuration
                 if kind == "ValidatingWebhookConfiguration"
                 else self.admission.read_mutating_webhook_configuration)
-        try:
-            found: Obj = await self._json(read, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return found
+        return await self._get(read, name)
 
     async def put_webhook(self, body: Obj) -> None:
         """Create a Validating- or MutatingWebhookConfiguration, or patch the one there.
@@ -237,18 +257,45 @@ class Kube:
             if e.status != 404:
                 raise
 
-    async def create_job(self, namespace: str, body: Obj) -> bool:
-        """Create a Job; False if it already exists (a restart re-creating it)."""
-        return await self._create(self.batch.create_namespaced_job, namespace, body)
+    async def create_job(self, namespace: str, body: Obj) -> Obj | None:
+        """Create a Job: the Job as created, or None if the name is taken."""
+        try:
+            job: Obj = await self._json(self.batch.create_namespaced_job, namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        return job
 
-    async def job_pod_log(self, namespace: str, job: str, container: str,
+    async def get_job(self, namespace: str, name: str) -> Obj | None:
+        return await self._get(self.batch.read_namespaced_job, name, namespace)
+
+    async def resume_job(self, namespace: str, name: str) -> None:
+        await self._call(self.batch.patch_namespaced_job, name, namespace,
+                         {"spec": {"suspend": False}})
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (in the background) its pods; gone already is fine."""
+        try:
+            await self._call(self.batch.delete_namespaced_job, name, namespace,
+                             propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def job_pod_log(self, namespace: str, job: str, job_uid: str, container: str,
                           limit_bytes: int) -> str:
-        """The log of a Job's (newest) pod; LogTooLarge past `limit_bytes`."""
+        """The log of the (newest) pod controlled by the Job whose uid is `job_uid`: a pod
+        is told by its owner reference, which only the Job controller sets, never by a
+        label anyone may copy. LogTooLarge past `limit_bytes`."""
         pods = await self._json(self.core.list_namespaced_pod, namespace,
-                                label_selector=f"job-name={job}")
-        if not pods["items"]:
+                                label_selector=f"batch.kubernetes.io/controller-uid={job_uid}")
+        owned = [p for p in pods["items"] if any(
+            o.get("uid") == job_uid and o.get("kind") == "Job" and o.get("controller")
+            for o in p["metadata"].get("ownerReferences") or [])]
+        if not job_uid or not owned:
             raise LookupError(f"no pod of Job {namespace}/{job}")
-        pod = sorted(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])[-1]
+        pod = sorted(owned, key=lambda p: p["metadata"]["creationTimestamp"])[-1]
         data = await self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"],
                                 namespace, container=container, limit_bytes=limit_bytes + 1)
         if len(data) > limit_bytes:
@@ -256,13 +303,15 @@ class Kube:
         return data.decode("utf-8", errors="replace")
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
-        """Record a Kubernetes Event on `obj`, for `kubectl describe`."""
+        """Record a Kubernetes Event on `obj`, for `kubectl describe` (one of a
+        cluster-scoped object, a ScanPolicy, lives in `default`, as kubectl looks there)."""
         meta = obj["metadata"]
         stamp = now()
+        namespace = meta.get("namespace") or "default"
         body = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
             "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
-                               "name": meta["name"], "namespace": meta["namespace"],
+                               "name": meta["name"], "namespace": meta.get("namespace") or "",
                                "uid": meta["uid"]},
             "type": type_, "reason": reason, "message": message[:1024],
             "source": {"component": "scangate"},
@@ -270,4 +319,4 @@ class Kube:
             "reportingComponent": "scangate.dev/operator", "reportingInstance": "scangate",
         }
         with contextlib.suppress(ApiException):  # a courtesy: never fail the work for it
-            await self._call(self.core.create_namespaced_event, meta["namespace"], body)
+            await self._call(self.core.create_namespaced_event, namespace, body)

@@ -31,6 +31,11 @@ ADMISSION_DECISIONS = Counter(
     "scangate_admission_decisions_total",
     "Admission verdicts by ScanPolicy, action and result (failed, overridden by break-glass, "
     "or passed: no policy failed).", ["policy", "action", "result"])
+ADMISSION_SCANS = Counter(
+    "scangate_admission_scans_total",
+    "ImageScans the admission gate asked for unscanned images, by result: requested, shed "
+    "(over the gate's rate, asked again by the next review), uncovered (a review from a "
+    "namespace its webhook configuration leaves out: no side effects).", ["result"])
 ADMISSION_LATENCY = Histogram(
     "scangate_admission_duration_seconds", "Time to answer an admission review, by answer.",
     ["result"], buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
@@ -40,6 +45,12 @@ NOTIFICATIONS = Counter(
     "Notification attempts by receiver type (dingtalk, webhook) and result: delivered, "
     "failed (retried), abandoned (after the last attempt; sent again at the next start).",
     ["type", "result"])
+
+OBJECT_FAILURES = Counter(
+    "scangate_object_failures_total",
+    "Failures confined to one object (its condition and an Event say which), by kind "
+    "(ScanRule, ScanPolicy, receiver, or the watch that could not read it) and reason.",
+    ["kind", "reason"])
 
 _SEVERITIES = ("critical", "high", "medium", "low", "unknown")
 

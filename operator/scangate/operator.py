@@ -22,6 +22,7 @@ from scangate.notify.notifier import Notifier
 from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
+from scangate.secure_metrics import SecureMetrics
 
 log = logging.getLogger("scangate")
 KOPF_CONFIGURATION = "scangate.dev"
@@ -101,9 +102,9 @@ async def main(settings: Settings) -> None:
     rules.seen.append(lambda r: notifier.rule_changed(r.namespace, r.name, r.uid, r.spec,
                                                       {"notifications": r.receivers}))
     rules.gone.append(lambda r: notifier.rule_deleted(r.namespace, r.name))
-    validation.use_rules(rules.registry_url)
+    validation.use_rules(rules.registry_of, settings.namespace)
     configure(settings)
-    if settings.metrics_port:
+    if settings.metrics_port and not settings.metrics_secure:
         prometheus_client.start_http_server(settings.metrics_port, settings.listen_address)
     liveness = (f"http://{settings.listen_address}:{settings.health_port}/healthz"
                 if settings.health_port else None)
@@ -117,7 +118,9 @@ async def main(settings: Settings) -> None:
         leader.run(), reconciler.run(), rules.run()]
     if settings.admission_port:
         gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
+        gate.active = lambda: leader.is_leader
         gate.on_blocked = notifier.blocked
+        notifier.policy_uid = gate.policy_uid
         server = AdmissionServer(gate, settings)
         work += [gate.run(), server.run()]
         if settings.manage_admission_configuration and settings.webhook_ca_file:
@@ -131,6 +134,8 @@ async def main(settings: Settings) -> None:
         work.append(configuration.own_kopf_configurations(kube, KOPF_CONFIGURATION, owners))
     if settings.push_port:
         work.append(PushReceiver(kube, settings, rules.on_push).run())
+    if settings.metrics_port and settings.metrics_secure:
+        work.append(SecureMetrics(Kube(2), settings).run())
     tasks = [asyncio.create_task(w) for w in work]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

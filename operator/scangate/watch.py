@@ -20,6 +20,8 @@ from typing import Any, Generic, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
+from scangate import metrics
+
 log = logging.getLogger("scangate.watch")
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -105,12 +107,27 @@ class Feed(Generic[T]):
                     continue
                 raise
             body = json.loads(response.data)
-            items += [self._project(obj) for obj in body.get("items") or []]
+            items += [p for obj in body.get("items") or [] for p in self._projected(obj)]
             token = body.get("metadata", {}).get("continue")
             if not token:
                 break
         loop.call_soon_threadsafe(self._deliver_listing, items)
         return str(body["metadata"]["resourceVersion"])
+
+    def _projected(self, obj: Obj) -> list[T]:
+        """The object's projection (a list of one); one that cannot be projected is left
+        out (and said so), never allowed to fail the listing: a relist that raised for one
+        object was retried for ever, and what waited for the feed (the gate's readiness)
+        with it."""
+        try:
+            return [self._project(obj)]
+        except Exception as e:
+            meta = obj.get("metadata") or {}
+            log.warning("%s %s%s left out: %s: %s", self.name,
+                        f"{meta['namespace']}/" if meta.get("namespace") else "",
+                        meta.get("name"), type(e).__name__, e)
+            metrics.OBJECT_FAILURES.labels(self.name, "Unreadable").inc()
+            return []
 
     def _deliver_listing(self, items: list[T]) -> None:
         self._sink.replace(items)
@@ -144,9 +161,11 @@ class Feed(Generic[T]):
                     raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('reason')}")
                 new_version = obj.get("metadata", {}).get("resourceVersion")
                 if kind in ("ADDED", "MODIFIED"):
-                    loop.call_soon_threadsafe(self._sink.upsert, self._project(obj))
+                    for projected in self._projected(obj):
+                        loop.call_soon_threadsafe(self._sink.upsert, projected)
                 elif kind == "DELETED":
-                    loop.call_soon_threadsafe(self._sink.delete, self._project(obj))
+                    for projected in self._projected(obj):
+                        loop.call_soon_threadsafe(self._sink.delete, projected)
                 if new_version:
                     version = str(new_version)
         finally:

@@ -27,6 +27,8 @@ COMBINATIONS = {
     "gate and push receiver off": ["--set", "config.admissionPort=0",
                                    "--set", "config.pushPort=0"],
     "fail open": ["--set", "config.admissionFailurePolicy=Ignore"],
+    "gate answers the API server only": ["--set", "webhook.clientAuth.enabled=true",
+                                         "--set", "webhook.clientAuth.caSecret=apiserver-ca"],
 }
 
 
@@ -84,6 +86,8 @@ def test_an_ha_install_spreads_replicas_and_keeps_the_gate_up(
     (["--set", "config.rescanInterval=daily"], "/config/rescanInterval"),
     (["--set", "replicas=0"], "/replicas"),
     (["--set", "config.noSuchSetting=1"], "noSuchSetting"),
+    (["--set", "webhook.clientAuth.enabled=true"], "webhook.clientAuth.caSecret"),
+    (["--set", "config.admissionScanRate=0"], "/config/admissionScanRate"),
 ])
 def test_a_wrong_value_is_refused_naming_it(sandbox_env: dict[str, str], values: list[str],
                                             named: str) -> None:
@@ -131,3 +135,36 @@ def test_every_rendered_setting_is_one_the_operator_accepts(
     settings = Settings()
     assert settings.max_result_log_bytes == 64 * 1024 * 1024
     assert str(settings.max_running_scans) == env["SCANGATE_MAX_RUNNING_SCANS"]
+
+
+def test_every_pod_the_chart_makes_runs_confined_and_only_its_ports_are_open(
+    sandbox_env: dict[str, str], namespace: str,
+) -> None:
+    objects = render(sandbox_env, namespace)
+    templates = [(o["kind"], o["spec"]["template"]["spec"]) for o in objects
+                 if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+    assert {kind for kind, _ in templates} == {"Deployment", "StatefulSet"}
+    for kind, pod in templates:
+        context = pod["securityContext"]
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, kind
+        assert context["runAsNonRoot"] is True, kind
+        # Only the operator talks to the API server.
+        assert pod.get("automountServiceAccountToken") is False or kind == "Deployment", kind
+        for container in pod["containers"]:
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects
+                if o["kind"] == "NetworkPolicy"}
+    operator = policies["scangate"]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert operator["podSelector"]["matchLabels"] == deployment["spec"]["selector"][
+        "matchLabels"]
+    opened = {p["port"] for rule in operator["ingress"] for p in rule["ports"]}
+    declared = {p["containerPort"] for c in deployment["spec"]["template"]["spec"][
+        "containers"] for p in c["ports"]}
+    assert opened == declared
+    restricted = render(sandbox_env, namespace, "--set-json", 'networkPolicy.metricsFrom='
+                        '[{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]')
+    rules = next(o for o in restricted if o["kind"] == "NetworkPolicy"
+                 and o["metadata"]["name"] == "scangate")["spec"]["ingress"]
+    assert rules[1]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]

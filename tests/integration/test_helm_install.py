@@ -31,7 +31,9 @@ CONFIGURATIONS = [("validatingwebhookconfiguration", "scangate-workloads"),
                   ("validatingwebhookconfiguration", "scangate.dev"),
                   ("mutatingwebhookconfiguration", "scangate.dev")]
 STAND_IN = [("clusterrole", "scangate", None), ("clusterrolebinding", "scangate", None),
-            ("role", "scangate-leader", NAMESPACE), ("rolebinding", "scangate-leader", NAMESPACE),
+            ("clusterrole", "scangate-edit", None), ("clusterrole", "scangate-view", None),
+            ("clusterrole", "scangate-metrics-reader", None),
+            ("role", "scangate", NAMESPACE), ("rolebinding", "scangate", NAMESPACE),
             ("serviceaccount", "scangate", NAMESPACE), ("secret", "scangate-push-token", NAMESPACE),
             ("lease", "scangate-leader", NAMESPACE)]
 """What the sandbox's operator set up in the release's place (hack-applied RBAC)."""

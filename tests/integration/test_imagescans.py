@@ -25,6 +25,7 @@ from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image
 from sandbox.tokenserver import TokenServer
 from scans import (
+    OPERATOR_NAMESPACE,
     SCAN_LABEL,
     RunningJobs,
     admin_api,
@@ -110,7 +111,8 @@ def test_running_jobs_never_exceed_the_limit(
         assert_result(done[name], variants[name][1]["linux/amd64"])
     # One Job per attempt of each scan: a retried attempt (a log read too early on a
     # loaded machine) is a new Job; a scan started twice for one attempt is not allowed.
-    per_scan = Counter(job.rsplit("-", 1)[0].removeprefix("scan-") for job in watcher.running)
+    per_scan = Counter(job.rsplit("-", 1)[0].removeprefix(f"scan-{namespace}-")
+                       for job in watcher.running)
     assert per_scan == {n: done[n]["status"]["attempts"] for n in names}, per_scan
     assert watcher.most == 2, watcher.most
     assert watcher.events >= 12
@@ -240,11 +242,22 @@ def test_private_registry_credentials_reach_trivy_from_the_secret(
     bad = done["scan-bad"]["status"]
     assert (bad["phase"], bad["reason"]) == ("Failed", "RegistryAuthFailed")
     assert "'ci'" in bad["message"] and "wrong" not in bad["message"]
-    # The password reached Trivy through Secret-backed env, never through arguments.
-    container = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]["containers"][0]
+    # The password reached Trivy through Secret-backed env, never through arguments: a
+    # copy beside the Job in the operator's namespace, owned by it (deleted with it),
+    # holding the two keys Trivy reads.
+    job = next(j for j in jobs(kubectl, namespace)
+               if j["metadata"]["annotations"]["scangate.dev/imagescan"].endswith("/scan-good"))
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    copy = f"{job['metadata']['name']}-registry"
     assert {"name": "TRIVY_PASSWORD", "valueFrom": {"secretKeyRef": {
-        "name": "creds-good", "key": "password"}}} in container["env"]
+        "name": copy, "key": "password"}}} in container["env"]
     assert not any("t0ken-pass" in part for part in container["command"])
+    held = json.loads(kubectl("get", "secret", copy, "-n", OPERATOR_NAMESPACE, "-o", "json"))
+    assert held["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert sorted(held["data"]) == ["password", "username"]
+    kubectl("delete", "job", job["metadata"]["name"], "-n", OPERATOR_NAMESPACE)
+    wait_for(lambda: kubectl.run("get", "secret", copy, "-n", OPERATOR_NAMESPACE,
+                                 check=False).returncode != 0, 60, "the copy to go with its Job")
     assert any(c["sub"] == "ci" for c in tokens.issued)
 
 

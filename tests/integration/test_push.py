@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from scangate.registry.events import parse_push_events
-from scans import SCAN_LABEL, push_variant
+from scans import SCAN_LABEL, jobs, push_variant
 
 pytestmark = pytest.mark.sandbox
 SAMPLES = Path(__file__).parent.parent / "data" / "push"
@@ -91,8 +91,8 @@ def test_each_pushed_manifest_starts_one_scan_however_many_rules_name_it(
     scans = wait_for(both_completed, 180, "the two rules' scans")
     assert {s["status"]["digest"] for s in scans} == {scans[0]["status"]["digest"]}
     names = {s["metadata"]["name"] for s in scans}
-    jobs = json.loads(kubectl("get", "jobs", "-n", namespace, "-o", "json"))["items"]
-    scan_jobs = [j for j in jobs if j["metadata"]["labels"].get(SCAN_LABEL) in names]
+    scan_jobs = [j for j in jobs(kubectl, namespace)
+                 if j["metadata"]["labels"].get(SCAN_LABEL) in names]
     assert len(scan_jobs) == 1, [j["metadata"]["name"] for j in scan_jobs]
     assert sum(1 for s in scans if s["status"].get("reusedFrom")) == 1
     # Nothing else was created for the platform manifests pushed by digest.

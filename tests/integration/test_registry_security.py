@@ -107,10 +107,9 @@ CAN = [
     ("get", "scanrules.scangate.dev"), ("watch", "scanrules.scangate.dev"),
     ("patch", "scanrules.scangate.dev", "status"), ("create", "imagescans.scangate.dev"),
     ("delete", "imagescans.scangate.dev"),
-    ("create", "jobs.batch"), ("list", "jobs.batch"), ("watch", "jobs.batch"),
-    ("list", "pods"), ("watch", "pods"), ("get", "pods", "log"), ("get", "secrets"),
-    ("create", "events"),
-    ("create", "secrets"), ("patch", "secrets/scangate-trivy-token"),
+    ("get", "secrets"), ("create", "events"),
+    # Secure metrics: who a scraper's token belongs to.
+    ("create", "tokenreviews.authentication.k8s.io"),
     ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("patch",
@@ -120,19 +119,29 @@ CAN = [
     ("delete",
      "mutatingwebhookconfigurations.admissionregistration.k8s.io/scangate-pin-digests"),
     ("list", "scanpolicies.scangate.dev"), ("watch", "scanpolicies.scangate.dev"),
+    ("patch", "scanpolicies.scangate.dev", "status"),
+    # Whether a requester may read the Secrets it names, or break the glass.
+    ("create", "subjectaccessreviews.authorization.k8s.io"),
     ("list", "namespaces"), ("watch", "namespaces"),
     # Its own ClusterRole owns the webhook configurations it writes (test_helm_install).
     ("get", "clusterroles.rbac.authorization.k8s.io/scangate"),
     ("get", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
 ]
-# In the operator's namespace only.
+# In the operator's namespace only: leader election, and the scan Jobs, their pods' logs
+# and their copies of registry credentials (never in a tenant's namespace).
 CAN_THERE = [("create", "leases.coordination.k8s.io"),
              ("update", "leases.coordination.k8s.io/scangate-leader"),
-             ("get", "leases.coordination.k8s.io/scangate-leader")]
+             ("get", "leases.coordination.k8s.io/scangate-leader"),
+             ("create", "jobs.batch"), ("get", "jobs.batch"), ("list", "jobs.batch"),
+             ("watch", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
+             ("list", "pods"), ("watch", "pods"), ("get", "pods", "log"),
+             ("create", "secrets")]
 CANNOT = [
     ("list", "secrets"), ("watch", "secrets"), ("patch", "secrets/team-creds"),
-    ("delete", "secrets/scangate-trivy-token"),
+    ("delete", "secrets/scangate-trivy-token"), ("create", "secrets"),
+    ("patch", "secrets/scangate-trivy-token"), ("create", "jobs.batch"),
+    ("list", "jobs.batch"), ("list", "pods"), ("get", "pods", "log"),
     ("update", "imagescans.scangate.dev"), ("patch", "imagescans.scangate.dev"),
     ("update", "scanrules.scangate.dev"), ("delete", "scanrules.scangate.dev"),
     ("delete", "jobs.batch"),
@@ -141,7 +150,9 @@ CANNOT = [
     ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io"), ("patch", "namespaces"),
     ("get", "clusterroles.rbac.authorization.k8s.io/admin"),
-    ("update", "scanpolicies.scangate.dev"), ("delete", "namespaces"),
+    ("update", "scanpolicies.scangate.dev"), ("patch", "scanpolicies.scangate.dev"),
+    ("delete", "namespaces"),
+    ("create", "localsubjectaccessreviews.authorization.k8s.io"),
     ("create", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io/other"),
 ]
 
@@ -156,7 +167,7 @@ def _can(kubectl: Kubectl, verb: str, resource: str, subresource: str = "",
 
 
 @pytest.mark.parametrize("check", CAN_THERE, ids=[" ".join(c) for c in CAN_THERE])
-def test_the_operator_can_elect_a_leader_in_its_own_namespace_only(
+def test_the_operator_runs_scans_and_elects_a_leader_in_its_own_namespace_only(
         kubectl: Kubectl, check: tuple[str, str]) -> None:
     assert _can(kubectl, *check, namespace="scangate-system")
     assert not _can(kubectl, *check, namespace="default")
@@ -184,14 +195,19 @@ def test_the_trivy_server_answers_only_with_its_token(
         capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "TRIVY_TOKEN"})
     assert without.returncode != 0 and "invalid token" in without.stderr
-    # Scan Jobs read the token from a copy in their own namespace, never from their spec.
+    # Scan Jobs run in the operator's namespace and read the token there, never from
+    # their spec; no copy of it reaches the scan's namespace.
     create_scan(kubectl, namespace, "tokened", image)
     assert wait_done(kubectl, namespace, ["tokened"])["tokened"]["status"]["phase"] == \
         "Completed"
-    env = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    job = jobs(kubectl, namespace)[0]
+    assert job["metadata"]["namespace"] == "scangate-system"
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "TRIVY_TOKEN", "valueFrom": {"secretKeyRef": {
         "name": "scangate-trivy-token", "key": "token"}}} in env
     assert sandbox_env["TRIVY_TOKEN"] not in json.dumps(env)
+    secrets = json.loads(kubectl("get", "secrets", "-n", namespace, "-o", "json"))["items"]
+    assert sandbox_env["TRIVY_TOKEN"] not in json.dumps(secrets)
 
 
 def test_no_probing_of_metadata_link_local_or_the_api_server(
@@ -225,8 +241,9 @@ def test_the_chart_lets_only_scan_pods_reach_the_trivy_server(
     assert policy["podSelector"]["matchLabels"] == docs["StatefulSet"]["spec"]["selector"][
         "matchLabels"]
     peer = policy["ingress"][0]["from"][0]
-    # The labels every scan pod carries (scanning.job), in any namespace.
-    assert peer["namespaceSelector"] == {}
+    # The labels every scan pod carries (scanning.job), in the release's namespace only:
+    # the same labels on a pod in a tenant's namespace let nothing in.
+    assert "namespaceSelector" not in peer
     assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "scangate"}
     assert peer["podSelector"]["matchExpressions"] == [
         {"key": SCAN_LABEL, "operator": "Exists"}]

@@ -24,6 +24,7 @@ from sandbox.advisories import expected_findings
 from sandbox.controlplane import Sandbox
 from scangate.core.framing import encode
 from scans import (
+    OPERATOR_NAMESPACE,
     SCAN_LABEL,
     assert_result,
     counts,
@@ -181,8 +182,8 @@ def test_a_deleted_job_is_requeued_and_a_deadline_is_a_timeout(
         status = scans(kubectl, namespace)["lost"].get("status", {})
         return status.get("jobName") if status.get("phase") == "Scanning" else None
 
-    kubectl("delete", "job", wait_for(scanning, 60, "the scan to run"), "-n", namespace,
-            "--wait=false")
+    kubectl("delete", "job", wait_for(scanning, 60, "the scan to run"),
+            "-n", OPERATOR_NAMESPACE, "--wait=false")
     done = wait_done(kubectl, namespace, ["lost", "slow"], timeout=120)
     for name in ("lost", "slow"):
         assert_result(done[name], images[name][1]["linux/amd64"])
@@ -241,7 +242,7 @@ def test_a_job_gone_while_the_operator_was_down_is_requeued(
     sandbox.stop_operator()
     try:
         # As if its TTL ran out while nobody watched: no DELETED event will ever come.
-        kubectl("delete", "job", job, "-n", namespace, "--wait=true")
+        kubectl("delete", "job", job, "-n", OPERATOR_NAMESPACE, "--wait=true")
     finally:
         sandbox.start_operator()
     done = wait_done(kubectl, namespace, ["orphan"], timeout=180)["orphan"]

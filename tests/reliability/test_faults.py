@@ -24,8 +24,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,9 +32,11 @@ import pytest
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
 from scans import (
+    OPERATOR_NAMESPACE,
     SCAN_LABEL,
     assert_result,
     events,
+    injected,
     jobs,
     log_since,
     operator_log,
@@ -82,27 +82,6 @@ def create_scans(kubectl: Kubectl, ns: str, images: dict[str, str]) -> None:
             {"apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
              "metadata": {"name": name}, "spec": {"image": image}}
             for name, image in images.items()]}))
-
-
-@contextmanager
-def injected(env: dict[str, str], *faults: tuple[str, list[str], dict[str, Any]]
-             ) -> Iterator[None]:
-    """Node-agent faults (see sandbox.nodeagent), each (kind, scans, rule) on the next
-    pod of each of the scans; what is left of them is taken out at the end."""
-    path = Path(env["SANDBOX_DIR"]) / "faults.json"
-    held = json.loads(path.read_text() or "{}") if path.exists() else {}
-    for kind, names, rule in faults:
-        held.setdefault(kind, []).extend(
-            {"labels": {SCAN_LABEL: name}, "times": 1, **rule} for name in names)
-    path.write_text(json.dumps(held))
-    try:
-        yield
-    finally:
-        held = json.loads(path.read_text() or "{}")
-        for kind, names, _ in faults:
-            held[kind] = [r for r in held.get(kind, [])
-                          if r.get("labels", {}).get(SCAN_LABEL) not in names]
-        path.write_text(json.dumps(held))
 
 
 def phases(kubectl: Kubectl, ns: str) -> Counter[str]:
@@ -362,7 +341,7 @@ def test_scan_pods_deleted_lost_or_killed_are_scanned_again_once(
         status = scans(kubectl, namespace)[scan].get("status", {})
         if status.get("phase") != "Scanning":
             return None
-        pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l",
+        pods = json.loads(kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-l",
                                   f"job-name={status['jobName']}", "-o", "json"))["items"]
         return next((p["metadata"]["name"] for p in pods
                      if p.get("status", {}).get("phase") == "Running"), None)

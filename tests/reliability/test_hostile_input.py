@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
-import ssl
 import subprocess
 import sys
 import time
@@ -45,9 +43,12 @@ from scangate.core.trivy import (
 from scans import (
     SCAN_LABEL,
     create_scan,
+    https,
     log_since,
+    metric,
     operator_log,
     push_variant,
+    review,
     scans,
     wait_done,
 )
@@ -77,18 +78,6 @@ def counts_table(request: pytest.FixtureRequest) -> Iterator[None]:
             reporter.write_line(line)
 
 
-def metric(env: dict[str, str], name: str, labels: str) -> float:
-    """A sample of the operator's metrics endpoint (0 while the series does not exist)."""
-    text = httpx.get(f"{env['SCANGATE_METRICS']}/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(name)}{{{re.escape(labels)}}} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-def https(env: dict[str, str]) -> httpx.Client:
-    return httpx.Client(verify=ssl.create_default_context(cafile=env["SANDBOX_CA"]),
-                        timeout=30)
-
-
 @pytest.fixture
 def policed(kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]) -> Iterator[str]:
     """The test's namespace under an Enforce ScanPolicy (no critical findings), once the
@@ -106,20 +95,6 @@ def policed(kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]) -> It
         wait_for(judged, 30, "the gate to hold the ScanPolicy")
     yield namespace
     kubectl.run("delete", "scanpolicy", name, "--wait=false", check=False)
-
-
-def review(namespace: str, images: list[str], dry_run: bool = True, kind: str = "Pod",
-           uid: str = "") -> dict[str, Any]:
-    """An AdmissionReview v1 as the API server sends it, of a pod with these images."""
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-        "uid": uid or str(uuid.uuid4()), "kind": {"group": "", "version": "v1", "kind": kind},
-        "resource": {"group": "", "version": "v1", "resource": "pods"},
-        "namespace": namespace, "operation": "CREATE", "dryRun": dry_run,
-        "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
-        "object": {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": "p", "namespace": namespace},
-                   "spec": {"containers": [{"name": f"c{i}", "image": image}
-                                           for i, image in enumerate(images)]}}}}
 
 
 # -- AdmissionReview bodies straight to the gate -------------------------------------------
@@ -333,7 +308,9 @@ VALID_REFERENCES = [
     (f"app@{DIGEST}", "docker.io", "library/app", None, DIGEST),
     (f"ghcr.io/org/app:1.0@{DIGEST}", "ghcr.io", "org/app", "1.0", DIGEST),
     (f"127.0.0.1:5000/team-a/api@{DIGEST}", "127.0.0.1:5000", "team-a/api", None, DIGEST),
-    ("REGISTRY.Example.COM/team/app:v1", "REGISTRY.Example.COM", "team/app", "v1", None),
+    # the host is canonical: lowercase, without the scheme's default port (containerd's)
+    ("REGISTRY.Example.COM/team/app:v1", "registry.example.com", "team/app", "v1", None),
+    ("registry.example.com:443/team/app:v1", "registry.example.com", "team/app", "v1", None),
     ("x:Release_1.0-RC.2", "docker.io", "library/x", "Release_1.0-RC.2", None),
     ("host:65535/x", "host:65535", "x", "latest", None),
     ("registry-1.docker.io/library/nginx:1", "docker.io", "library/nginx", "1", None),

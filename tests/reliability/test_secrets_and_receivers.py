@@ -32,7 +32,9 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from scans import (
+    OPERATOR_NAMESPACE,
     SCAN_LABEL,
+    SCAN_NAMESPACE_LABEL,
     create_scan,
     http_server,
     operator_log,
@@ -116,8 +118,9 @@ def test_a_real_scan_pod_runs_non_root_with_no_service_account_token(
     create_scan(kubectl, namespace, "hardened", image)
     assert wait_done(kubectl, namespace, ["hardened"])["hardened"]["status"]["phase"] == \
         "Completed"
-    pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l",
-                              f"{SCAN_LABEL}=hardened", "-o", "json"))["items"]
+    pods = json.loads(kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-l",
+                              f"{SCAN_LABEL}=hardened,{SCAN_NAMESPACE_LABEL}={namespace}",
+                              "-o", "json"))["items"]
     assert pods, "the scan's pod"
     for pod in pods:  # as the API server stored it, after its admission plugins
         CHECKED["scan pods inspected"] += 1

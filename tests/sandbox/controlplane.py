@@ -64,6 +64,37 @@ def testbin_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+@dataclass(frozen=True)
+class GateClientAuth:
+    port: int
+    """The first operator's gate port, the host:port the client certificate is for."""
+    client: KeyPair
+    apiserver_args: list[str]
+
+
+def gate_client_auth(ca: CertificateAuthority, port: int) -> GateClientAuth:
+    """The API server presents a client certificate of the sandbox CA when it calls the
+    gate at 127.0.0.1:`port`, as README's "Admission: who may call the gate" tells a
+    cluster's administrator to configure it (an AdmissionConfiguration whose webhook
+    kubeconfig names the certificate for the gate's host): so that the operator started
+    with --admission-client-ca-file answers the API server and nobody else. A gate that
+    does not ask for a certificate is not sent one."""
+    client = ca.issue("apiserver-gate-client", "kube-apiserver-gate-client", client=True)
+    kubeconfig = ca.directory / "webhook-clients.kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "clusters": [], "contexts": [],
+        "users": [{"name": f"127.0.0.1:{port}", "user": {
+            "client-certificate": str(client.cert), "client-key": str(client.key)}}]}))
+    config = ca.directory / "admission-control.json"
+    config.write_text(json.dumps({
+        "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+        "plugins": [{"name": plugin, "configuration": {
+            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": str(kubeconfig)}}
+            for plugin in ("ValidatingAdmissionWebhook", "MutatingAdmissionWebhook")]}))
+    return GateClientAuth(port, client, ["--admission-control-config-file", str(config)])
+
+
 def kubeconfig_yaml(server: str, ca: Path, user: KeyPair) -> str:
     return f"""apiVersion: v1
 kind: Config
@@ -178,6 +209,7 @@ class Sandbox:
         node = ca.issue("node", f"system:node:{NODE_NAME}", server=True, hosts=("127.0.0.1",))
 
         etcd_port, etcd_peer, api_port, node_port = (free_port() for _ in range(4))
+        gate_client = gate_client_auth(ca, free_port())
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self._spawn("etcd", [
             str(self.bin / "etcd"), "--name", "sandbox", "--data-dir", str(self.dir / "etcd"),
@@ -211,6 +243,7 @@ class Sandbox:
             "--kubelet-client-certificate", str(kubelet_client.cert),
             "--kubelet-client-key", str(kubelet_client.key),
             "--kubelet-preferred-address-types", "InternalIP",
+            *gate_client.apiserver_args,
             "--profiling=false", "--v", "1",
         ])
         self.kubeconfig.write_text(kubeconfig_yaml(server, ca.cert_path, admin))
@@ -248,6 +281,7 @@ class Sandbox:
             "KUBECTL": str(self.bin / "kubectl"),
             "HELM": str(self.bin / "helm"),
             "SANDBOX_CA": str(ca.cert_path),
+            "GATE_PORT": str(gate_client.port),
         }
         self._wait_controllers_and_node(server, ca.cert_path, admin, timeout)
         self._start_registry_and_trivy(timeout)
@@ -387,6 +421,9 @@ class Sandbox:
         cert = ca.issue("operator-webhook", "scangate-webhook", server=True, hosts=("127.0.0.1",))
         webhook_port, metrics_port, health_port, admission_port = (
             free_port(), free_port(), free_port(), free_port())
+        if name == "operator" and self.env.get("GATE_PORT"):
+            # The port the API server has a client certificate for (gate_client_auth).
+            admission_port = int(self.env["GATE_PORT"])
         self._spawn(name, [
             str(Path(sys.executable).parent / "scangate"), "run",
             "--namespace", "scangate-system", "--log-format", "text",
@@ -405,6 +442,9 @@ class Sandbox:
             "--trivy-db-repository", self.env["TRIVY_DB_REPOSITORY"],
             "--trivy-insecure-db-repository", "--trivy-token-secret", "scangate-trivy-token",
             "--retry-backoff", "1s",
+            # Tests scrape /metrics in the clear on loopback; test_metrics_security turns
+            # the default (HTTPS, authorised tokens) back on with --metrics-secure.
+            "--no-metrics-secure",
             "--reconcile-interval", "1", *extra_args,
         ], env={"KUBECONFIG": str(kubeconfig)})
         self.env["SCANGATE_METRICS"] = f"http://127.0.0.1:{metrics_port}"

@@ -70,6 +70,25 @@ def test_semantic_validation_names_fields() -> None:
     assert validate_scanrule({"tagFilter": ".*", "triggers": {"schedule": "@daily"}}) == []
 
 
+def test_objects_that_stopped_the_operator_are_refused_naming_the_field() -> None:
+    # Each of these matches the CRD's schema; stored, the cron ended the rule controller
+    # (and the process) and the duration raised OverflowError on every relist of the gate.
+    huge = "1000000000d"
+    assert [str(e) for e in validate_scanrule({"triggers": {"schedule": "0 0 30 2 *"}})] == [
+        "spec.triggers.schedule: cron expression '0 0 30 2 *' never fires: no date matches "
+        "its day and month"]
+    assert [e.path for e in validate_scanrule({"scan": {"timeout": huge}})] == [
+        "spec.scan.timeout"]
+    assert [e.path for e in validate_imagescan({"image": "a/b:1", "timeout": huge})] == [
+        "spec.timeout"]
+    errors = validate_scanpolicy({"maxScanAge": huge})
+    assert [str(e) for e in errors] == [
+        "spec.maxScanAge: invalid duration '1000000000d': longer than 3650d"]
+    # A policy's receivers get the same checks as a rule's.
+    assert [e.path for e in validate_scanpolicy({"notifications": [{"caBundle": "x"}]})] == [
+        "spec.notifications[0].caBundle"]
+
+
 def test_models_use_camel_case_and_defaults() -> None:
     rule = ScanRule.model_validate({"spec": {"registry": {"url": "http://r:5000",
                                                           "insecureSkipTLSVerify": True},

@@ -18,7 +18,10 @@ DIGEST = "sha256:" + "ab" * 32
     ("localhost/foo", "localhost/foo:latest"),
     (f"ghcr.io/org/app@{DIGEST}", f"ghcr.io/org/app@{DIGEST}"),
     (f"ghcr.io/org/app:1.0@{DIGEST}", f"ghcr.io/org/app:1.0@{DIGEST}"),
-    ("registry.example.com:443/a/b/c:tag_1.0-x", "registry.example.com:443/a/b/c:tag_1.0-x"),
+    # HTTPS's own port and the host's case make no other registry (as a resolver reaches it).
+    ("registry.example.com:443/a/b/c:tag_1.0-x", "registry.example.com/a/b/c:tag_1.0-x"),
+    ("Registry.Example.COM:5000/a:1", "registry.example.com:5000/a:1"),
+    ("registry.example.com:80/a:1", "registry.example.com/a:1"),
 ])
 def test_parse_and_normalise(reference: str, normalised: str) -> None:
     assert str(parse_image(reference)) == normalised
@@ -48,3 +51,16 @@ def test_durations(text: str, seconds: float) -> None:
 def test_invalid_durations(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["1000000000d", "99999999999999999999999999999s", "3651d",
+                                  "3650d1s", "87601h"])
+def test_durations_past_the_bound_are_refused_not_overflowed(text: str) -> None:
+    # 1000000000d matches the CRD's pattern; timedelta raised OverflowError for it on every
+    # relist of a ScanPolicy holding it, and the gate never became ready.
+    with pytest.raises(ValueError, match="longer than 3650d"):
+        parse_duration(text)
+
+
+def test_the_bound_itself_is_a_duration() -> None:
+    assert parse_duration("3650d") == timedelta(days=3650)

@@ -66,6 +66,26 @@ def test_invalid_cron(expression: str) -> None:
         check_cron(expression)
 
 
+@pytest.mark.parametrize("expression", ["0 0 30 2 *", "0 0 31 4 *", "0 0 31 2,4,6,9,11 *",
+                                        "15 3 30-31 2 *"])
+def test_a_cron_that_never_fires_is_refused(expression: str) -> None:
+    # croniter calls these valid, then raises CroniterBadDateError when asked for a time:
+    # a ScanRule holding one stopped the rule controller, and with it the operator.
+    with pytest.raises(PatternError, match="never"):
+        check_cron(expression)
+
+
+def test_a_random_cron_is_refused() -> None:
+    # croniter's R picks another time each time it is read: no stable schedule.
+    with pytest.raises(PatternError, match="R"):
+        check_cron("R 3 * * *")
+
+
+@pytest.mark.parametrize("expression", ["0 0 29 2 *", "0 0 30 2 1", "0 0 31 * *"])
+def test_a_rare_but_real_cron_is_accepted(expression: str) -> None:
+    check_cron(expression)  # every fourth year; Mondays (day-of-month OR weekday); 7 a year
+
+
 def test_globs() -> None:
     check_glob("registry.example.com/team-*/api:*")
     check_glob("registry.example.com/[ab]/x")

@@ -19,6 +19,7 @@ from scangate.core.policy import (
     MAX_WARNINGS,
     MESSAGE_LIMIT,
     WARNING_LIMIT,
+    BreakGlassGrant,
     Effect,
     ImageResult,
     Kind,
@@ -407,7 +408,9 @@ def test_warn_and_audit_admit(names: set[str], action: str, warned: bool) -> Non
 def test_break_glass_admits_and_is_reported() -> None:
     glass = policy("glass", thresholds={"critical": 0}, breakGlass={"enabled": True})
     annotations = {BREAK_GLASS_ANNOTATION: "  INC-4711 hotfix  "}
-    decision = decide([glass], {IMAGE: BAD}, "team-a", {}, annotations, NOW)
+    granted = {"glass": BreakGlassGrant(allowed=True)}
+    decision = decide([glass], {IMAGE: BAD}, "team-a", {}, annotations, NOW,
+                      break_glass=granted)
     assert (decision.allowed, decision.action) == (True, "BreakGlass")
     assert decision.break_glass is not None and decision.break_glass.reason == "INC-4711 hotfix"
     assert [v.policy for v in decision.break_glass.verdicts] == ["glass"]
@@ -416,13 +419,38 @@ def test_break_glass_admits_and_is_reported() -> None:
     # Not without a reason, not when the policy does not enable it, and not for another
     # Enforce policy that does not enable it.
     assert not decide([glass], {IMAGE: BAD}, "team-a", {}, {BREAK_GLASS_ANNOTATION: " "},
-                      NOW).allowed
+                      NOW, break_glass=granted).allowed
     assert not decide([policy(thresholds={"critical": 0})], {IMAGE: BAD}, "team-a", {},
-                      annotations, NOW).allowed
-    both = decide([glass, POLICIES[0]], {IMAGE: BAD}, "team-a", {}, annotations, NOW)
+                      annotations, NOW, break_glass=granted).allowed
+    both = decide([glass, POLICIES[0]], {IMAGE: BAD}, "team-a", {}, annotations, NOW,
+                  break_glass=granted)
     assert not both.allowed and both.break_glass is not None
     assert both.message.startswith("scangate denied this workload: ScanPolicy "
                                    "enforce-critical; also failing: glass (break-glass).")
+
+
+def test_break_glass_is_honoured_only_as_the_api_server_grants_it() -> None:
+    # Anyone who could write a workload could set the annotation and override Enforce:
+    # now the gate asks the API server (a SubjectAccessReview) and hands core the answer.
+    glass = policy("glass", thresholds={"critical": 0}, breakGlass={"enabled": True})
+    annotations = {BREAK_GLASS_ANNOTATION: "INC-4711"}
+    unasked = decide([glass], {IMAGE: BAD}, "team-a", {}, annotations, NOW)
+    assert (unasked.allowed, unasked.break_glass) == (False, None)
+    assert unasked.break_glass_wanted == ("glass",)  # what the gate must ask about
+    why = "user alice may not use scanpolicies/breakglass glass in team-a"
+    refused = decide([glass], {IMAGE: BAD}, "team-a", {}, annotations, NOW,
+                     break_glass={"glass": BreakGlassGrant(allowed=False, why=why)})
+    assert (refused.allowed, refused.action, refused.break_glass_wanted) == (
+        False, "Enforce", ())
+    assert f"break-glass (INC-4711) not honoured for ScanPolicy glass: {why}." in \
+        refused.message
+    # Nothing to ask when the annotation is absent, the image passes, or break-glass would
+    # not change the outcome (another Enforce policy without it refuses anyway).
+    assert decide([glass], {IMAGE: BAD}, "team-a", {}, {}, NOW).break_glass_wanted == ()
+    assert decide([glass], {IMAGE: result()}, "team-a", {}, annotations,
+                  NOW).break_glass_wanted == ()
+    both = decide([glass, POLICIES[0]], {IMAGE: BAD}, "team-a", {}, annotations, NOW)
+    assert (both.allowed, both.break_glass_wanted, both.break_glass) == (False, (), None)
 
 
 def test_an_unscanned_image_is_explained_once_for_all_its_policies() -> None:
@@ -469,6 +497,10 @@ def test_parse_policy_refuses_what_kubectl_would() -> None:
     with pytest.raises(PolicyError, match=r"ScanPolicy x: invalid spec: thresholds\.critical"):
         parse_policy({"metadata": {"name": "x"}, "spec": {"thresholds": {"critical": -1}}})
     assert policy(maxScanAge="1h30m").max_scan_age == timedelta(minutes=90)
+    # Stored behind the webhook's back (it matches the CRD's pattern): a PolicyError the
+    # gate reports on that policy, not an OverflowError that stopped its every relist.
+    with pytest.raises(PolicyError, match=r"ScanPolicy x: spec\.maxScanAge: .*longer than"):
+        parse_policy({"metadata": {"name": "x"}, "spec": {"maxScanAge": "1000000000d"}})
 
 
 # -- scangate policy check ---------------------------------------------------------------
@@ -549,3 +581,45 @@ def test_policy_check_refuses_a_bad_image_reference(
     args = _write(tmp_path, [_manifest("ok")], trivy_report())
     assert main([*args, "--image", "UPPER/Case"]) == 2
     assert "invalid" in capsys.readouterr().err
+
+
+def test_an_unparseable_reference_is_refused_by_every_enforce_policy_of_the_namespace() -> None:
+    # A registry-scoped policy that lets failed scans through still refuses a reference it
+    # cannot read (it would otherwise be matched on the error's text, and never apply).
+    scoped = policy("scoped", match={"images": ["registry.example.com/*"]},
+                    failedScan="Allow", thresholds={"critical": 0})
+    other_ns = policy("elsewhere", match={"namespaces": ["other"]})
+    warn = policy("warned", action="Warn")
+    error = 'container "app": image "Registry.Example.com/A B" is not a valid reference: …'
+    images = {error: ImageResult(phase="Failed", reason=Kind.INVALID_REFERENCE,
+                                 message=error)}
+    decision = decide([scoped, other_ns, warn], images, "prod", {}, {}, NOW)
+    assert not decision.allowed and decision.action == "Enforce"
+    assert [(v.policy, v.kind) for v in decision.violations] == [
+        ("scoped", Kind.INVALID_REFERENCE), ("warned", Kind.INVALID_REFERENCE)]
+    assert "is not a valid reference" in decision.message
+    assert "cannot judge an image it cannot identify" in decision.message
+    assert any("not a valid image reference" in w for w in decision.warnings)
+    # Not for Audit or Warn alone: those admit, as they do any failing image.
+    assert decide([warn], images, "prod", {}, {}, NOW).allowed
+
+
+@pytest.mark.parametrize("written", [
+    "REGISTRY.example.com/prod/api:1.0", "registry.example.com:443/prod/api:1.0",
+    "Registry.Example.Com:443/prod/api:1.0"])
+def test_a_registry_scoped_policy_matches_every_spelling_of_its_registry(written: str) -> None:
+    from scangate.core.images import parse_image
+
+    scoped = policy("scoped", match={"images": ["registry.example.com/*"]})
+    assert applies(scoped, "prod", {}, str(parse_image(written)))
+    assert not applies(scoped, "prod", {}, str(parse_image("registry.example.org/prod/api")))
+
+
+def test_an_image_named_by_its_index_digest_is_judged_by_the_result_of_its_platform() -> None:
+    result = ImageResult.from_status({**status(vuln("CVE-1", "CRITICAL")),
+                                      "digest": DIGEST, "indexDigest": "sha256:" + "cd" * 32})
+    strict = policy(thresholds={"critical": 0})
+    by_index = judge(strict, result, f"{IMAGE}@sha256:{'cd' * 32}", NOW)
+    assert by_index.kind is Kind.VULNERABLE
+    other = judge(strict, result, f"{IMAGE}@sha256:{'ef' * 32}", NOW)
+    assert other.kind is Kind.UNSCANNED  # never one digest judged by another's result

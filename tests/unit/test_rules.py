@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from scangate.core.patterns import check_tag_filter
 from scangate.core.rules import (
+    ScheduleError,
     Scope,
     manual_run_requested,
     matching_rules,
@@ -69,6 +72,14 @@ def test_a_schedule_runs_once_per_due_time_across_restarts() -> None:
     # Down for three days: one run, for the latest due time.
     assert schedule_due(daily, due, T0, due + timedelta(days=3, hours=1)) == \
         datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("schedule", ["0 0 30 2 *", "0 0 31 4 *", "not a cron"])
+def test_a_schedule_with_no_time_is_a_schedule_error(schedule: str) -> None:
+    # Stored behind the webhook's back: croniter's CroniterBadDateError ended the rule
+    # controller's task, and main() the process. A ScheduleError is the rule's own.
+    with pytest.raises(ScheduleError, match="gives no time"):
+        schedule_due(schedule, None, T0, T0 + timedelta(days=1))
 
 
 def test_manual_runs_and_triggers() -> None:

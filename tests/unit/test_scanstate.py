@@ -39,6 +39,11 @@ def done(name: str, digest: str = "sha256:1", age: timedelta = timedelta(hours=1
                 summary=(1, 2, 3, 4, 0, 10), **kw)
 
 
+def job(name: str, scan_name: str, **kw: Any) -> JobState:
+    """A scan Job as the operator creates it for the scan `scan_name` of `scan`."""
+    return JobState(name, ("ns", scan_name), scan_uid=f"uid-{scan_name}", **kw)
+
+
 def index(*states: ScanState) -> ScanIndex:
     idx = ScanIndex(DAY)
     for s in states:
@@ -48,22 +53,22 @@ def index(*states: ScanState) -> ScanIndex:
 
 def test_starts_in_queue_order_up_to_the_limit_of_running_jobs() -> None:
     idx = index(*(scan(f"s{i}", digest=f"sha256:{i}", minute=i) for i in reversed(range(6))))
-    idx.upsert_job(JobState("ns", "running", scan="x"))
+    idx.upsert_job(job("running", "x"))
     actions = idx.plan(NOW, limit=3)
     assert [a.scan.name for a in actions] == ["s0", "s1"]
     assert all(isinstance(a, Start) for a in actions)
-    idx.upsert_job(JobState("ns", "running2", scan="y"))
-    idx.upsert_job(JobState("ns", "running3", scan="z"))
+    idx.upsert_job(job("running2", "y"))
+    idx.upsert_job(job("running3", "z"))
     assert idx.plan(NOW, limit=3) == []
 
 
 def test_finished_jobs_free_their_slot() -> None:
     idx = index(scan("a"))
-    idx.upsert_job(JobState("ns", "j", scan="x"))
+    idx.upsert_job(job("j", "x"))
     assert idx.plan(NOW, limit=1) == []
-    idx.upsert_job(JobState("ns", "j", scan="x", version=2, finished="Complete"))
+    idx.upsert_job(job("j", "x", version=2, finished="Complete"))
     assert [a.scan.name for a in idx.plan(NOW, limit=1)] == ["a"]
-    idx.delete_job(("ns", "j"))
+    idx.delete_job("j")
     assert idx.running_jobs == 0
 
 
@@ -165,8 +170,8 @@ def test_collectable_and_orphaned_scans() -> None:
     lost = scan("lost", "Scanning", job_name="j3", start_time=NOW - timedelta(minutes=5))
     young = scan("young", "Scanning", job_name="j4", start_time=NOW - timedelta(seconds=5))
     idx = index(running, finished, lost, young)
-    idx.upsert_job(JobState("ns", "j1", scan="run"))
-    idx.upsert_job(JobState("ns", "j2", scan="fin", finished="Failed", deadline_exceeded=True))
+    idx.upsert_job(job("j1", "run"))
+    idx.upsert_job(job("j2", "fin", finished="Failed", deadline_exceeded=True))
     assert [(s.name, j.name) for s, j in idx.collectable()] == [("fin", "j2")]
     assert [s.name for s in idx.orphaned(NOW, timedelta(minutes=1))] == ["lost"]
 
@@ -175,28 +180,82 @@ def test_a_scan_is_collectable_once_its_pod_succeeded_before_its_job_completes()
     started = NOW - timedelta(minutes=5)
     idx = index(scan("a", "Scanning", job_name="ja", start_time=started),
                 scan("b", "Scanning", job_name="jb", start_time=started))
-    idx.upsert_job(JobState("ns", "ja", scan="a"))
-    assert idx.upsert_pod(PodState("ns", "ja-x1", job="ja")) is False  # still running
+    idx.upsert_job(job("ja", "a", uid="job-a"))
+    idx.upsert_job(job("jb", "b", uid="job-b"))
+    assert idx.upsert_pod(PodState("ja-x1", job="ja", job_uid="job-a")) is False  # running
     assert idx.collectable() == []
-    assert idx.upsert_pod(PodState("ns", "ja-x1", job="ja", succeeded=True)) is True
-    assert [(s.name, j.name, j.finished) for s, j in idx.collectable()] == [
-        ("a", "ja", "Complete")]
-    assert idx.running_jobs == 1  # the Job holds its slot until it is marked complete
+    assert idx.upsert_pod(PodState("ja-x1", job="ja", job_uid="job-a", succeeded=True))
+    assert [(s.name, j.name, j.finished, j.uid) for s, j in idx.collectable()] == [
+        ("a", "ja", "Complete", "job-a")]
+    assert idx.running_jobs == 2  # a Job holds its slot until it is marked complete
     # A pod of the next attempt's Job says nothing of this one; a deleted pod is forgotten.
-    idx.upsert_pod(PodState("ns", "jb-x1", job="jb-2", succeeded=True))
+    idx.upsert_pod(PodState("jb-x1", job="jb-2", job_uid="job-b2", succeeded=True))
     assert [s.name for s, _ in idx.collectable()] == ["a"]
-    idx.delete_pod(PodState("ns", "ja-x1", job="ja", succeeded=True))
+    idx.delete_pod(PodState("ja-x1", job="ja", succeeded=True))
     assert idx.collectable() == []
-    idx.replace_pods([PodState("ns", "jb-x2", job="jb", succeeded=True)])
+    idx.replace_pods([PodState("jb-x2", job="jb", job_uid="job-b", succeeded=True)])
     assert [s.name for s, _ in idx.collectable()] == ["b"]
+
+
+def test_only_the_job_created_for_the_attempt_is_collected() -> None:
+    # A Job that took the name (another scan's labels, another uid than the one recorded
+    # when scangate created it) is never read, however finished it is; after the grace
+    # period the scan counts as having lost its Job and is tried again under a new name.
+    started = NOW - timedelta(minutes=5)
+    mine = scan("a", "Scanning", job_name="ja", job_uid="job-a", start_time=started)
+    idx = index(mine)
+    idx.upsert_job(job("ja", "a", uid="someone-else", finished="Complete"))
+    assert idx.collectable() == []
+    idx.upsert_pod(PodState("ja-x", job="ja", job_uid="someone-else", succeeded=True))
+    assert idx.collectable() == []
+    assert idx.orphaned(NOW, timedelta(minutes=1)) == [mine]
+    # Labels naming another scan (or another uid of this one) are no better.
+    idx.upsert_job(JobState("ja", ("ns", "a"), scan_uid="uid-other", uid="job-a", version=3,
+                            finished="Complete"))
+    assert idx.collectable() == []
+    idx.upsert_job(job("ja", "a", uid="job-a", version=4, finished="Complete"))
+    assert [j.uid for _, j in idx.collectable()] == ["job-a"]
+    # A succeeded pod counts only if the Job recorded for the scan controls it.
+    idx.upsert_job(job("ja", "a", uid="job-a", version=5))
+    idx.replace_pods([PodState("ja-y", job="ja", job_uid="forged", succeeded=True)])
+    assert idx.collectable() == []
+
+
+def test_jobs_of_deleted_scans_are_orphans_to_delete() -> None:
+    grace = timedelta(minutes=1)
+    idx = index(scan("a", "Scanning", job_name="ja", start_time=NOW),
+                scan("b", "Scanning", job_name="jb", start_time=NOW))
+    idx.upsert_job(job("ja", "a"))
+    idx.upsert_job(job("jb", "b"))
+    assert idx.orphan_jobs(NOW, grace) == []
+    idx.delete_scan(("ns", "a"))  # deleted: its Job goes at once
+    assert idx.orphan_jobs(NOW, grace) == ["ja"]
+    assert idx.orphan_jobs(NOW, grace) == ["ja"]  # until its deletion is seen
+    idx.delete_job("ja")
+    assert idx.orphan_jobs(NOW, grace) == []
+    # A Job whose scan is not held (yet: watches may lag) waits out the grace period.
+    idx.upsert_job(job("jx", "unknown"))
+    assert idx.orphan_jobs(NOW, grace) == []
+    assert idx.orphan_jobs(NOW + grace / 2, grace) == []
+    idx.upsert_scan(scan("unknown"))  # its scan arrived: no orphan
+    assert idx.orphan_jobs(NOW + 2 * grace, grace) == []
+    idx.upsert_job(job("jy", "gone-before-start"))
+    idx.orphan_jobs(NOW, grace)
+    assert idx.orphan_jobs(NOW + 2 * grace, grace) == ["jy"]
+    # A scan recreated under the same name is another scan: the old uid's Job is orphaned.
+    idx.upsert_job(job("jb2", "b"))
+    idx.delete_scan(("ns", "b"))
+    idx.upsert_scan(replace(scan("b"), uid="uid-b-new"))
+    assert sorted(idx.orphan_jobs(NOW + 2 * grace, grace)) == ["jb", "jb2", "jy"]
 
 
 def test_pod_projection_names_its_job_and_success() -> None:
     pod = {"metadata": {"namespace": "ns", "name": "j-x", "ownerReferences": [
-        {"kind": "Job", "name": "j", "controller": True}]}, "status": {"phase": "Succeeded"}}
-    assert project_pod(pod) == PodState("ns", "j-x", job="j", succeeded=True)
+        {"kind": "Job", "name": "j", "uid": "u", "controller": True}]},
+        "status": {"phase": "Succeeded"}}
+    assert project_pod(pod) == PodState("j-x", job="j", job_uid="u", succeeded=True)
     assert project_pod({"metadata": {"name": "p"}, "status": {"phase": "Running"}}) == \
-        PodState("", "p", job="")
+        PodState("p", job="")
 
 
 def test_by_digest_finds_every_scan_of_a_digest() -> None:
@@ -270,13 +329,22 @@ def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:
     assert (junk.version, junk.summary, junk.queued_at, junk.attempts) == (-1, None, None, 0)
 
 
-def test_job_projection_from_owner_and_conditions() -> None:
+def test_job_projection_from_labels_and_conditions() -> None:
     job = project_job({
-        "metadata": {"namespace": "ns", "name": "j", "resourceVersion": "7",
-                     "ownerReferences": [{"kind": "ImageScan", "name": "a", "controller": True}]},
+        "metadata": {"namespace": "scangate-system", "name": "j", "resourceVersion": "7",
+                     "uid": "job-uid",
+                     "labels": {"scangate.dev/imagescan-namespace": "ns",
+                                "scangate.dev/imagescan-uid": "scan-uid"},
+                     "annotations": {"scangate.dev/imagescan": "ns/a"}},
         "status": {"conditions": [{"type": "Failed", "status": "True",
                                    "reason": "DeadlineExceeded"}]}})
-    assert (job.scan, job.finished, job.deadline_exceeded, job.version) == ("a", "Failed", True, 7)
+    assert (job.scan, job.scan_uid, job.uid, job.finished, job.deadline_exceeded,
+            job.version) == (("ns", "a"), "scan-uid", "job-uid", "Failed", True, 7)
+    # An annotation naming a scan in another namespace than the label names nothing.
+    odd = project_job({"metadata": {"name": "j", "labels": {
+        "scangate.dev/imagescan-namespace": "ns"}, "annotations": {
+        "scangate.dev/imagescan": "other/a"}}})
+    assert odd.scan == ("ns", "")
 
 
 def test_editing_the_options_of_a_completed_scan_rescans_it() -> None:
@@ -288,9 +356,9 @@ def test_editing_the_options_of_a_completed_scan_rescans_it() -> None:
 def test_a_deleted_job_orphans_its_scan_at_once() -> None:
     s = scan("a", "Scanning", job_name="j", start_time=NOW)
     idx = index(s)
-    idx.upsert_job(JobState("ns", "j", scan="a"))
+    idx.upsert_job(job("j", "a"))
     assert idx.orphaned(NOW, timedelta(minutes=1)) == []
-    idx.delete_job(("ns", "j"))
+    idx.delete_job("j")
     assert idx.orphaned(NOW, timedelta(minutes=1)) == [s]
     idx.upsert_scan(replace(s, phase="Queued", version=2))  # requeued: no longer lost
     assert idx.orphaned(NOW, timedelta(minutes=1)) == []
@@ -309,13 +377,13 @@ def test_an_expected_job_never_hides_the_one_already_held() -> None:
     # A replica died after creating the Job and before recording it in the scan: the
     # next leader computes the same name, and the finished Job must stay collectable.
     idx = index(scan("a"))
-    idx.upsert_job(JobState("ns", "j", scan="a", version=7, finished="Complete"))
-    idx.expect_job(JobState("ns", "j", scan="a"))
+    idx.upsert_job(job("j", "a", version=7, finished="Complete"))
+    idx.expect_job(job("j", "a"))
     idx.upsert_scan(replace(scan("a"), phase="Scanning", job_name="j", start_time=NOW),
                     claim=True)
     assert [(s.name, j.version) for s, j in idx.collectable()] == [("a", 7)]
-    idx.expect_job(JobState("ns", "k", scan="b"))
-    assert idx.jobs[("ns", "k")].version == -1 and idx.running_jobs == 1
+    idx.expect_job(job("k", "b"))
+    assert idx.jobs["k"].version == -1 and idx.running_jobs == 1
 
 
 def test_a_deleted_scan_is_not_revived_by_a_write_answered_after_its_deletion() -> None:
@@ -338,3 +406,21 @@ def test_two_outcomes_in_one_second_of_different_digests_are_different_events() 
     assert first.event_key and moved.event_key and first.event_key != moved.event_key
     assert first.event_key == replace(first, version=9).event_key  # the same across restarts
     assert scan("q").event_key is None
+
+
+def test_a_result_answers_for_its_manifest_and_for_the_index_it_was_chosen_from() -> None:
+    # A Pod may name a multi-arch image by its index's digest: that is the same image as
+    # its tag, judged by the same result (it used to be unscanned for ever).
+    by_tag = replace(done("tag", digest="sha256:amd64"), index_digest="sha256:index")
+    idx = index(by_tag)
+    assert idx.newest_vulnerabilities("sha256:index") == by_tag
+    assert idx.newest_vulnerabilities("sha256:amd64") == by_tag
+    scanning = replace(scan("pinned", "Scanning", digest="sha256:amd64"),
+                       index_digest="sha256:index")
+    idx.upsert_scan(scanning)
+    assert idx.in_phase("sha256:index", ("Scanning",)) == scanning
+    idx.delete_scan(("ns", "tag"))
+    assert idx.newest_vulnerabilities("sha256:index") is None
+    assert project_scan({"metadata": {"name": "x"}, "status": {
+        "digest": "sha256:amd64", "indexDigest": "sha256:index"}}).digests == (
+        "sha256:amd64", "sha256:index")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from scangate.api.common import LabelSelector
 from scangate.config import Settings
+from scangate.core.policy import selector_matches
 from scangate.kube import Kube, Obj
 
 log = logging.getLogger("scangate.admission")
@@ -21,6 +23,8 @@ PATH = "/validate"
 PIN_NAME = "scangate-pin-digests"
 PIN_PATH = "/mutate"
 IGNORE_LABEL = "scangate.dev/ignore"
+NAME_LABEL = "kubernetes.io/metadata.name"
+"""Set by the API server on every namespace to its name (immutable)."""
 SERVICE_PORT = 8443
 """The port of the webhook Service that leads to the gate (the chart's)."""
 
@@ -69,12 +73,28 @@ def _webhook(settings: Settings, ca_bundle: bytes, name: str, path: str) -> Obj:
         # admitted ReplicaSet are created, scan Jobs' pods lose their finalizers.
         "matchConditions": [{"name": "not-a-controller-writing-what-it-controls",
                              "expression": CONTROLLER_WRITES}],
-        "namespaceSelector": {"matchExpressions": [
-            {"key": IGNORE_LABEL, "operator": "NotIn", "values": ["true"]},
-            {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-             "values": sorted({"kube-system", settings.namespace})},
-        ]},
+        "namespaceSelector": namespace_selector(settings),
     }
+
+
+def namespace_selector(settings: Settings) -> Obj:
+    """The namespaces whose requests the API server sends to the gate."""
+    return {"matchExpressions": [
+        {"key": IGNORE_LABEL, "operator": "NotIn", "values": ["true"]},
+        {"key": NAME_LABEL, "operator": "NotIn",
+         "values": sorted({"kube-system", settings.namespace})},
+    ]}
+
+
+def covers(settings: Settings, namespace: str, labels: Mapping[str, str] | None) -> bool:
+    """Whether a review from `namespace` (with `labels`, as the gate holds them from its
+    watch; None for a namespace it does not know) can come from the API server through
+    this configuration. Anything else reached the gate's port some other way: it is
+    answered, but causes nothing (no scan, Event or notification)."""
+    if not namespace or labels is None:
+        return False
+    selector = LabelSelector.model_validate(namespace_selector(settings))
+    return selector_matches(selector, {**labels, NAME_LABEL: namespace})
 
 
 def _metadata(name: str, owners: Sequence[Obj]) -> Obj:
@@ -116,15 +136,19 @@ async def own_kopf_configurations(kube: Kube, name: str, owners: Sequence[Obj],
     uids = {o["uid"] for o in owners}
     while True:
         owned = 0
-        for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
-            found = await kube.get_webhook(kind, name)
-            if found is None:
-                continue
-            if not uids <= {o.get("uid") for o in found["metadata"].get("ownerReferences") or []}:
-                await kube.put_webhook({"kind": kind, "metadata": _metadata(name, owners)})
-                log.info("webhook configuration %s %s owned by %s", kind, name,
-                         ", ".join(f"{o['kind']} {o['name']}" for o in owners))
-            owned += 1
+        try:
+            for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+                found = await kube.get_webhook(kind, name)
+                if found is None:
+                    continue
+                if not uids <= {o.get("uid")
+                                for o in found["metadata"].get("ownerReferences") or []}:
+                    await kube.put_webhook({"kind": kind, "metadata": _metadata(name, owners)})
+                    log.info("webhook configuration %s %s owned by %s", kind, name,
+                             ", ".join(f"{o['kind']} {o['name']}" for o in owners))
+                owned += 1
+        except Exception as e:  # the API server away: tried again, never the end of it
+            log.warning("webhook configurations %s not checked: %s", name, type(e).__name__)
         await asyncio.sleep(recheck if owned == 2 else interval)
 
 
@@ -137,7 +161,8 @@ async def keep_current(kube: Kube, settings: Settings, ca_bundle: bytes,
     gate is `listening` (a configuration naming a closed port would refuse workloads).
     `owners` (the chart's ClusterRole) have them removed with the release."""
     await listening.wait()
-    await kube.put_webhook(webhook_configuration(settings, ca_bundle, owners))
+    await _until_done(f"the webhook configuration {NAME}", lambda: kube.put_webhook(
+        webhook_configuration(settings, ca_bundle, owners)))
     log.info("workload webhook configuration %s current", NAME)
     pinned: bool | None = None
     while True:
@@ -147,7 +172,23 @@ async def keep_current(kube: Kube, settings: Settings, ca_bundle: bytes,
             continue
         pinned = pinning()
         if pinned:
-            await kube.put_webhook(pin_configuration(settings, ca_bundle, owners))
+            await _until_done(PIN_NAME, lambda: kube.put_webhook(
+                pin_configuration(settings, ca_bundle, owners)))
         else:
-            await kube.delete_webhook(pin_configuration(settings, ca_bundle))
+            await _until_done(PIN_NAME, lambda: kube.delete_webhook(
+                pin_configuration(settings, ca_bundle)))
         log.info("digest pinning webhook %s", "registered" if pinned else "removed")
+
+
+async def _until_done(what: str, action: Callable[[], Awaitable[None]]) -> None:
+    """Do `action`, again after a doubling delay while it fails (the API server away): a
+    failure must not end the task that keeps the configurations (and the process)."""
+    delay = 1.0
+    while True:
+        try:
+            return await action()
+        except Exception as e:
+            log.warning("%s not written (%s); retrying in %.0fs", what, type(e).__name__,
+                        delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)

@@ -6,37 +6,53 @@ digest from a short-lived cache (one registry lookup for many requests: single-f
 and an ImageScan's full result from a cache keyed by its resourceVersion. A request
 for what is cached costs no API or registry round trip. An image with no usable
 result gets an ImageScan (trigger Admission), once per digest, never on a dry run.
+
+The gate's side effects (scans, Events, Blocked notifications) follow only from reviews
+a real API server could send: from a namespace its webhook configuration covers, and
+scans within a token bucket. Break-glass is honoured only for a requester the API
+server says may use it (a SubjectAccessReview, asked only when the annotation would
+change the outcome, its answer cached briefly).
+
+A ScanPolicy the gate cannot use is that policy's problem: it is left out of decisions
+and says so in its Ready condition and an Event (written by the leader), and the gate
+stays ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 from scangate import metrics
+from scangate.admission.configuration import covers
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.images import ImageRef, parse_image
 from scangate.core.policy import (
+    BreakGlassGrant,
     Decision,
     ImageResult,
+    Kind,
     Policy,
     PolicyError,
     applies,
     decide,
     parse_policy,
 )
+from scangate.core.ratelimit import TokenBucket
 from scangate.core.scanstate import Ref, ScanIndex, ScanState, resource_version
 from scangate.core.workloads import (
     new_images,
@@ -44,7 +60,7 @@ from scangate.core.workloads import (
     owned_by_controller_request,
     reference,
 )
-from scangate.kube import Kube, Obj
+from scangate.kube import Kube, Obj, now
 from scangate.registry.client import RegistryError
 from scangate.scanning.registries import base_url, registry_client
 from scangate.watch import Feed, Sink
@@ -54,6 +70,13 @@ RESULTS_CACHED = 2048
 DIGESTS_CACHED = 4096
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
 IN_FLIGHT_PHASES = frozenset({"Pending", "Queued", "Scanning"})
+BREAK_GLASS_TTL = 10.0
+"""Seconds an answer on break-glass (allowed or not) is reused for the same requester,
+namespace and policy."""
+BREAK_GLASS_CACHED = 1024
+POLICY_STATUS_EVERY = 5.0
+"""Seconds between the leader's looks at the ScanPolicies' Ready conditions (changes wake
+it sooner)."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +85,48 @@ class PolicyState:
     version: int
     policy: Policy | None
     """None when the stored object cannot be used (the webhook refuses such objects)."""
+    error: str = ""
+    """Why it cannot be used."""
+    uid: str = ""
+    generation: int = 0
+    ready: Obj | None = field(default=None, compare=False)
+    """The stored Ready condition."""
+
+    def desired(self) -> tuple[str, str, str]:
+        """The Ready condition it should carry: status, reason, message."""
+        if self.policy is None:
+            return ("False", "InvalidSpec",
+                    f"{self.error}; the admission gate leaves this policy out until it is "
+                    "fixed")
+        return ("True", "Enforced", "the admission gate applies this policy")
+
+    def current(self) -> tuple[str, str, str] | None:
+        held = self.ready or {}
+        if held.get("observedGeneration") != self.generation:
+            return None
+        return (str(held.get("status")), str(held.get("reason")), str(held.get("message")))
 
 
 def project_policy(obj: Obj) -> PolicyState:
-    name = str((obj.get("metadata") or {}).get("name", ""))
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    policy: Policy | None = None
+    error = ""
     try:
-        policy: Policy | None = parse_policy(obj)
+        policy = parse_policy(obj)
     except PolicyError as e:
-        log.warning("ScanPolicy %s ignored: %s", name, e)
-        policy = None
-    return PolicyState(name, resource_version(obj), policy)
+        error = str(e)
+    except Exception as e:  # whatever else one policy raises is that policy's
+        error = f"ScanPolicy {name}: {type(e).__name__}: {e}"
+    if policy is None:
+        log.warning("ScanPolicy %s ignored: %s", name, error)
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if isinstance(c, dict) and c.get("type") == "Ready"),
+                 None)
+    generation = meta.get("generation")
+    return PolicyState(name, resource_version(obj), policy, error[:2000],
+                       str(meta.get("uid", "")),
+                       generation if isinstance(generation, int) else 0, ready)
 
 
 def project_namespace(obj: Obj) -> tuple[str, dict[str, str]]:
@@ -107,6 +162,13 @@ class Gate:
         self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
         self._requested: dict[str, float] = {}
         """Digests (or images) whose scan the gate created, and when: once each."""
+        self._scans = TokenBucket(settings.admission_scan_rate, settings.admission_scan_burst)
+        """The scans the gate may create: a review forged or repeated cannot make more."""
+        self._break_glass: OrderedDict[str, tuple[float, BreakGlassGrant]] = OrderedDict()
+        self._policy_news = asyncio.Event()
+        self.active: Callable[[], bool] = lambda: True
+        """Whether this replica leads (scangate.leader): only the leader writes the
+        ScanPolicies' conditions."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.feeds: list[Feed[Any]] = [
             Feed("scanpolicies", partial(kube.custom.list_cluster_custom_object, GROUP,
@@ -119,18 +181,74 @@ class Gate:
     # -- watch-fed state -------------------------------------------------------------
 
     def _policies(self, states: list[PolicyState]) -> None:
+        held = self.policies
         self.policies = {p.name: p for p in states}
+        for state in states:
+            self._count_invalid(held.get(state.name), state)
         self.policies_changed.set()
+        self._policy_news.set()
 
     def _policy(self, state: PolicyState) -> None:
         held = self.policies.get(state.name)
         if held is None or state.version < 0 or state.version >= held.version:
+            self._count_invalid(held, state)
             self.policies[state.name] = state
             self.policies_changed.set()
+            self._policy_news.set()
 
     def _policy_gone(self, state: PolicyState) -> None:
         self.policies.pop(state.name, None)
         self.policies_changed.set()
+
+    @staticmethod
+    def _count_invalid(held: PolicyState | None, state: PolicyState) -> None:
+        if state.policy is None and (held is None or held.error != state.error):
+            metrics.OBJECT_FAILURES.labels("ScanPolicy", "InvalidSpec").inc()
+
+    def policy_uid(self, name: str) -> str | None:
+        held = self.policies.get(name)
+        return held.uid if held is not None else None
+
+    async def _keep_policy_status(self) -> None:
+        """The leader keeps each ScanPolicy's Ready condition true to what the gate does
+        with it, with a Warning Event when one becomes unusable. Runs until cancelled."""
+        written: dict[tuple[str, str], tuple[str, str, str, int]] = {}
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._policy_news.wait(), POLICY_STATUS_EVERY)
+            self._policy_news.clear()
+            if not self.active():
+                written.clear()  # another replica writes; look afresh when leading
+                continue
+            for state in list(self.policies.values()):
+                desired = state.desired()
+                key = (state.name, state.uid)
+                if state.current() == desired or written.get(key) == (*desired,
+                                                                      state.generation):
+                    continue
+                try:
+                    await self._write_policy_status(state, desired)
+                except Exception as e:  # retried at the next look
+                    log.warning("ScanPolicy %s: could not write its condition: %s",
+                                state.name, type(e).__name__)
+                    continue
+                written[key] = (*desired, state.generation)
+
+    async def _write_policy_status(self, state: PolicyState, desired: tuple[str, str, str]
+                                   ) -> None:
+        status, reason, message = desired
+        held = state.ready or {}
+        since = held.get("lastTransitionTime") if held.get("status") == status else None
+        await self.kube.patch_cluster_status("scanpolicies", state.name, {
+            "observedGeneration": state.generation,
+            "conditions": [{"type": "Ready", "status": status, "reason": reason,
+                            "message": message, "lastTransitionTime": since or now(),
+                            "observedGeneration": state.generation}]})
+        if status == "False":
+            await self.kube.event(
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanPolicy",
+                 "metadata": {"name": state.name, "uid": state.uid}},
+                "Warning", reason, message)
 
     def pinning(self) -> bool:
         """Whether a ScanPolicy pins digests (and the mutating webhook is wanted)."""
@@ -147,8 +265,21 @@ class Gate:
         self.namespaces.pop(item[0], None)
 
     async def run(self) -> None:
-        self.operator_user = await self.kube.whoami()
-        await asyncio.gather(*(feed.run() for feed in self.feeds))
+        await asyncio.gather(self._whoami(), self._keep_policy_status(),
+                             *(feed.run() for feed in self.feeds))
+
+    async def _whoami(self) -> None:
+        """The operator's user, asked until the API server answers (the gate is not ready
+        before: it would judge the operator's own scan Jobs)."""
+        delay = 0.5
+        while self.operator_user is None:
+            try:
+                self.operator_user = await self.kube.whoami()
+            except Exception as e:
+                log.warning("the gate could not learn its own user (%s); retrying in %.0fs",
+                            type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     @property
     def ready(self) -> bool:
@@ -178,23 +309,71 @@ class Gate:
         # gate starts for it keeps trying, and its status says why.
         for name, (digest, _) in zip(refs, resolved, strict=True):
             results[name] = await self._result(digest) if digest else None
-        for error in images.errors:  # judged as a failed scan: policies say what to do
-            results[error] = ImageResult(phase="Failed", reason="InvalidReference",
+        for error in images.errors:  # refused by every Enforce policy of the namespace
+            results[error] = ImageResult(phase="Failed", reason=Kind.INVALID_REFERENCE,
                                          message=error)
         meta = obj.get("metadata") or {}
-        decision = decide(policies, results, namespace, self.namespaces.get(namespace, {}),
-                          meta.get("annotations") or {}, now, scans_namespace=namespace)
-        if not request.get("dryRun"):
-            if not decision.allowed and self.on_blocked is not None:
+        judge = partial(decide, policies, results, namespace,
+                        self.namespaces.get(namespace, {}), meta.get("annotations") or {},
+                        now, scans_namespace=namespace)
+        decision = judge()
+        if decision.break_glass_wanted:  # only then: other reviews never pay for it
+            decision = judge(break_glass=await self._break_glass_grants(
+                decision.break_glass_wanted, user, namespace))
+        if request.get("dryRun"):
+            return Review(decision, tuple(results))
+        if not covers(self.settings, namespace, self.namespaces.get(namespace)):
+            # Not a review the API server sends (kube-system, the operator's namespace, an
+            # ignored or unknown one): answered, but it causes nothing.
+            if decision.needs_scan:
+                metrics.ADMISSION_SCANS.labels("uncovered").inc()
+            return Review(decision, tuple(results))
+        if not decision.allowed and self.on_blocked is not None:
+            try:
                 self.on_blocked(decision, namespace, {
                     p.name: [n.dump() for n in p.spec.notifications or []]
                     for p in policies if p.spec.notifications})
-            for image in decision.needs_scan:
-                if image in refs:
-                    self._request_scan(namespace, refs[image],
-                                       resolved[list(refs).index(image)][0])
-            self._record(decision, request, kind, namespace, meta)
+            except Exception:  # the notifier's trouble; the answer stands
+                log.exception("Blocked notifications of a review failed")
+        for image in decision.needs_scan:
+            if image in refs:
+                self._request_scan(namespace, refs[image],
+                                   resolved[list(refs).index(image)][0])
+        self._record(decision, request, kind, namespace, meta)
         return Review(decision, tuple(results))
+
+    async def _break_glass_grants(self, policies: tuple[str, ...], user: Obj,
+                                  namespace: str) -> dict[str, BreakGlassGrant]:
+        """Whether the API server lets the requester use break-glass of each policy in
+        this namespace (verb `use` on scanpolicies/breakglass, named by the policy: RBAC
+        decides), each answer reused for BREAK_GLASS_TTL. A check that fails is a no."""
+        grants = {}
+        who = str(user.get("username") or "")
+        for policy in policies:
+            key = json.dumps([user.get("username"), user.get("uid"), user.get("groups"),
+                              user.get("extra"), namespace, policy], sort_keys=True,
+                             default=str)
+            held = self._break_glass.get(key)
+            if held is not None and held[0] > time.monotonic():
+                grants[policy] = held[1]
+                continue
+            try:
+                allowed, reason = await asyncio.wait_for(self.kube.may(user, {
+                    "group": GROUP, "resource": "scanpolicies", "subresource": "breakglass",
+                    "verb": "use", "name": policy, "namespace": namespace}),
+                    max(self.settings.admission_timeout_seconds - 3, 1))
+            except Exception as e:
+                grants[policy] = BreakGlassGrant(False, (
+                    f"the API server could not be asked whether {who} may use it "
+                    f"({type(e).__name__}), so it is not honoured"))
+                continue
+            grants[policy] = BreakGlassGrant(allowed, "" if allowed else (
+                f"RBAC does not let {who} use scanpolicies/breakglass {policy} in "
+                f"namespace {namespace}" + (f" ({reason[:200]})" if reason else "")))
+            self._break_glass[key] = (time.monotonic() + BREAK_GLASS_TTL, grants[policy])
+            while len(self._break_glass) > BREAK_GLASS_CACHED:
+                self._break_glass.popitem(last=False)
+        return grants
 
     async def pins(self, request: Obj) -> list[Obj]:
         """JSON patch ops that pin each new image under a policy with pinDigests to the
@@ -252,7 +431,9 @@ class Gate:
                                      ref.registry, self.settings, self.destinations)
             async with client:
                 resolved = await asyncio.wait_for(client.resolve(ref), timeout)
-            answer = (resolved.digest, "")
+            # A multi-platform tag by its index's digest: what the node resolves, whatever
+            # its platform, and what pinDigests pins (results answer for both digests).
+            answer = (resolved.index_digest or resolved.digest, "")
         except Exception as e:
             # Whatever went wrong, the shared lookup must end: every review of this image
             # waits on it, and would otherwise wait until the API server gives up.
@@ -305,6 +486,10 @@ class Gate:
         if key in self._requested or (digest and self.index.in_phase(
                 digest, (*IN_FLIGHT_PHASES, None)) is not None):
             return
+        if not self._scans.take(time.monotonic()):
+            metrics.ADMISSION_SCANS.labels("shed").inc()  # the next review asks again
+            return
+        metrics.ADMISSION_SCANS.labels("requested").inc()
         self._requested[key] = time.monotonic()
         while len(self._requested) > DIGESTS_CACHED:
             self._requested.pop(next(iter(self._requested)))
@@ -335,10 +520,11 @@ class Gate:
                                               verdict.summary), "an audit Event")
         if decision.break_glass is not None:
             policies = ", ".join(sorted({v.policy for v in decision.break_glass.verdicts}))
+            who = (request.get("userInfo") or {}).get("username") or "?"
             self._background(self.kube.event(
                 involved, "Warning", "BreakGlass",
-                f"admitted by break-glass ({decision.break_glass.reason}) despite "
-                f"ScanPolicy {policies}"), "a break-glass Event")
+                f"admitted by break-glass ({decision.break_glass.reason}) used by {who} "
+                f"despite ScanPolicy {policies}"), "a break-glass Event")
 
     def _background(self, work: Awaitable[Any], what: str, requested: str | None = None
                     ) -> None:

@@ -13,7 +13,7 @@ from scangate.config import Settings
 DERIVED = frozenset({
     "namespace", "listen_address", "webhook_host", "webhook_service", "webhook_cert_file",
     "webhook_key_file", "webhook_ca_file", "trivy_server_url", "trivy_token_secret",
-    "push_token_secret", "cluster_role"})
+    "push_token_secret", "cluster_role", "admission_client_ca_file"})
 """Settings the chart's templates set from the release, not from values."""
 _KEEP = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "pattern", "maxLength",
          "items", "description")
@@ -86,7 +86,20 @@ def values_schema() -> Schema:
                     "issuerRef": {"type": "object", "description": "Empty: a self-signed "
                                   "Issuer of the chart's own."},
                 }, "The certificate from cert-manager."),
-            }, "The serving certificate of the webhooks."),
+                "clientAuth": _object({
+                    "enabled": {"type": "boolean"},
+                    "caSecret": {"type": "string", "description": "A Secret in the "
+                                 "release's namespace whose ca.crt issued the API server's "
+                                 "client certificate for the gate."},
+                }, "The gate answers only callers with a client certificate of that CA "
+                   "(the API server's AdmissionConfiguration gives it one)."),
+            }, "The serving certificate of the webhooks, and who may call the gate."),
+            "networkPolicy": _object({
+                "enabled": {"type": "boolean"},
+                "metricsFrom": {"type": "array", "items": {"type": "object"},
+                                "description": "NetworkPolicy peers that may scrape "
+                                "/metrics; empty: any."},
+            }, "A NetworkPolicy on the operator's pods: their own ports only."),
             "serviceMonitor": _object({
                 "enabled": {"type": "boolean"},
                 "interval": {"type": "string"},

@@ -131,6 +131,9 @@ class ImageScanStatus(StatusBase):
     """Pending, Queued, Scanning, Completed or Failed."""
     digest: str | None = Field(default=None, max_length=128)
     """The manifest digest that was scanned (for an index: the platform's manifest)."""
+    index_digest: str | None = Field(default=None, max_length=128)
+    """When the image named a multi-platform index: the index's digest. Admission judges
+    a reference by either digest with this result."""
     platform: str | None = None
     """The platform that was scanned."""
     queued_at: datetime | None = None
@@ -149,7 +152,10 @@ class ImageScanStatus(StatusBase):
     attempts: int | None = Field(default=None, ge=0)
     """Scan attempts made so far."""
     job_name: str | None = None
-    """The current or last scan Job."""
+    """The current or last scan Job, in the operator's namespace."""
+    job_uid: str | None = Field(default=None, alias="jobUID", max_length=64)
+    """The uid of that Job, recorded when scangate created it: a result is read only from
+    a pod this Job controls."""
     scanner: ScannerInfo | None = None
     """The scanner and its database."""
     os: OSInfo | None = None

@@ -53,8 +53,21 @@ class ImageRef:
         return ImageRef(self.registry, self.repository, self.tag, digest)
 
 
+def registry_host(netloc: str) -> str:
+    """One spelling per registry, as a resolver reaches it: host names are not case
+    sensitive, and a scheme's own port is no other registry. Policies, caches, results
+    and rules compare references as text: `REGISTRY.example.com:443/app` must not slip
+    past a policy for `registry.example.com/*`."""
+    host = netloc.lower()
+    for default in (":443", ":80"):
+        host = host.removesuffix(default)
+    return host
+
+
 def parse_image(reference: str) -> ImageRef:
-    """Parse `[registry/]repository[:tag][@digest]`, normalising Docker Hub names.
+    """Parse `[registry/]repository[:tag][@digest]` into its canonical form: Docker Hub's
+    names (`docker.io/library/...`), the registry host in lowercase and without HTTPS's
+    default port.
 
     >>> str(parse_image("nginx"))
     'docker.io/library/nginx:latest'
@@ -88,6 +101,7 @@ def parse_image(reference: str) -> ImageRef:
         if port and not 0 < int(port.group(1)) <= 65535:  # nothing listens there
             raise InvalidReference(
                 f"invalid port in registry {registry!r} of image reference {reference!r}")
+        registry = registry_host(registry)
     else:
         registry, repository = DEFAULT_REGISTRY, rest
     if registry in ("index.docker.io", "registry-1.docker.io"):

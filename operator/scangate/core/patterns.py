@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from datetime import UTC, datetime
 from typing import Protocol
 
 import re2  # type: ignore[import-untyped]
@@ -60,6 +61,19 @@ def check_cron(expression: str) -> None:
         )
     if not croniter.is_valid(expression):
         raise PatternError(f"invalid cron expression {expression!r}")
+    if any(f.upper().startswith("R") for f in fields if not f.startswith("@")):
+        # croniter picks another time each time it reads R: no schedule to keep.
+        raise PatternError(f"cron expression {expression!r}: random (R) fields are not "
+                           "supported")
+    # croniter accepts dates no calendar has (30 February) and raises only when asked for
+    # a time: ask now, both ways, as the rule controller will.
+    try:
+        reference = datetime(2001, 1, 1, tzinfo=UTC)
+        croniter(expression, reference).get_next(datetime)
+        croniter(expression, reference).get_prev(datetime)
+    except Exception:
+        raise PatternError(f"cron expression {expression!r} never fires: no date matches "
+                           "its day and month") from None
 
 
 def check_glob(pattern: str) -> None:

@@ -77,6 +77,8 @@ class Kind(StrEnum):
     VULNERABLE = "Vulnerable"
     UNSCANNED = "Unscanned"
     SCAN_FAILED = "ScanFailed"
+    INVALID_REFERENCE = "InvalidReference"
+    """The reference could not be parsed: nothing can be known of the image."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +109,11 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
         spec = ScanPolicySpec.model_validate(raw)
     except ValidationError as e:
         raise PolicyError(f"ScanPolicy {name}: invalid spec: {describe_validation(e)}") from None
-    return Policy(name, spec, parse_duration(spec.max_scan_age) if spec.max_scan_age else None)
+    try:
+        max_age = parse_duration(spec.max_scan_age) if spec.max_scan_age else None
+    except ValueError as e:
+        raise PolicyError(f"ScanPolicy {name}: spec.maxScanAge: {e}") from None
+    return Policy(name, spec, max_age)
 
 
 # -- Results -----------------------------------------------------------------------------
@@ -147,6 +153,9 @@ class ImageResult:
 
     phase: str | None = None
     digest: str | None = None
+    index_digest: str | None = None
+    """The multi-platform index the scanned manifest was chosen from, if any: a reference
+    by the index's digest is judged by this result as the tag is."""
     summary: Mapping[str, int] | None = None
     """Counts of all findings by severity (lower-case keys)."""
     fixable: Mapping[str, int] | None = None
@@ -172,6 +181,7 @@ class ImageResult:
                     _text(raw.get("installedVersion")), _text(raw.get("fixedVersion"))))
         return cls(
             phase=_text(status.get("phase")), digest=_text(status.get("digest")),
+            index_digest=_text(status.get("indexDigest")),
             summary=_counts(status.get("summary")), fixable=_counts(status.get("fixable")),
             scanned_at=parse_time(status.get("scannedAt")), reason=_text(status.get("reason")),
             message=_text(status.get("message")), findings=tuple(findings),
@@ -212,8 +222,10 @@ def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) 
 
 
 def applies(policy: Policy, namespace: str, namespace_labels: Mapping[str, str],
-            image: str) -> bool:
-    """Whether the policy's match selects this image in this namespace."""
+            image: str | None) -> bool:
+    """Whether the policy's match selects this image in this namespace. An image that
+    cannot be named (None: its reference does not parse) is selected by every policy of
+    the namespace: no image pattern can be said not to match it."""
     match = policy.spec.match
 
     def named(patterns: list[str]) -> bool:
@@ -225,6 +237,8 @@ def applies(policy: Policy, namespace: str, namespace_labels: Mapping[str, str],
         return False
     if not selector_matches(match.namespace_selector, namespace_labels):
         return False
+    if image is None:
+        return True
     if match.exclude_images and _globs_match(match.exclude_images, image):
         return False
     return not match.images or _globs_match(match.images, image)
@@ -291,7 +305,8 @@ def _break_glass_hint(policy: Policy) -> str:
     if not policy.spec.break_glass.enabled:
         return ""
     return (f"; or, in an emergency, annotate the workload "
-            f"{BREAK_GLASS_ANNOTATION}=<reason> (break-glass is enabled)")
+            f"{BREAK_GLASS_ANNOTATION}=<reason> (break-glass is enabled, for users RBAC "
+            f"lets `use` scanpolicies/breakglass {policy.name})")
 
 
 def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime, *,
@@ -309,6 +324,8 @@ def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime,
     if unscanned is not None:
         return _judge_unscanned(policy, verdict, *unscanned, scans_namespace)
     assert result is not None  # _why_unscanned says so otherwise
+    if result.reason == Kind.INVALID_REFERENCE:
+        return _judge_invalid(policy, verdict, result)
     if result.phase == "Failed":
         return _judge_failed(policy, verdict, result)
     return _judge_findings(policy, verdict, result, now)
@@ -326,7 +343,7 @@ def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | Non
         return None
     if result.phase != "Completed" or result.summary is None:
         return "has no scan result yet", "not scanned yet, scan started"
-    if wanted and result.digest and result.digest != wanted:
+    if wanted and result.digest and wanted not in (result.digest, result.index_digest):
         # The caller looks results up by digest; never judge one digest by another's.
         return f"has no result for digest {wanted}", "not scanned yet, scan started"
     if policy.max_scan_age is not None:
@@ -371,6 +388,19 @@ def _judge_failed(policy: Policy, verdict: Verdict, result: ImageResult) -> Verd
                    message=_clip(message, VERDICT_MESSAGE_LIMIT),
                    summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: scan failed "
                                  f"({result.reason or 'ScanFailed'})", WARNING_LIMIT))
+
+
+def _judge_invalid(policy: Policy, verdict: Verdict, result: ImageResult) -> Verdict:
+    """An unparseable reference is refused by every Enforce policy (warned about by Warn,
+    audited by Audit), whatever failedScan says: it names no image a scan could judge, and
+    what the node would pull for it is anyone's guess."""
+    message = (f"{_clip(result.message or verdict.image, 300)}. ScanPolicy {policy.name} "
+               f"({policy.spec.action}) cannot judge an image it cannot identify: write the "
+               f"reference as registry/repository:tag or @sha256:<digest>.")
+    return replace(verdict, kind=Kind.INVALID_REFERENCE, effect=policy.effect,
+                   message=_clip(message, VERDICT_MESSAGE_LIMIT),
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: not a valid "
+                                 f"image reference", WARNING_LIMIT))
 
 
 def _allowlisted_ids(policy: Policy, image: str, now: datetime) -> list[str]:
@@ -447,6 +477,17 @@ def _worst(findings: Sequence[TopFinding], severities: set[str], exempt: set[str
 # -- A workload under every policy -------------------------------------------------------
 
 @dataclass(frozen=True)
+class BreakGlassGrant:
+    """The API server's answer to whether the requester may break the glass of one
+    ScanPolicy (verb `use` on scanpolicies/breakglass, named by the policy): the gate asks
+    it (a SubjectAccessReview) and hands the answer in; core never asks anyone."""
+
+    allowed: bool
+    why: str = ""
+    """Why not, when not allowed: RBAC's refusal, or that the check itself failed."""
+
+
+@dataclass(frozen=True)
 class BreakGlassUse:
     """Break-glass admitted a workload that policies deny: leave an Event, a metric and a
     notification."""
@@ -473,6 +514,10 @@ class Decision:
     break_glass: BreakGlassUse | None = None
     needs_scan: tuple[str, ...] = ()
     """Images with no usable result: start (or keep) a scan of each."""
+    break_glass_wanted: tuple[str, ...] = ()
+    """Policies whose break-glass the workload asks for, with no answer yet on whether its
+    requester may use it, when that answer would change the outcome: decide again with
+    `break_glass` for them."""
 
     def to_json(self) -> dict[str, Any]:
         return {"allowed": self.allowed, "action": self.action,
@@ -482,28 +527,44 @@ class Decision:
 
 def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
            namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str],
-           now: datetime, *, scans_namespace: str | None = None) -> Decision:
+           now: datetime, *, scans_namespace: str | None = None,
+           break_glass: Mapping[str, BreakGlassGrant] | None = None) -> Decision:
     """Judge every image (normalised reference -> its result, None if it has none) under
     every policy that applies in `namespace` (whose labels are `labels`); `annotations`
-    are the workload's, for break-glass. The strictest result wins."""
+    are the workload's, for break-glass. The strictest result wins.
+
+    Break-glass overrides a policy only where `break_glass` grants it for that policy;
+    where it has no answer and one would change the outcome, the decision names the
+    policies to ask about (`break_glass_wanted`)."""
     reason = _clip((annotations.get(BREAK_GLASS_ANNOTATION) or "").strip(), 200)
+    grants = break_glass or {}
     failing: list[Verdict] = []
     needs_scan: list[str] = []
     ordered = sorted(policies, key=lambda p: p.name)
     for image, result in images.items():
+        invalid = result is not None and result.reason == Kind.INVALID_REFERENCE
         for policy in ordered:
-            if not applies(policy, namespace, labels, image):
+            if not applies(policy, namespace, labels, None if invalid else image):
                 continue
             verdict = judge(policy, result, image, now,
                             scans_namespace=scans_namespace or namespace)
             if verdict.needs_scan and image not in needs_scan:
                 needs_scan.append(image)
-            if verdict.effect is Effect.ENFORCE and verdict.break_glass and reason:
+            grant = grants.get(policy.name)
+            if (verdict.effect is Effect.ENFORCE and verdict.break_glass and reason
+                    and grant is not None and grant.allowed):
                 verdict = replace(verdict, overridden=True)
             if verdict.failed:
                 failing.append(verdict)
     failing.sort(key=lambda v: (-v.effect, v.overridden, v.policy, v.image))
     denied = [v for v in failing if v.effect is Effect.ENFORCE and not v.overridden]
+    # Break-glass can change the outcome only if every denying policy enables it.
+    glass = {v.policy for v in denied if v.break_glass} if reason else set()
+    changes_outcome = bool(denied) and len(glass) == len({v.policy for v in denied})
+    wanted = tuple(sorted(p for p in glass if p not in grants)) if changes_outcome else ()
+    not_honoured = [f"break-glass ({reason}) not honoured for ScanPolicy {p}: "
+                    f"{_clip(grants[p].why, 300)}."
+                    for p in sorted(glass) if p in grants and not grants[p].allowed]
     broken = tuple(v for v in failing if v.overridden)
     warnings = [f"break-glass used ({reason}): {v.summary}" for v in broken]
     warnings += [v.summary for v in failing if v.effect is Effect.WARN]
@@ -516,10 +577,10 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
     return Decision(
         allowed=not denied, action=action, violations=tuple(failing),
         warnings=_bounded_warnings(warnings),
-        message=_denial_message(denied, failing) if denied else "",
+        message=_denial_message(denied, failing, not_honoured) if denied else "",
         audit=tuple(v for v in failing if v.effect is Effect.AUDIT),
         break_glass=BreakGlassUse(reason, broken) if broken else None,
-        needs_scan=tuple(needs_scan))
+        needs_scan=tuple(needs_scan), break_glass_wanted=wanted)
 
 
 def _bounded_warnings(lines: list[str]) -> tuple[str, ...]:
@@ -530,7 +591,8 @@ def _bounded_warnings(lines: list[str]) -> tuple[str, ...]:
     return tuple(unique)
 
 
-def _denial_message(denied: list[Verdict], failing: list[Verdict]) -> str:
+def _denial_message(denied: list[Verdict], failing: list[Verdict],
+                    notes: Sequence[str] = ()) -> str:
     names = list(dict.fromkeys(v.policy for v in denied))
     others = list(dict.fromkeys(
         f"{v.policy} ({'break-glass' if v.overridden else v.effect.label})" for v in failing
@@ -546,7 +608,8 @@ def _denial_message(denied: list[Verdict], failing: list[Verdict]) -> str:
     paragraphs = [group[0].message + (
         f" The same holds for ScanPolicy {', '.join(v.policy for v in group[1:])}."
         if len(group) > 1 else "") for group in groups.values()]
-    lines, size = [header + "."], len(header) + 1
+    lines = [header + ".", *notes]
+    size = sum(len(line) + 1 for line in lines)
     for i, paragraph in enumerate(paragraphs):
         if size + len(paragraph) + 1 > MESSAGE_LIMIT - 64:
             lines.append(f"… and {len(paragraphs) - i} more failures (see the warnings and "

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from croniter import croniter
 
+from scangate.core.images import registry_host as registry_host  # rules name hosts so too
 from scangate.core.patterns import TagFilter, tag_matches
 
 MAX_NAME = 253
@@ -89,10 +90,27 @@ def reconcile(wanted_scans: Mapping[str, Wanted], existing: Iterable[str]) -> Pl
                 delete=sorted(have - set(wanted_scans)))
 
 
+class ScheduleError(ValueError):
+    """A schedule that gives no time (the webhook refuses such; one stored before it did,
+    or behind its back, must end up a condition on its rule, not an exception)."""
+
+
+def _cron_time(schedule: str, since: datetime, forward: bool) -> datetime:
+    try:
+        times = croniter(schedule, since.astimezone(UTC))
+        found: datetime = times.get_next(datetime) if forward else times.get_prev(datetime)
+    # croniter raises CroniterBadDateError for 30 February, its own parse errors,
+    # KeyError, OverflowError...: whatever it raises is about the schedule.
+    except Exception as e:
+        raise ScheduleError(f"cron expression {schedule!r} gives no time "
+                            f"{'after' if forward else 'before'} {since:%Y-%m-%d %H:%M}: "
+                            f"{type(e).__name__}") from None
+    return found
+
+
 def next_due(schedule: str, since: datetime) -> datetime:
-    """The first scheduled time after `since`."""
-    due: datetime = croniter(schedule, since.astimezone(UTC)).get_next(datetime)
-    return due
+    """The first scheduled time after `since`; ScheduleError when there is none."""
+    return _cron_time(schedule, since, forward=True)
 
 
 def schedule_due(schedule: str, last_scheduled: datetime | None, created: datetime,
@@ -105,8 +123,7 @@ def schedule_due(schedule: str, last_scheduled: datetime | None, created: dateti
     if due > now:
         return None
     # Several due times passed while the operator was down: one run stands for them all.
-    latest: datetime = croniter(schedule, now.astimezone(UTC)).get_prev(datetime)
-    return max(due, latest)
+    return max(due, _cron_time(schedule, now, forward=False))
 
 
 def manual_run_requested(annotation: str | None, last_acted_on: str | None) -> bool:
@@ -134,11 +151,3 @@ def matching_rules(rules: Sequence[tuple[str, str, Scope, TagFilter, bool]], hos
     return [ref for ref, rule_host, scope, tag_filter, on_push in rules
             if on_push and rule_host == host and scope.covers(repository)
             and tag_matches(tag_filter, tag)]
-
-
-def registry_host(netloc: str) -> str:
-    """A registry's host as events and URLs name it: lowercase, without a default port."""
-    host = netloc.lower()
-    for default in (":443", ":80"):
-        host = host.removesuffix(default)
-    return host

@@ -15,6 +15,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
+SCAN_LABEL = "scangate.dev/imagescan"
+"""On scan Jobs and their pods: the ImageScan's name (as a label value)."""
+SCAN_NAMESPACE_LABEL = "scangate.dev/imagescan-namespace"
+SCAN_UID_LABEL = "scangate.dev/imagescan-uid"
+SCAN_ANNOTATION = "scangate.dev/imagescan"
+"""On scan Jobs: `namespace/name` of the ImageScan (a name may be too long for a label)."""
 Ref = tuple[str, str]
 """(namespace, name)"""
 
@@ -73,12 +79,17 @@ class ScanState:
     timeout: str | None = None
     phase: str | None = None
     digest: str | None = None
+    index_digest: str | None = None
+    """The multi-platform index the scanned manifest was chosen from, if any."""
     attempts: int = 0
     queued_at: datetime | None = None
     start_time: datetime | None = None
     scanned_at: datetime | None = None
     retry_after: datetime | None = None
     job_name: str | None = None
+    job_uid: str | None = None
+    """The uid of the Job the operator created for the attempt under way (status.jobUID):
+    only that Job's pod is read."""
     result_key: str | None = None
     """The key of the stored result: its digest and the options it was produced with."""
     summary: tuple[int, ...] | None = None
@@ -105,6 +116,12 @@ class ScanState:
     @property
     def ref(self) -> Ref:
         return (self.namespace, self.name)
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """The digests the result answers for: the manifest's, and its index's."""
+        held = (self.digest, self.index_digest) if self.digest else ()
+        return tuple(dict.fromkeys(d for d in held if d))
 
     @property
     def key(self) -> str | None:
@@ -149,12 +166,17 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         ignore_unfixed=bool(spec.get("ignoreUnfixed")),
         platform=spec.get("platform") if isinstance(spec.get("platform"), str) else None,
         timeout=spec.get("timeout") if isinstance(spec.get("timeout"), str) else None,
-        phase=status.get("phase"), digest=digest, attempts=_int(status.get("attempts")),
+        phase=status.get("phase"), digest=digest,
+        index_digest=status.get("indexDigest") if digest and isinstance(
+            status.get("indexDigest"), str) else None,
+        attempts=_int(status.get("attempts")),
         queued_at=parse_time(status.get("queuedAt")) or parse_time(meta.get("creationTimestamp")),
         start_time=parse_time(status.get("startTime")),
         scanned_at=parse_time(status.get("scannedAt")),
         retry_after=parse_time(status.get("retryAfter")),
-        job_name=status.get("jobName"), result_key=result_key,
+        job_name=status.get("jobName"),
+        job_uid=status.get("jobUID") if isinstance(status.get("jobUID"), str) else None,
+        result_key=result_key,
         summary=summary, fixable=_counts(status.get("fixable")),
         ready=(str(ready.get("status")), str(ready.get("lastTransitionTime")))
         if ready else None,
@@ -172,33 +194,41 @@ def _notified(value: object) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True, slots=True)
 class JobState:
-    """What the operator keeps of one scan Job."""
+    """What the operator keeps of one scan Job. Scan Jobs live in the operator's own
+    namespace (tenants cannot create pods there), so they are known by name alone; the
+    scan a Job is for is told by the labels the operator set when it created it."""
 
-    namespace: str
     name: str
-    scan: str
-    """The owning ImageScan's name."""
+    scan: Ref
+    """The ImageScan it scans (namespace, name)."""
+    scan_uid: str = ""
+    uid: str = ""
     version: int = -1
     finished: str | None = None
     """'Complete' or 'Failed' once the Job has finished."""
     deadline_exceeded: bool = False
 
-    @property
-    def ref(self) -> Ref:
-        return (self.namespace, self.name)
+    def scans(self, s: ScanState) -> bool:
+        """Whether this is the Job of `s`'s attempt under way: the scan it names by UID,
+        and the very Job recorded when it was created, not one that took its name."""
+        return (self.name == s.job_name and self.scan == s.ref and self.scan_uid == s.uid
+                and (s.job_uid is None or self.uid == s.job_uid))
 
 
 def project_job(obj: dict[str, Any]) -> JobState:
     meta = obj.get("metadata") or {}
-    owner = next((o.get("name", "") for o in meta.get("ownerReferences") or []
-                  if o.get("kind") == "ImageScan" and o.get("controller")), "")
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    namespace = str(labels.get(SCAN_NAMESPACE_LABEL, ""))
+    ref = str(annotations.get(SCAN_ANNOTATION, ""))
+    name = ref.split("/", 1)[1] if ref.startswith(f"{namespace}/") else ""
     finished, deadline = None, False
     for c in (obj.get("status") or {}).get("conditions") or []:
         if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
             finished = c["type"]
             deadline = deadline or c.get("reason") == "DeadlineExceeded"
-    return JobState(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
-                    scan=str(owner), version=resource_version(obj), finished=finished,
+    return JobState(name=str(meta.get("name", "")), scan=(namespace, name),
+                    scan_uid=str(labels.get(SCAN_UID_LABEL, "")), uid=str(meta.get("uid", "")),
+                    version=resource_version(obj), finished=finished,
                     deadline_exceeded=deadline)
 
 
@@ -206,22 +236,19 @@ def project_job(obj: dict[str, Any]) -> JobState:
 class PodState:
     """What the operator keeps of one scan pod: whether its Job's work is done."""
 
-    namespace: str
     name: str
     job: str
+    job_uid: str = ""
+    """The uid of the Job that controls it (its owner reference)."""
     succeeded: bool = False
-
-    @property
-    def ref(self) -> Ref:
-        return (self.namespace, self.name)
 
 
 def project_pod(obj: dict[str, Any]) -> PodState:
     meta = obj.get("metadata") or {}
-    job = next((o.get("name", "") for o in meta.get("ownerReferences") or []
-                if o.get("kind") == "Job" and o.get("controller")), "")
-    return PodState(namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
-                    job=str(job),
+    owner: dict[str, Any] = next((o for o in meta.get("ownerReferences") or []
+                                  if o.get("kind") == "Job" and o.get("controller")), {})
+    return PodState(name=str(meta.get("name", "")), job=str(owner.get("name", "")),
+                    job_uid=str(owner.get("uid", "")),
                     succeeded=(obj.get("status") or {}).get("phase") == "Succeeded")
 
 
@@ -303,8 +330,9 @@ class ScanIndex:
 
     rescan_interval: timedelta
     scans: dict[Ref, ScanState] = field(default_factory=dict)
-    jobs: dict[Ref, JobState] = field(default_factory=dict)
-    _running: set[Ref] = field(default_factory=set)
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    """Scan Jobs by name (all in the operator's namespace)."""
+    _running: set[str] = field(default_factory=set)
     _pending: dict[Ref, ScanState] = field(default_factory=dict)
     _queued: dict[Ref, ScanState] = field(default_factory=dict)
     _scanning: dict[Ref, ScanState] = field(default_factory=dict)
@@ -319,10 +347,15 @@ class ScanIndex:
     """ImageScan names by the ScanRule (namespace, name) that owns them."""
     _expiry: list[tuple[datetime, Ref, datetime]] = field(default_factory=list)
     """Completed results by the time they go stale (a heap; entries checked when popped)."""
-    _succeeded: dict[Ref, Ref] = field(default_factory=dict)
+    _succeeded: dict[str, PodState] = field(default_factory=dict)
     """Jobs whose pod has succeeded (-> the pod): their result is ready to collect up to
     a second before the Job controller marks the Job complete."""
-    _gone: set[Ref] = field(default_factory=set)
+    _unclaimed: dict[str, datetime | None] = field(default_factory=dict)
+    """Jobs to check for an ImageScan of their own (new, or their scan deleted), and since
+    when they have had none (see orphan_jobs)."""
+    _jobs_of: dict[str, set[str]] = field(default_factory=dict)
+    """Job names by the uid of the ImageScan they scan."""
+    _gone: set[str] = field(default_factory=set)
     """Jobs deleted while their scan was Scanning: lost at once, without a grace period."""
     _deleted: dict[str, None] = field(default_factory=dict)
     """UIDs of ImageScans deleted, the newest DELETED_REMEMBERED (insertion-ordered)."""
@@ -354,7 +387,7 @@ class ScanIndex:
         if old is not None:
             self._forget(old)
             if old.job_name and (state.phase, state.job_name) != ("Scanning", old.job_name):
-                self._gone.discard((old.namespace, old.job_name))
+                self._gone.discard(old.job_name)
         self.scans[state.ref] = state
         self._index(state, old)
         return True
@@ -367,50 +400,84 @@ class ScanIndex:
                 if len(self._deleted) > DELETED_REMEMBERED:
                     del self._deleted[next(iter(self._deleted))]
             self._forget(old)
-            self._gone.discard((old.namespace, old.job_name or ""))
+            self._gone.discard(old.job_name or "")
+            for job in self._jobs_of.get(old.uid, ()):
+                self._unclaimed.setdefault(job, None)
         return old is not None
 
     def upsert_job(self, job: JobState) -> bool:
-        old = self.jobs.get(job.ref)
+        old = self.jobs.get(job.name)
         if old is not None and 0 <= job.version < old.version:
             return False
-        self.jobs[job.ref] = job
+        self.jobs[job.name] = job
+        if old is None or old.scan_uid != job.scan_uid:
+            if old is not None:
+                self._unindex_job(old)
+            self._jobs_of.setdefault(job.scan_uid, set()).add(job.name)
+            self._unclaimed.setdefault(job.name, None)
         if job.finished is None:
-            self._running.add(job.ref)
+            self._running.add(job.name)
         else:
-            self._running.discard(job.ref)
-        return old is None or (old.finished, old.scan) != (job.finished, job.scan)
+            self._running.discard(job.name)
+        return old is None or (old.finished, old.scan, old.uid) != (job.finished, job.scan,
+                                                                     job.uid)
 
     def expect_job(self, job: JobState) -> None:
         """Hold a Job about to be created, so that it counts against the limit now.
         A Job of that name already held stays: it is an earlier attempt's (a replica that
         died between creating it and recording it), and its watch may have nothing more
         to say, such as its having finished."""
-        if job.ref not in self.jobs:
+        if job.name not in self.jobs:
             self.upsert_job(job)
 
-    def delete_job(self, ref: Ref) -> bool:
-        self._running.discard(ref)
-        job = self.jobs.pop(ref, None)
+    def delete_job(self, name: str) -> bool:
+        self._running.discard(name)
+        self._unclaimed.pop(name, None)
+        job = self.jobs.pop(name, None)
         if job is not None:
-            scan = self._scanning.get((job.namespace, job.scan))
+            self._unindex_job(job)
+            scan = self._scanning.get(job.scan)
             if scan is not None and scan.job_name == job.name:
-                self._gone.add(ref)
+                self._gone.add(name)
         return job is not None
 
+    def _unindex_job(self, job: JobState) -> None:
+        names = self._jobs_of.get(job.scan_uid)
+        if names is not None:
+            names.discard(job.name)
+            if not names:
+                del self._jobs_of[job.scan_uid]
+
+    def orphan_jobs(self, now: datetime, grace: timedelta) -> list[str]:
+        """Jobs with no ImageScan of their own, to delete (an ImageScan in a tenant's
+        namespace cannot own a Job in the operator's, so the garbage collector does not).
+        A Job whose scan was deleted is an orphan at once; one whose scan is not held at
+        all, after `grace` (a new leader's watch of ImageScans may lag behind its watch of
+        Jobs). Each Job is looked at when it comes or its scan goes, not at every pass."""
+        found = []
+        for name, since in list(self._unclaimed.items()):
+            job = self.jobs.get(name)
+            scan = self.scans.get(job.scan) if job is not None else None
+            if job is None or (scan is not None and scan.uid == job.scan_uid):
+                del self._unclaimed[name]
+            elif job.scan_uid in self._deleted or (since is not None and now - since > grace):
+                found.append(name)
+            elif since is None:
+                self._unclaimed[name] = now
+        return found
+
     def upsert_pod(self, pod: PodState) -> bool:
-        job = (pod.namespace, pod.job)
         if pod.succeeded and pod.job:
-            changed = job not in self._succeeded
-            self._succeeded[job] = pod.ref
+            changed = pod.job not in self._succeeded
+            self._succeeded[pod.job] = pod
             return changed
         return self.delete_pod(pod)
 
     def delete_pod(self, pod: PodState) -> bool:
-        job = (pod.namespace, pod.job)
-        if self._succeeded.get(job) != pod.ref:
+        held = self._succeeded.get(pod.job)
+        if held is None or held.name != pod.name:
             return False
-        del self._succeeded[job]
+        del self._succeeded[pod.job]
         return True
 
     def replace_pods(self, pods: Iterable[PodState]) -> None:
@@ -430,10 +497,10 @@ class ScanIndex:
     def replace_jobs(self, jobs: Iterable[JobState]) -> None:
         seen = set()
         for job in jobs:
-            seen.add(job.ref)
+            seen.add(job.name)
             self.upsert_job(job)
-        for ref in [r for r in self.jobs if r not in seen]:
-            self.delete_job(ref)
+        for name in [n for n in self.jobs if n not in seen]:
+            self.delete_job(name)
 
     def _index(self, s: ScanState, old: ScanState | None) -> None:
         if s.phase in (None, "Pending"):
@@ -444,12 +511,13 @@ class ScanIndex:
             self._scanning[s.ref] = s
             if s.key:
                 self._in_flight.setdefault(s.key, set()).add(s.ref)
-        if s.digest:
-            self._by_digest.setdefault(s.digest, {}).setdefault(s.phase, set()).add(s.ref)
+        for digest in s.digests:
+            self._by_digest.setdefault(digest, {}).setdefault(s.phase, set()).add(s.ref)
         if s.owner:
             self._by_rule.setdefault((s.namespace, s.owner), set()).add(s.name)
-        if s.phase == "Completed" and s.digest and s.scanned_at and "vuln" in s.scanners:
-            _add(self._vulnerabilities, s.digest, s.ref, s.scanned_at)
+        if s.phase == "Completed" and s.scanned_at and "vuln" in s.scanners:
+            for digest in s.digests:
+                _add(self._vulnerabilities, digest, s.ref, s.scanned_at)
         if s.phase == "Completed" and s.result_key and s.scanned_at:
             _add(self._results, s.result_key, s.ref, s.scanned_at)
             if s.key != s.result_key:  # its options were edited: scan with the new ones
@@ -469,16 +537,15 @@ class ScanIndex:
             self._in_flight[s.key].discard(s.ref)
             if not self._in_flight[s.key]:
                 del self._in_flight[s.key]
-        if s.digest and s.digest in self._by_digest:
-            phases = self._by_digest[s.digest]
+        for digest in s.digests:
+            phases = self._by_digest.get(digest, {})
             if s.phase in phases:
                 phases[s.phase].discard(s.ref)
                 if not phases[s.phase]:
                     del phases[s.phase]
             if not phases:
-                del self._by_digest[s.digest]
-        if s.digest:
-            _remove(self._vulnerabilities, s.digest, s.ref)
+                self._by_digest.pop(digest, None)
+            _remove(self._vulnerabilities, digest, s.ref)
         rule = (s.namespace, s.owner or "")
         if rule in self._by_rule:
             self._by_rule[rule].discard(s.name)
@@ -504,7 +571,7 @@ class ScanIndex:
         return len(self._queued)
 
     def by_digest(self, digest: str) -> list[ScanState]:
-        """Every ImageScan of a digest."""
+        """Every ImageScan of a digest (a manifest's, or an index's)."""
         return [self.scans[r] for refs in self._by_digest.get(digest, {}).values()
                 for r in refs]
 
@@ -517,7 +584,8 @@ class ScanIndex:
         return None
 
     def newest_vulnerabilities(self, digest: str) -> ScanState | None:
-        """The newest completed vulnerability scan of a digest (what admission judges)."""
+        """The newest completed vulnerability scan of a digest, a manifest's or the index's
+        it was chosen from (what admission judges)."""
         newest = self._vulnerabilities.get(digest, Newest()).newest()
         return None if newest is None else self.scans[newest[0]]
 
@@ -542,12 +610,14 @@ class ScanIndex:
         """Scanning scans whose Job has finished, or whose Job's pod has succeeded."""
         found = []
         for s in self._scanning.values():
-            ref = (s.namespace, s.job_name or "")
-            job = self.jobs.get(ref)
-            if job is not None and job.finished and job.scan == s.name:
+            job = self.jobs.get(s.job_name or "")
+            if job is None or not job.scans(s):
+                continue
+            pod = self._succeeded.get(job.name)
+            if job.finished:
                 found.append((s, job))
-            elif ref in self._succeeded:
-                found.append((s, JobState(*ref, scan=s.name, finished="Complete")))
+            elif pod is not None and pod.job_uid == job.uid:
+                found.append((s, replace(job, finished="Complete")))
         return found
 
     def orphaned(self, now: datetime, grace: timedelta) -> list[ScanState]:
@@ -555,8 +625,9 @@ class ScanIndex:
         start (expired while the operator was down, or never created)."""
         found = []
         for s in self._scanning.values():
-            job = (s.namespace, s.job_name or "")
-            if job in self._gone or (job not in self.jobs and (
+            job = self.jobs.get(s.job_name or "")
+            # A Job of that name that is not this attempt's (a name taken) is no Job of it.
+            if (s.job_name or "") in self._gone or ((job is None or not job.scans(s)) and (
                     s.start_time is None or now - s.start_time > grace)):
                 found.append(s)
         return found

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from scangate.core.durations import parse_duration
-from scangate.core.images import InvalidReference, parse_image
+from scangate.core.images import InvalidReference, parse_image, registry_host
 from scangate.core.patterns import PatternError, check_cron, check_glob, check_tag_filter
 
 MAX_SCAN_TIMEOUT = timedelta(hours=6)
@@ -84,9 +84,13 @@ def validate_scanrule(spec: Mapping[str, Any]) -> list[FieldError]:
                      check_cron)
     errors += _check("spec.scan.timeout", (spec.get("scan") or {}).get("timeout"), _timeout)
     errors += _check("spec.registry.caBundle", (spec.get("registry") or {}).get("caBundle"), _pem)
-    for i, n in enumerate(spec.get("notifications") or []):
-        errors += _check(f"spec.notifications[{i}].caBundle", n.get("caBundle"), _pem)
-    return errors
+    return errors + _receivers(spec)
+
+
+def _receivers(spec: Mapping[str, Any]) -> list[FieldError]:
+    """A ScanRule's or ScanPolicy's notifications."""
+    return [e for i, n in enumerate(spec.get("notifications") or [])
+            for e in _check(f"spec.notifications[{i}].caBundle", n.get("caBundle"), _pem)]
 
 
 def validate_imagescan(spec: Mapping[str, Any]) -> list[FieldError]:
@@ -103,7 +107,7 @@ def validate_scanpolicy(spec: Mapping[str, Any]) -> list[FieldError]:
     errors += _check("spec.maxScanAge", spec.get("maxScanAge"), _positive_duration)
     for i, entry in enumerate(spec.get("allowlist") or []):
         errors += _globs(f"spec.allowlist[{i}].images", entry.get("images"))
-    return errors
+    return errors + _receivers(spec)
 
 
 VALIDATORS: dict[str, Callable[[Mapping[str, Any]], list[FieldError]]] = {
@@ -120,9 +124,68 @@ def check_image_on_registry(image: str, registry_url: str, rule: str) -> list[Fi
         host = parse_image(image).registry
     except InvalidReference as e:
         return [FieldError("spec.image", str(e))]
-    expected = urlsplit(registry_url).netloc
+    expected = registry_host(urlsplit(registry_url).netloc)
     if host != expected:
         return [FieldError("spec.image", f"{host} is not the registry of ScanRule {rule} "
                                          f"({expected}); an ImageScan may only name images on "
                                          "its rule's registry")]
     return []
+
+
+# -- Secrets an object has scangate use ---------------------------------------------------
+
+@dataclass(frozen=True)
+class SecretUse:
+    """A Secret an object has the operator read on its behalf, and what for. Only a user
+    who may read the Secret may name it (the validating webhook asks the API server):
+    otherwise the operator's own right to read Secrets is lent to whoever writes a spec."""
+
+    path: str
+    """The field that names it."""
+    namespace: str
+    """Where the Secret lives."""
+    name: str
+    use: tuple[str, ...]
+    """Where its value goes: the same Secret put to another use is checked again."""
+
+
+def _receiver_uses(spec: Mapping[str, Any], namespace: str) -> list[SecretUse]:
+    uses = []
+    for i, receiver in enumerate(spec.get("notifications") or []):
+        refs = {field: receiver.get(field) or {} for field in ("urlSecretRef",
+                                                                "signingSecretRef")}
+        # A receiver's URL and signing key go together (the key signs what is sent to the
+        # URL): a change of either is a new use of both.
+        use = ("receiver", str(receiver.get("type")),
+               *(f"{r.get('name')}/{r.get('key', 'url')}" for r in refs.values()))
+        uses += [SecretUse(f"spec.notifications[{i}].{field}", namespace, str(ref["name"]),
+                           use) for field, ref in refs.items() if ref.get("name")]
+    return uses
+
+
+def secret_uses(kind: str, spec: Mapping[str, Any], namespace: str,
+                operator_namespace: str, rule_registry: Mapping[str, Any] | None = None
+                ) -> list[SecretUse]:
+    """The Secrets an object of `kind` in `namespace` names: a ScanRule's credentials and
+    receivers' Secrets, a ScanPolicy's receivers' (in the operator's namespace), and an
+    ImageScan's rule's credentials (`rule_registry`: its rule's spec.registry)."""
+    if kind == "ScanPolicy":
+        return _receiver_uses(spec, operator_namespace)
+    if kind == "ImageScan":
+        rule = (spec.get("ruleRef") or {}).get("name")
+        creds = ((rule_registry or {}).get("credentialsSecretRef") or {}).get("name")
+        return [SecretUse("spec.ruleRef", namespace, str(creds), ("rule", str(rule)))] \
+            if rule and creds else []
+    registry = spec.get("registry") or {}
+    creds = (registry.get("credentialsSecretRef") or {}).get("name")
+    uses = [SecretUse("spec.registry.credentialsSecretRef", namespace, str(creds),
+                      ("registry", str(registry.get("url", "")).rstrip("/")))] if creds else []
+    return uses + _receiver_uses(spec, namespace)
+
+
+def secrets_to_check(new: list[SecretUse], old: list[SecretUse]) -> list[SecretUse]:
+    """On UPDATE: only the Secrets named anew or put to a new use. What was accepted stays
+    accepted for whoever may edit the object (a relabel, a scan-now, the garbage
+    collector's finalizer removal must not need the right to read its Secrets)."""
+    held = {(u.namespace, u.name, u.use) for u in old}
+    return [u for u in new if (u.namespace, u.name, u.use) not in held]

@@ -52,7 +52,7 @@ from scangate.core.notify import (
     webhook_headers,
     webhook_payload,
 )
-from scangate.core.policy import Decision
+from scangate.core.policy import Decision, Verdict
 from scangate.core.scanstate import ScanIndex, ScanState, parse_time
 from scangate.core.trivy import decode_index
 from scangate.kube import Kube, Obj, now
@@ -134,12 +134,16 @@ class Notifier:
         self._secrets: dict[tuple[str, str], tuple[float, Obj | None]] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self.policy_uid: Callable[[str], str | None] = lambda _: None
+        """A ScanPolicy's uid, for Events on it (the gate holds the policies)."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- what there is to send ---------------------------------------------------------
 
     def rule_changed(self, namespace: str, name: str, uid: str, spec: Obj, status: Obj
                      ) -> None:
-        """A ScanRule was seen (from the rule controller's watch)."""
+        """A ScanRule was seen (from the rule controller's watch). What fails here is the
+        rule's: the caller reports it on the rule."""
         self.rules[(namespace, name)] = uid
         wanted = {n.get("name"): n for n in spec.get("notifications") or []}
         held = self._of_rule.setdefault((namespace, name), {})
@@ -178,7 +182,19 @@ class Notifier:
 
     def scan_changed(self, scan: ScanState) -> None:
         """An ImageScan changed (from the scan reconciler's watch): queue its outcome for
-        each receiver of its rule that has not had it."""
+        each receiver of its rule that has not had it. What fails is that rule's, never
+        the scan reconciler's."""
+        try:
+            self._scan_changed(scan)
+        except Exception as e:
+            rule = scan.owner or scan.rule or "?"
+            log.exception("ScanRule %s/%s: the outcome of ImageScan %s could not be queued",
+                          scan.namespace, rule, scan.name)
+            self._trouble("ScanRule", scan.namespace, rule,
+                          f"the outcome of ImageScan {scan.name} could not be queued for "
+                          f"its receivers: {_describe(e)}")
+
+    def _scan_changed(self, scan: ScanState) -> None:
         key = scan.event_key
         rule = scan.owner or scan.rule
         if key is None or rule is None:
@@ -206,30 +222,41 @@ class Notifier:
     def blocked(self, decision: Decision, namespace: str,
                 policy_notifications: Mapping[str, list[Obj]]) -> None:
         """Admission refused a workload: tell the failing policies' receivers and those of
-        the rules covering each refused image that subscribe to Blocked."""
+        the rules covering each refused image that subscribe to Blocked. What fails for
+        one policy's verdict is that policy's."""
         stamp = datetime.now(UTC)
         for verdict in decision.violations:
             if verdict.overridden or verdict.effect.label != "Enforce":
                 continue
-            event = ScanEvent(
-                event="Blocked", key=f"blocked/{namespace}/{verdict.policy}/{verdict.image}/"
-                f"{stamp.isoformat()}", source_kind="ScanPolicy", source=verdict.policy,
-                image=verdict.image, digest=verdict.digest, namespace=namespace,
-                counts=None, fixable=None,
-                worst=(), time=stamp, reason="Blocked", message=verdict.message)
-            targets = [(Receiver("ScanPolicy", self.settings.namespace, verdict.policy,
-                                 str(n.get("name"))), n)
-                       for n in policy_notifications.get(verdict.policy) or []]
-            for rule_ns, rule, notifications in self.covering(verdict.image):
-                targets += [(Receiver("ScanRule", rule_ns, rule, str(n.get("name"))), n)
-                            for n in notifications]
-            for receiver, spec in targets:
-                if "Blocked" not in (spec.get("events") or []):
-                    continue
-                state = self.receivers.setdefault(receiver, ReceiverState(spec))
-                if len(state.queue) < QUEUE_LIMIT:
-                    state.queue.append(Pending(event))
-                    self._start(receiver, state)
+            try:
+                self._blocked(verdict, namespace, policy_notifications, stamp)
+            except Exception as e:
+                log.exception("ScanPolicy %s: a Blocked event could not be queued",
+                              verdict.policy)
+                self._trouble("ScanPolicy", "", verdict.policy,
+                              f"a Blocked event could not be queued: {_describe(e)}")
+
+    def _blocked(self, verdict: Verdict, namespace: str,
+                 policy_notifications: Mapping[str, list[Obj]], stamp: datetime) -> None:
+        event = ScanEvent(
+            event="Blocked", key=f"blocked/{namespace}/{verdict.policy}/{verdict.image}/"
+            f"{stamp.isoformat()}", source_kind="ScanPolicy", source=verdict.policy,
+            image=verdict.image, digest=verdict.digest, namespace=namespace,
+            counts=None, fixable=None,
+            worst=(), time=stamp, reason="Blocked", message=verdict.message)
+        targets = [(Receiver("ScanPolicy", self.settings.namespace, verdict.policy,
+                             str(n.get("name"))), n)
+                   for n in policy_notifications.get(verdict.policy) or []]
+        for rule_ns, rule, notifications in self.covering(verdict.image):
+            targets += [(Receiver("ScanRule", rule_ns, rule, str(n.get("name"))), n)
+                        for n in notifications]
+        for receiver, spec in targets:
+            if "Blocked" not in (spec.get("events") or []):
+                continue
+            state = self.receivers.setdefault(receiver, ReceiverState(spec))
+            if len(state.queue) < QUEUE_LIMIT:
+                state.queue.append(Pending(event))
+                self._start(receiver, state)
 
     # -- workers -----------------------------------------------------------------------
 
@@ -260,6 +287,8 @@ class Notifier:
                 metrics.NOTIFICATIONS.labels(kind, "failed").inc()
                 self._dirty.add((receiver.namespace, receiver.owner))
                 if attempts >= MAX_ATTEMPTS:
+                    # _give_up drops the event before anything there can fail: the worker
+                    # goes on with the next one whatever happens.
                     await self._give_up(receiver, state)
                     attempts = 0
                     continue
@@ -381,16 +410,40 @@ class Notifier:
         log.warning("%s: giving up on %s after %d attempts (%s); it is sent again at the "
                     "next start", receiver.label, pending.event.key, MAX_ATTEMPTS,
                     state.last_error)
-        if receiver.kind == "ScanRule":
-            uid = self.rules.get((receiver.namespace, receiver.owner))
-            await self.kube.event({"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanRule",
-                                   "metadata": {"name": receiver.owner,
-                                                "namespace": receiver.namespace, "uid": uid}},
-                                  "Warning", "NotificationFailed",
-                                  f"receiver {receiver.name}: {pending.event.event} of "
-                                  f"{pending.event.image} not delivered after "
-                                  f"{MAX_ATTEMPTS} attempts: {state.last_error}")
         self._pop(state, 1)
+        await self._event(receiver.kind, receiver.namespace, receiver.owner,
+                          "NotificationFailed",
+                          f"receiver {receiver.name}: {pending.event.event} of "
+                          f"{pending.event.image} not delivered after {MAX_ATTEMPTS} "
+                          f"attempts: {state.last_error}")
+
+    async def _event(self, kind: str, namespace: str, name: str, reason: str,
+                     message: str) -> None:
+        """A Warning Event on a ScanRule or ScanPolicy (cluster-scoped: `namespace` is
+        ignored) the notifier knows the uid of; never failing."""
+        uid = (self.rules.get((namespace, name)) if kind == "ScanRule"
+               else self.policy_uid(name))
+        if not uid:
+            return
+        metadata = {"name": name, "uid": uid}
+        if kind == "ScanRule":
+            metadata["namespace"] = namespace
+        try:
+            await self.kube.event({"apiVersion": f"{GROUP}/{VERSION}", "kind": kind,
+                                   "metadata": metadata}, "Warning", reason, message)
+        except Exception as e:
+            log.warning("%s %s: could not record %s: %s", kind, name, reason, _describe(e))
+
+    def _trouble(self, kind: str, namespace: str, name: str, message: str) -> None:
+        """Something unexpected in one object's notifications: the metric, and an Event on
+        the object (by the leader), in the background."""
+        metrics.OBJECT_FAILURES.labels(kind, "NotificationsFailed").inc()
+        if not self.active():
+            return
+        task = asyncio.create_task(self._event(kind, namespace, name, "NotificationsFailed",
+                                               message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- secrets and status --------------------------------------------------------------
 
@@ -433,18 +486,25 @@ class Notifier:
             await asyncio.sleep(STATUS_EVERY)
             dirty, self._dirty = self._dirty, set()
             for namespace, name in dirty:
-                states = [{"name": r.name, "since": s.since.strftime("%Y-%m-%dT%H:%M:%SZ")
-                           if s.since else None, "lastDelivery": s.last_delivery,
-                           "deliveries": s.deliveries, "failures": s.failures,
-                           "lastError": s.last_error}
-                          for r, s in ((r, self.receivers[r]) for _, r in sorted(
-                              self._of_rule.get((namespace, name), {}).items()))]
                 if (namespace, name) not in self.rules:
                     continue
-                with contextlib.suppress(ApiException):
+                try:
+                    states = [{"name": r.name, "since": s.since.strftime("%Y-%m-%dT%H:%M:%SZ")
+                               if s.since else None, "lastDelivery": s.last_delivery,
+                               "deliveries": s.deliveries, "failures": s.failures,
+                               "lastError": s.last_error}
+                              for r, s in ((r, self.receivers[r]) for _, r in sorted(
+                                  self._of_rule.get((namespace, name), {}).items()))]
                     await self.kube.patch_status("scanrules", namespace, name,
                                                  {"notifications": states})
-
+                except Exception as e:  # deleted meanwhile, the API server away, a bug
+                    transient = not isinstance(e, ApiException) or e.status in (429, 500,
+                                                                                 502, 503, 504)
+                    if transient:
+                        self._dirty.add((namespace, name))  # written at the next flush
+                    if not isinstance(e, ApiException) or e.status != 404:
+                        log.warning("ScanRule %s/%s: receiver states not written: %s",
+                                    namespace, name, _describe(e))
 
 def _robot_key(url: str) -> str:
     """A robot is its URL (several rules may share one): the key of its rate window,

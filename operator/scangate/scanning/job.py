@@ -1,6 +1,8 @@
 """The Trivy scan Job of one ImageScan.
 
-The pod is hardened (non-root, read-only root filesystem, no capabilities, no
+Scan Jobs run in the operator's own namespace, never in the ImageScan's: whoever can
+create pods where a Job runs could print a result into a pod log of their own. The
+pod is hardened (non-root, read-only root filesystem, no capabilities, no
 service-account token, resource limits, a deadline from the scan timeout) and
 gets registry credentials only through Secret-backed env or a mounted docker
 config, never through arguments. Its result is printed as checksummed frames
@@ -15,11 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scangate.core.framing import BEGIN, END
-from scangate.core.scanstate import scan_key
+from scangate.core.scanstate import (
+    SCAN_ANNOTATION,
+    SCAN_LABEL,
+    SCAN_NAMESPACE_LABEL,
+    SCAN_UID_LABEL,
+    scan_key,
+)
 
-SCAN_LABEL = "scangate.dev/imagescan"
-TOKEN_SECRET = "scangate-trivy-token"
-"""The Trivy server's token, copied into each namespace that runs scan Jobs."""
 ATTEMPT_ANNOTATION = "scangate.dev/attempt"
 WORK = "/var/run/scangate"
 
@@ -39,7 +44,8 @@ class ScanJobSpec:
     """Everything that decides the Job of one scan attempt."""
 
     scan_name: str
-    namespace: str
+    scan_namespace: str
+    """The ImageScan's namespace (the Job runs in the operator's)."""
     scan_uid: str
     image: str
     """The reference Trivy pulls: repository@digest, so that a moved tag cannot race us."""
@@ -50,11 +56,17 @@ class ScanJobSpec:
     ignore_unfixed: bool = False
     platform: str = "linux/amd64"
     insecure_registry: bool = False
-    credentials_secret: str | None = None
     credentials_type: str | None = None
-    """kubernetes.io/basic-auth (env) or kubernetes.io/dockerconfigjson (mounted config)."""
+    """The type of the ScanRule's credentials Secret: kubernetes.io/basic-auth (env) or
+    kubernetes.io/dockerconfigjson (a mounted config). The Job reads a copy in its own
+    namespace (credentials_secret_name), owned by the Job."""
     ca_bundle: str | None = None
     """The ScanRule's registry CA (PEM), trusted by Trivy beside the system's roots."""
+
+    @property
+    def name(self) -> str:
+        return job_name(self.scan_namespace, self.scan_name, self.scan_uid, self.queued_at,
+                        self.attempt, self.key)
 
     @property
     def key(self) -> str:
@@ -72,9 +84,9 @@ class TrivySettings:
     db_repository: str | None = None
     insecure_db_repository: bool = False
     run_as_user: int = 65532
-    server_token: bool = False
-    """The Trivy server requires a token: Jobs read it from the TOKEN_SECRET in their own
-    namespace (a copy the operator keeps there)."""
+    token_secret: str | None = None
+    """The Secret (key `token`) holding the token the Trivy server requires, in the
+    operator's namespace, where the Jobs run: it never leaves it."""
     ttl_seconds_after_finished: int = 3600
     resources: dict[str, dict[str, str]] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "256Mi"},
@@ -90,15 +102,23 @@ def scan_label(scan_name: str) -> str:
     return f"{scan_name[:54].rstrip('-.')}-{hashlib.sha256(scan_name.encode()).hexdigest()[:8]}"
 
 
-def job_name(scan_name: str, scan_uid: str, queued_at: str, attempt: int, key: str) -> str:
+def credentials_secret_name(job: str) -> str:
+    """The copy of a ScanRule's credentials that one Job reads (owned by it)."""
+    return f"{job}-registry"
+
+
+def job_name(scan_namespace: str, scan_name: str, scan_uid: str, queued_at: str,
+             attempt: int, key: str) -> str:
     """Deterministic for one attempt of one queueing of one scan key (digest and
     options), so that a restarted operator finds the Job instead of duplicating it; a
     rescan gets a new one. queuedAt has whole seconds only: without the key, a rescan of
     a moved tag within the second of the last queueing would find the last Job, and
-    take its result, of the old digest, for the new one."""
+    take its result, of the old digest, for the new one. The namespace and name are for
+    people reading `kubectl get jobs` in the operator's namespace; the uid makes it unique."""
     suffix = hashlib.sha256(f"{scan_uid}/{queued_at}/{attempt}/{key}".encode()
                             ).hexdigest()[:8]
-    return f"scan-{scan_name[:40].rstrip('-.')}-{suffix}"
+    readable = f"{scan_namespace[:16].rstrip('-.')}-{scan_name[:24].rstrip('-.')}"
+    return f"scan-{readable}-{suffix}"
 
 
 def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
@@ -135,44 +155,48 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
     ])
 
 
-def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
-    name = job_name(spec.scan_name, spec.scan_uid, spec.queued_at, spec.attempt, spec.key)
+def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[str, Any]:
+    """The Job of one attempt, in the operator's `namespace`. With registry credentials
+    it is created suspended: its pod may start only once their copy, owned by the Job
+    (and so deleted with it), exists (see credentials_secret)."""
+    name = spec.name
     env: list[dict[str, Any]] = [{"name": "HOME", "value": WORK},
                                  {"name": "TMPDIR", "value": f"{WORK}/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "work", "mountPath": WORK}]
     if spec.insecure_registry or trivy.insecure_db_repository:
         env.append({"name": "TRIVY_INSECURE", "value": "true"})
-    if trivy.mode == "ClientServer" and trivy.server_token:
+    if trivy.mode == "ClientServer" and trivy.token_secret:
         env.append({"name": "TRIVY_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": TOKEN_SECRET, "key": "token"}}})
-    if spec.credentials_secret and spec.credentials_type == "kubernetes.io/basic-auth":
+            "name": trivy.token_secret, "key": "token"}}})
+    credentials = credentials_secret_name(name)
+    if spec.credentials_type == "kubernetes.io/basic-auth":
         for var, key in (("TRIVY_USERNAME", "username"), ("TRIVY_PASSWORD", "password")):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": spec.credentials_secret, "key": key}}})
-    elif spec.credentials_secret:
+                "name": credentials, "key": key}}})
+    elif spec.credentials_type:
         env.append({"name": "DOCKER_CONFIG", "value": "/etc/scangate/docker"})
         volumes.append({"name": "docker-config", "secret": {
-            "secretName": spec.credentials_secret,
+            "secretName": credentials,
             "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}})
         mounts.append({"name": "docker-config", "mountPath": "/etc/scangate/docker",
                        "readOnly": True})
     if spec.ca_bundle:
         env.append({"name": "SCANGATE_REGISTRY_CA", "value": spec.ca_bundle})
-    labels = {SCAN_LABEL: scan_label(spec.scan_name), "app.kubernetes.io/managed-by": "scangate"}
+    labels = {SCAN_LABEL: scan_label(spec.scan_name), SCAN_NAMESPACE_LABEL: spec.scan_namespace,
+              SCAN_UID_LABEL: spec.scan_uid, "app.kubernetes.io/managed-by": "scangate"}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": name, "namespace": spec.namespace, "labels": labels,
-            "annotations": {ATTEMPT_ANNOTATION: str(spec.attempt)},
-            "ownerReferences": [{
-                "apiVersion": "scangate.dev/v1alpha1", "kind": "ImageScan",
-                "name": spec.scan_name, "uid": spec.scan_uid,
-                "controller": True, "blockOwnerDeletion": True,
-            }],
+            # No owner reference: an ImageScan in another namespace cannot own it. The
+            # operator deletes the Jobs of a deleted ImageScan (ScanIndex.orphan_jobs).
+            "name": name, "namespace": namespace, "labels": labels,
+            "annotations": {ATTEMPT_ANNOTATION: str(spec.attempt),
+                            SCAN_ANNOTATION: f"{spec.scan_namespace}/{spec.scan_name}"},
         },
         "spec": {
+            "suspend": bool(spec.credentials_type),
             "backoffLimit": 0,
             # The scan's own timeout plus time to pull the DB and print the result (as
             # much again for a short scan, at most two minutes).
@@ -206,4 +230,24 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings) -> dict[str, Any]:
                 },
             },
         },
+    }
+
+
+def credentials_secret(job: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The copy, beside `job` and owned by it, of the keys of the ScanRule's credentials
+    Secret `source` that Trivy reads (nothing else of it)."""
+    meta = job["metadata"]
+    keys = (("username", "password") if source.get("type") == "kubernetes.io/basic-auth"
+            else (".dockerconfigjson",))
+    data = source.get("data") or {}
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": source.get("type", "Opaque"),
+        "metadata": {
+            "name": credentials_secret_name(meta["name"]), "namespace": meta["namespace"],
+            "labels": {k: v for k, v in meta["labels"].items()},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True,
+                                 "blockOwnerDeletion": False}],
+        },
+        "data": {k: data[k] for k in keys if k in data},
     }

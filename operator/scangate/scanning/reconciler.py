@@ -34,6 +34,8 @@ from scangate.core.framing import FrameError
 from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.scanstate import (
+    SCAN_LABEL,
+    SCAN_UID_LABEL,
     JobState,
     PodState,
     Ref,
@@ -52,11 +54,11 @@ from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, sta
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import RegistryClient, RegistryError
 from scangate.scanning.job import (
-    SCAN_LABEL,
-    TOKEN_SECRET,
+    ATTEMPT_ANNOTATION,
     ScanJobSpec,
     TrivySettings,
     build_job,
+    credentials_secret,
     job_name,
 )
 from scangate.scanning.registries import base_url, registry_client
@@ -96,15 +98,13 @@ class ScanReconciler:
             image=settings.trivy_image, mode=settings.trivy_mode,
             server_url=settings.trivy_server_url, db_repository=settings.trivy_db_repository,
             insecure_db_repository=settings.trivy_insecure_db_repository,
-            run_as_user=settings.scan_run_as_user,
-            server_token=settings.trivy_token_secret is not None)
+            run_as_user=settings.scan_run_as_user, token_secret=settings.trivy_token_secret)
+        self.jobs_namespace = settings.namespace
+        """Where scan Jobs run: the operator's namespace, never a tenant's."""
         self.retry_backoff = parse_duration(settings.retry_backoff)
         self.index = ScanIndex(parse_duration(settings.rescan_interval))
         self.destinations = Destinations.of(settings.allowed_networks, api_server_endpoints())
         self._wake = asyncio.Event()
-        self._token: dict[str, str] | None = None
-        """The Trivy server token's Secret data, and the namespaces holding a copy."""
-        self._token_copies: set[str] = set()
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader)."""
         self.scan_changed: list[Callable[[ScanState], None]] = []
@@ -113,6 +113,8 @@ class ScanReconciler:
         """Called with (namespace, rule) when one of a ScanRule's ImageScans changes."""
         self._results: dict[tuple[str, str, int], Obj] = {}
         self._busy: set[Ref] = set()
+        self._deleting: set[str] = set()
+        """Orphaned Jobs being deleted."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._registry_slots = asyncio.Semaphore(settings.registry_concurrency)
         self._api_slots = asyncio.Semaphore(settings.api_concurrency)
@@ -120,13 +122,13 @@ class ScanReconciler:
             Feed("imagescans", partial(kube.custom.list_cluster_custom_object, GROUP, VERSION,
                                        PLURAL),
                  project_scan, Sink(self._on_scans, self._on_scan, self._on_scan_deleted)),
-            Feed("scan-jobs", kube.batch.list_job_for_all_namespaces, project_job,
-                 Sink(self._on_jobs, self._on_job, self._on_job_deleted),
+            Feed("scan-jobs", partial(kube.batch.list_namespaced_job, self.jobs_namespace),
+                 project_job, Sink(self._on_jobs, self._on_job, self._on_job_deleted),
                  label_selector=SCAN_LABEL),
             # A Job is marked complete up to a second after its pod succeeds (the Job
             # controller batches its syncs): the pods say first that a result is ready.
-            Feed("scan-pods", kube.core.list_pod_for_all_namespaces, project_pod,
-                 Sink(self._on_pods, self._on_pod, self._on_pod_deleted),
+            Feed("scan-pods", partial(kube.core.list_namespaced_pod, self.jobs_namespace),
+                 project_pod, Sink(self._on_pods, self._on_pod, self._on_pod_deleted),
                  label_selector=SCAN_LABEL),
         ]
         metrics.watch_index(self.index, per_image=settings.per_image_metrics)
@@ -165,7 +167,7 @@ class ScanReconciler:
         self._changed(self.index.upsert_job(job))
 
     def _on_job_deleted(self, job: JobState) -> None:
-        self._changed(self.index.delete_job(job.ref))
+        self._changed(self.index.delete_job(job.name))
 
     def _on_pods(self, pods: list[PodState]) -> None:
         self.index.replace_pods(pods)
@@ -210,6 +212,8 @@ class ScanReconciler:
         if not self.active():
             return
         current = datetime.now(UTC)
+        for name in self.index.orphan_jobs(current, JOB_GRACE):
+            self._delete_orphan(name)
         for scan, job in self.index.collectable():
             self._spawn(scan, partial(self._collect, scan, job))
         for scan in self.index.orphaned(current, JOB_GRACE):
@@ -230,6 +234,27 @@ class ScanReconciler:
                 self._spawn(action.scan, partial(self._requeue, action.scan))
         metrics.RUNNING_JOBS.set(self.index.running_jobs)
         metrics.QUEUE_DEPTH.set(self.index.queue_depth)
+
+    def _delete_orphan(self, name: str) -> None:
+        """Delete a Job whose ImageScan is gone (its pods and credentials go with it); a
+        failure is tried again at a later pass."""
+        if name in self._deleting:
+            return
+        self._deleting.add(name)
+
+        async def delete() -> None:
+            try:
+                async with self._api_slots:
+                    await self.kube.delete_job(self.jobs_namespace, name)
+                log.info("deleted scan Job %s: its ImageScan is gone", name)
+            except Exception as e:
+                log.warning("could not delete the orphaned scan Job %s: %s", name, e)
+            finally:
+                self._deleting.discard(name)
+
+        task = asyncio.create_task(delete())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _spawn(self, scan: ScanState, work: Callable[[], Awaitable[None]],
                slots: asyncio.Semaphore | None = None) -> None:
@@ -318,7 +343,8 @@ class ScanReconciler:
             return await self._resolve_failed(scan, e.reason, str(e))
         metrics.REGISTRY_REQUESTS.labels(self._registry_label(scan), "ok").inc()
         await self._set(scan, {
-            "phase": "Queued", "digest": resolved.digest, "platform": platform,
+            "phase": "Queued", "digest": resolved.digest, "indexDigest": resolved.index_digest,
+            "platform": platform,
             "queuedAt": now(), "attempts": 0, "reason": None, "message": None,
             "retryAfter": None}, False, "Queued", f"waiting to scan {resolved.digest}")
 
@@ -382,19 +408,19 @@ class ScanReconciler:
         exists, so that the next pass neither exceeds the limit nor scans it twice."""
         attempt = scan.attempts + 1
         assert scan.key is not None  # Queued: its digest is known
-        name = job_name(scan.name, scan.uid, stamp(scan.queued_at or current), attempt,
-                        scan.key)
-        placeholder = JobState(scan.namespace, name, scan=scan.name)
+        name = job_name(scan.namespace, scan.name, scan.uid, stamp(scan.queued_at or current),
+                        attempt, scan.key)
+        placeholder = JobState(name, scan=scan.ref, scan_uid=scan.uid)
         self.index.expect_job(placeholder)
-        self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name,
+        self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name, job_uid=None,
                                        start_time=current, attempts=attempt), claim=True)
 
         async def start() -> None:
             try:
                 await self._start(scan, name, attempt)
             except BaseException:
-                if self.index.jobs.get(placeholder.ref) == placeholder:
-                    self.index.delete_job(placeholder.ref)
+                if self.index.jobs.get(name) == placeholder:
+                    self.index.delete_job(name)
                 held = self.index.scans.get(scan.ref)
                 if held is not None and held.version == scan.version:
                     self.index.upsert_scan(replace(scan, version=-1), claim=True)
@@ -406,48 +432,57 @@ class ScanReconciler:
         assert scan.digest is not None
         ref = parse_image(scan.image).with_digest(scan.digest)
         rule, registry, secret = await self._rule_registry(scan)
-        timeout = parse_duration(scan.timeout or self.settings.scan_timeout)
+        try:
+            timeout = parse_duration(scan.timeout or self.settings.scan_timeout)
+        except ValueError as e:  # stored behind the webhook's back: scanning cannot help
+            return await self._fail(scan, "InvalidSpec", f"spec.timeout: {e}")
         on_rule_registry = rule is not None and self._on_rule_registry(scan, registry)
+        # The rule's TLS settings and credentials are for its own registry only.
+        credentials = secret if secret is not None and on_rule_registry else None
         job_spec = ScanJobSpec(
-            scan_name=scan.name, namespace=scan.namespace, scan_uid=scan.uid,
+            scan_name=scan.name, scan_namespace=scan.namespace, scan_uid=scan.uid,
             image=f"{ref.name}@{ref.digest}", queued_at=stamp(scan.queued_at or datetime.now(UTC)),
             attempt=attempt, timeout_seconds=int(timeout.total_seconds()),
             scanners=scan.scanners, ignore_unfixed=scan.ignore_unfixed,
             platform=scan.platform or "linux/amd64",
-            # The rule's TLS settings and credentials are for its own registry only.
             insecure_registry=base_url(ref, registry.get("url") if rule else None,
                                        self.settings).startswith("http://") or (
                 on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
             ca_bundle=registry.get("caBundle") if on_rule_registry else None,
-            credentials_secret=secret["metadata"]["name"] if secret and on_rule_registry
-            else None,
-            credentials_type=secret.get("type") if secret and on_rule_registry else None)
-        job = build_job(job_spec, self.trivy)
-        assert job["metadata"]["name"] == name
-        await self._copy_token(scan.namespace)
-        created = await self.kube.create_job(scan.namespace, job)
+            credentials_type=str(credentials.get("type")) if credentials else None)
+        body = build_job(job_spec, self.trivy, self.jobs_namespace)
+        assert body["metadata"]["name"] == name
+        job = await self.kube.create_job(self.jobs_namespace, body)
+        created = job is not None
+        if job is None:
+            job = await self._earlier_job(scan, name, attempt)
+            if job is None:
+                return await self._attempt_failed(
+                    scan, "JobNameTaken", f"a Job named {name} that scangate did not create "
+                    f"for this scan exists in namespace {self.jobs_namespace}")
+        if credentials is not None and (job.get("spec") or {}).get("suspend"):
+            # The copy is owned by the Job: deleting the Job (or its TTL) deletes it.
+            await self.kube.create_secret(self.jobs_namespace, credentials_secret(job, credentials))
+            await self.kube.resume_job(self.jobs_namespace, name)
+        self.index.upsert_job(project_job(job))  # its uid, before the watch tells it
         await self._set(scan, {
-            "phase": "Scanning", "jobName": name, "attempts": attempt, "startTime": now(),
-            "retryAfter": None}, False, "Scanning", f"scan Job {name} running")
+            "phase": "Scanning", "jobName": name, "jobUID": job["metadata"]["uid"],
+            "attempts": attempt, "startTime": now(), "retryAfter": None}, False, "Scanning",
+            f"scan Job {self.jobs_namespace}/{name} running")
         if created:
             await self.kube.event(_owner(scan), "Normal", "ScanStarted",
-                                  f"scanning {ref.name}@{ref.digest} in Job {name} "
-                                  f"(attempt {attempt})")
+                                  f"scanning {ref.name}@{ref.digest} in Job "
+                                  f"{self.jobs_namespace}/{name} (attempt {attempt})")
 
-    async def _copy_token(self, namespace: str) -> None:
-        """Keep the Trivy server's token where this namespace's scan pods can read it."""
-        if not self.trivy.server_token or namespace in self._token_copies:
-            return
-        if self._token is None:
-            name = str(self.settings.trivy_token_secret)
-            secret = await self.kube.get_secret(self.settings.namespace, name)
-            token = ((secret or {}).get("data") or {}).get("token")
-            if not token:
-                raise CredentialsError(f"Trivy token Secret {self.settings.namespace}/{name} "
-                                       "has no key 'token'")
-            self._token = {"token": token}
-        await self.kube.put_secret_data(namespace, TOKEN_SECRET, self._token)
-        self._token_copies.add(namespace)
+    async def _earlier_job(self, scan: ScanState, name: str, attempt: int) -> Obj | None:
+        """The Job of this name, if an earlier leader created it for this very attempt (and
+        died before recording it); None if the name is someone else's."""
+        job = await self.kube.get_job(self.jobs_namespace, name)
+        meta = (job or {}).get("metadata") or {}
+        if ((meta.get("labels") or {}).get(SCAN_UID_LABEL) == scan.uid
+                and (meta.get("annotations") or {}).get(ATTEMPT_ANNOTATION) == str(attempt)):
+            return job
+        return None
 
     async def _result_of(self, source: ScanState) -> Obj | None:
         """The stored result of `source`, read once per version of it: a thousand scans of
@@ -498,7 +533,7 @@ class ScanReconciler:
             return await self._attempt_failed(scan, "ScanTimeout",
                                               f"scan Job {job.name} exceeded its deadline")
         try:
-            text = await self.kube.job_pod_log(job.namespace, job.name, "trivy",
+            text = await self.kube.job_pod_log(self.jobs_namespace, job.name, job.uid, "trivy",
                                                self.settings.max_result_log_bytes)
         except LookupError as e:
             return await self._attempt_failed(scan, "PodLost", str(e))

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
-from scangate.core.images import ImageRef
+from scangate.core.images import ImageRef, registry_host
 from scangate.registry.auth import credentials_from_secret
 from scangate.registry.client import Credentials, RegistryClient
 
@@ -28,11 +28,11 @@ def base_url(ref: ImageRef, rule_url: str | None, settings: Settings) -> str:
     that host, Docker Hub's API host, or HTTPS (plain HTTP for insecure registries)."""
     if rule_url:
         url = rule_url.rstrip("/")
-        if urlsplit(url).netloc == ref.registry:
+        if registry_host(urlsplit(url).netloc) == ref.registry:
             return url
     if ref.registry == "docker.io":
         return "https://registry-1.docker.io"
-    insecure = ref.registry in settings.insecure_registries
+    insecure = ref.registry in {registry_host(r) for r in settings.insecure_registries}
     return f"{'http' if insecure else 'https'}://{ref.registry}"
 
 

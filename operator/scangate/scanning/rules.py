@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from kubernetes.client.exceptions import ApiException
 
+from scangate import metrics
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
@@ -38,6 +39,7 @@ from scangate.core.images import InvalidReference, parse_image
 from scangate.core.patterns import PatternError, TagFilter, check_tag_filter
 from scangate.core.rules import (
     Plan,
+    ScheduleError,
     Scope,
     Wanted,
     manual_run_requested,
@@ -79,6 +81,9 @@ RULE_LABEL = "scangate.dev/scanrule"
 REQUEST_RETRIES = 3
 """Retries of one registry request answered 429 or 5xx during a run (Retry-After honoured)."""
 MAX_RUN_BACKOFF = timedelta(minutes=5)
+MAX_FAILURES = 5
+"""Attempts at a rule whose handling fails unexpectedly (doubling backoff); then it waits
+for a change of its spec or a new scangate.dev/scan-now."""
 Work = Callable[[], Awaitable[None]]
 # The ImageScan's trigger for what started the rule's run.
 SCAN_TRIGGER = {"Create": "Manual", "Manual": "Manual", "Schedule": "Schedule",
@@ -105,6 +110,8 @@ class RuleState:
     totals: tuple[int, ...] | None = None
     receivers: list[dict[str, Any]] = field(default_factory=list, hash=False, compare=False)
     """status.notifications: each receiver's delivery state."""
+    conditions: list[dict[str, Any]] = field(default_factory=list, hash=False, compare=False)
+    """status.conditions, as stored."""
 
     @property
     def ref(self) -> Ref:
@@ -151,7 +158,8 @@ def project_rule(obj: Obj) -> RuleState:
         images=status.get("images") if isinstance(status.get("images"), int) else None,
         totals=tuple((status.get("totals") or {}).get(k, 0) for k in (*SEVERITY_KEYS, "total"))
         if isinstance(status.get("totals"), dict) else None,
-        receivers=[r for r in status.get("notifications") or [] if isinstance(r, dict)])
+        receivers=[r for r in status.get("notifications") or [] if isinstance(r, dict)],
+        conditions=[c for c in status.get("conditions") or [] if isinstance(c, dict)])
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,17 @@ class Retry:
     attempts: int
     at: datetime
     trigger: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A rule whose handling failed (a schedule with no time, anything unexpected): it is
+    left alone until `at`, or, with `at` None, until its spec or scan-now changes."""
+
+    generation: int
+    scan_now: str | None
+    attempts: int
+    at: datetime | None
 
 
 class RuleController:
@@ -181,6 +200,7 @@ class RuleController:
         """A heap of the times rules are due (schedule or retry); stale entries are skipped."""
         self._due_at: dict[Ref, datetime] = {}
         self._retries: dict[Ref, Retry] = {}
+        self._failures: dict[Ref, Failure] = {}
         self._dirty: set[Ref] = set()
         """Rules some of whose ImageScans changed: their totals may have."""
         self._filters: dict[Ref, tuple[int, TagFilter | None]] = {}
@@ -205,8 +225,7 @@ class RuleController:
         self._changed = set(self.rules)
         self._wake.set()
         for rule in rules:
-            for hook in self.seen:
-                hook(rule)
+            self._call_hooks(self.seen, rule)
 
     def _upsert(self, rule: RuleState) -> None:
         held = self.rules.get(rule.ref)
@@ -216,17 +235,27 @@ class RuleController:
             self.rules[rule.ref] = rule
             self._changed.add(rule.ref)
             self._wake.set()
-            for hook in self.seen:
-                hook(rule)
+            self._call_hooks(self.seen, rule)
 
     def _delete(self, rule: RuleState) -> None:
         # Its ImageScans go with it: they are owned by it (garbage collection).
         self.rules.pop(rule.ref, None)
-        for hook in self.gone:
-            hook(rule)
+        self._call_hooks(self.gone, rule)
         self._retries.pop(rule.ref, None)
+        self._failures.pop(rule.ref, None)
         self._due_at.pop(rule.ref, None)
         self._filters.pop(rule.ref, None)
+
+    def _call_hooks(self, hooks: list[Callable[[RuleState], None]], rule: RuleState) -> None:
+        """Tell the others (the notifier) of a rule; what fails there is that rule's."""
+        for hook in hooks:
+            try:
+                hook(rule)
+            except Exception as e:
+                log.exception("ScanRule %s/%s: its notifications could not be updated",
+                              *rule.ref)
+                self._report(rule, "NotificationsFailed",
+                             f"its notifications could not be updated: {_describe(e)}")
 
     def covering(self, image: str) -> list[tuple[str, str, list[Obj]]]:
         """The rules whose registry, scope and tag filter cover an image, with their
@@ -246,9 +275,10 @@ class RuleController:
             found.append((namespace, name, list(rule.spec.get("notifications") or [])))
         return found
 
-    def registry_url(self, namespace: str, rule: str) -> str | None:
+    def registry_of(self, namespace: str, rule: str) -> Obj | None:
+        """A held rule's spec.registry."""
         held = self.rules.get((namespace, rule))
-        return held.url if held is not None else None
+        return held.registry if held is not None else None
 
     def touch(self, namespace: str, rule: str) -> None:
         """One of the rule's ImageScans changed (called by the scan reconciler)."""
@@ -261,7 +291,11 @@ class RuleController:
             await self.feed.synced.wait()
             while True:
                 self._wake.clear()
-                self.reconcile()
+                try:
+                    self.reconcile()
+                except Exception:  # each rule's failure is its own (below): this is a bug
+                    log.exception("a pass over the ScanRules failed")
+                    metrics.OBJECT_FAILURES.labels("ScanRule", "PassFailed").inc()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._sleep())
         finally:
@@ -295,11 +329,16 @@ class RuleController:
                 continue
             if ref in self._busy:
                 continue  # looked at again when the work under way ends
-            trigger, due = self._trigger(rule, current)
-            if trigger:
-                self._spawn(rule, partial(self._run, rule, trigger, due))
-            else:
-                self._schedule_next(rule)
+            if self._held_back(rule, current):
+                continue
+            try:
+                trigger, due = self._trigger(rule, current)
+                if trigger:
+                    self._spawn(rule, partial(self._run, rule, trigger, due), run=True)
+                else:
+                    self._schedule_next(rule)
+            except Exception as e:  # this rule's, never the controller's
+                self._failed(rule, e)
         dirty, self._dirty = self._dirty, set()
         for ref in dirty:
             held = self.rules.get(ref)
@@ -335,17 +374,93 @@ class RuleController:
             self._due_at[rule.ref] = min(times)
             heapq.heappush(self._due, (min(times), rule.ref))
 
-    def _spawn(self, rule: RuleState, work: Callable[[], Awaitable[None]]) -> None:
+    # -- a rule whose handling fails ----------------------------------------------------
+
+    def _held_back(self, rule: RuleState, current: datetime) -> bool:
+        """Whether the rule is left alone after a failure: until its retry time, or (after
+        the last attempt) until its spec or scan-now annotation changes."""
+        failure = self._failures.get(rule.ref)
+        if failure is None:
+            return False
+        if (failure.generation, failure.scan_now) != (rule.generation, rule.scan_now):
+            del self._failures[rule.ref]  # changed: a fresh start
+            return False
+        if failure.at is None or failure.at > current:
+            if failure.at is not None and self._due_at.get(rule.ref) != failure.at:
+                self._due_at[rule.ref] = failure.at
+                heapq.heappush(self._due, (failure.at, rule.ref))
+            return True
+        return False
+
+    def _failed(self, rule: RuleState, error: Exception) -> None:
+        """The rule's handling failed: a condition, an Event and a metric on it, and a
+        retry with a doubling backoff, MAX_FAILURES times at most. A schedule with no
+        time is not retried: it only changes with the spec."""
+        held = self._failures.get(rule.ref)
+        attempts = held.attempts + 1 if held and held.generation == rule.generation else 1
+        if isinstance(error, ScheduleError):
+            reason, message, at = "InvalidSchedule", f"spec.triggers.schedule: {error}", None
+        else:
+            log.error("ScanRule %s/%s: its handling failed", *rule.ref, exc_info=error)
+            reason, message = "ReconcileFailed", _describe(error)
+            delay = min(self.retry_backoff * (1 << min(attempts - 1, 16)), MAX_RUN_BACKOFF)
+            at = datetime.now(UTC) + delay if attempts < MAX_FAILURES else None
+        self._failures[rule.ref] = Failure(rule.generation, rule.scan_now, attempts, at)
+        then = (f"retrying at {at:%H:%M:%S}Z (attempt {attempts} of {MAX_FAILURES})" if at
+                else "left alone until its spec or scangate.dev/scan-now changes")
+        self._report(rule, reason, f"{message}; {then}")
+        if at is not None:
+            self._due_at[rule.ref] = at
+            heapq.heappush(self._due, (at, rule.ref))
+
+    def _report(self, rule: RuleState, reason: str, message: str) -> None:
+        """Ready False with `reason` on the rule (its other conditions kept), a Warning
+        Event and the metric; by the leader only, never failing in turn."""
+        held = next((c for c in rule.conditions if c.get("type") == "Ready"), {})
+        if (held.get("status"), held.get("reason"), held.get("message")) == (
+                "False", reason, message[:4000]):
+            return  # said already: our own write, coming back through the watch
+        metrics.OBJECT_FAILURES.labels("ScanRule", reason).inc()
+        if not self.active():
+            return
+        stamp = now()
+        kept = [c for c in rule.conditions if c.get("type") != "Ready"]
+        ready = {"type": "Ready", "status": "False", "reason": reason, "message": message[:4000],
+                 "lastTransitionTime": held.get("lastTransitionTime", stamp)
+                 if held.get("status") == "False" else stamp,
+                 "observedGeneration": rule.generation}
+        obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanRule",
+               "metadata": {"name": rule.name, "namespace": rule.namespace, "uid": rule.uid}}
+
+        async def write() -> None:
+            try:
+                await self.kube.patch_status(PLURAL, rule.namespace, rule.name,
+                                             {"conditions": [ready, *kept]})
+                await self.kube.event(obj, "Warning", reason, message)
+            except Exception as e:  # deleted meanwhile, or the API server away
+                log.warning("ScanRule %s/%s: could not record %s: %s", *rule.ref, reason,
+                            _describe(e))
+
+        task = asyncio.create_task(write())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _spawn(self, rule: RuleState, work: Callable[[], Awaitable[None]],
+               run: bool = False) -> None:
+        """Work on one rule, its failure the rule's own; a `run` that ends well ends the
+        rule's failure record."""
         self._busy.add(rule.ref)
 
         async def guarded() -> None:
             try:
                 await work()
+                if run:
+                    self._failures.pop(rule.ref, None)
             except ApiException as e:
                 if e.status != 404:  # 404: the rule was deleted meanwhile
-                    log.exception("work on ScanRule %s/%s failed", *rule.ref)
-            except Exception:
-                log.exception("work on ScanRule %s/%s failed", *rule.ref)
+                    self._failed(rule, e)
+            except Exception as e:
+                self._failed(rule, e)
             finally:
                 self._busy.discard(rule.ref)
                 self._changed.add(rule.ref)
@@ -622,3 +737,10 @@ class RuleController:
         else:
             await self.kube.event(obj, "Warning", "RunFailed",
                                   f"{what}: {reachable['reason']}: {reachable['message']}")
+
+
+def _describe(error: BaseException) -> str:
+    """A failure in one line for a condition or an Event (never a traceback)."""
+    if isinstance(error, ApiException):
+        return f"the API server answered {error.status} {error.reason}"
+    return f"{type(error).__name__}: {str(error)[:500]}"
