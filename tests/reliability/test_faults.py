@@ -353,9 +353,9 @@ def test_scan_pods_deleted_lost_or_killed_are_scanned_again_once(
                   ("replaceCommand", ["pod-deleted", "pod-lost"], {"command": ["sleep", "60"]}),
                   ("replaceCommand", ["oom-killed"], {"command": ["sh", "-c", "kill -9 $$$$"]})):
         create_scans(kubectl, namespace, {n: image for n, (image, _) in pushed.items()})
-        kubectl("delete", "pod", "-n", namespace, "--wait=false",
+        kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, "--wait=false",
                 wait_for(lambda: running_pod("pod-deleted"), 60, "the hanging scan's pod"))
-        kubectl("delete", "pod", "-n", namespace, "--wait=false", "--force",
+        kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, "--wait=false", "--force",
                 "--grace-period=0",
                 wait_for(lambda: running_pod("pod-lost"), 60, "the other hanging scan's pod"))
         done = wait_done(kubectl, namespace, list(pushed), timeout=120)

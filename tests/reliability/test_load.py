@@ -32,7 +32,9 @@ import pytest
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
 from scans import (
+    OPERATOR_NAMESPACE,
     SCAN_LABEL,
+    SCAN_NAMESPACE_LABEL,
     Policy,
     RunningJobs,
     admin_api,
@@ -154,7 +156,8 @@ def test_a_thousand_imagescans_drain_within_the_running_job_limit(
     seconds = time.monotonic() - began
     watcher.stop.set()
 
-    found = (api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs?labelSelector={SCAN_LABEL}")
+    found = (api.get(f"/apis/batch/v1/namespaces/{OPERATOR_NAMESPACE}/jobs"
+                     f"?labelSelector={SCAN_NAMESPACE_LABEL}%3D{namespace}")
              or {}).get("items", [])
     scanned_by: dict[str, set[str]] = {}
     for job in found:
