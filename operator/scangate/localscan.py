@@ -1,18 +1,21 @@
 """`scangate scan IMAGE`: a local Trivy scan, summarised as the operator stores it and
 judged under ScanPolicy manifests, for pipelines with no cluster.
 
-Trivy is the user's (`trivy` on PATH, `--trivy`, or `pip install 'scangate[scan]'`,
-which pins the Trivy release the operator's scan Jobs use). Its own TRIVY_* environment
+Trivy is the user's: `--trivy`, else the one `pip install 'scangate[scan]'` put beside
+scangate's interpreter (it pins the Trivy release the operator's scan Jobs use), else
+`trivy` on PATH. Its own TRIVY_* environment
 applies: TRIVY_SERVER (and TRIVY_TOKEN) for a Trivy server, TRIVY_DB_REPOSITORY for a
 mirror, TRIVY_INSECURE for a plain-HTTP registry; the sandbox's env file sets them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from scangate.core.policy import Decision
@@ -28,13 +31,20 @@ class ScanError(Exception):
     """Trivy is missing or failed: exit status 2."""
 
 
+def installed_trivy() -> str | None:
+    """The Trivy that `pip install 'scangate[scan]'` put beside this interpreter (found even
+    when its virtualenv is not activated), else the first on PATH."""
+    beside = Path(sys.executable).parent / "trivy"
+    return str(beside) if os.access(beside, os.X_OK) else shutil.which("trivy")
+
+
 def trivy_report(image: str, trivy: str | None = None) -> bytes:
     """Trivy's JSON report of `image`. Its progress (DB download, layer analysis) goes to
     the terminal while it works; on failure its last lines are in the error."""
-    binary = trivy or shutil.which("trivy")
+    binary = trivy or installed_trivy()
     if not binary:
-        raise ScanError("no trivy on PATH: install it (pip install 'scangate[scan]' pins the "
-                        "release scangate uses) or pass --trivy")
+        raise ScanError("no trivy beside scangate or on PATH: install it (pip install "
+                        "'scangate[scan]' pins the release scangate uses) or pass --trivy")
     live = sys.stderr.isatty()
     try:
         done = subprocess.run([binary, "image", "--format", "json", "--scanners", "vuln",

@@ -21,9 +21,10 @@ BIN = Path(sys.executable).parent
 
 def scan(env: dict[str, str], *args: str, path: str | None = None
          ) -> subprocess.CompletedProcess[str]:
-    """`scangate scan` in a shell that sourced the sandbox's env file, and no more."""
+    """`scangate scan` in a shell that sourced the sandbox's env file, and no more: the
+    virtualenv is not on PATH, so its pinned Trivy is found beside scangate's interpreter."""
     sandbox_env = {**load_env(Path(env["SANDBOX_DIR"])),
-                   "PATH": path if path is not None else f"{BIN}:/usr/bin:/bin",
+                   "PATH": path if path is not None else "/usr/bin:/bin",
                    "HOME": str(Path(env["SANDBOX_DIR"]) / "home")}
     return subprocess.run([str(BIN / "scangate"), "scan", *args], capture_output=True,
                           text=True, timeout=300, env=sandbox_env)
@@ -73,8 +74,9 @@ def test_a_sarif_scan_is_valid_sarif_2_1_0_and_exits_1_when_blocked(
 
 
 def test_errors_are_one_clear_line_and_exit_2(sandbox_env: dict[str, str]) -> None:
-    for args, path, says in ((["Not An Image!"], None, "invalid"),
-                             (["registry.invalid/x:1"], "/usr/bin:/bin", "no trivy on path")):
-        out = scan(sandbox_env, *args, path=path)
+    for args, says in ((["Not An Image!"], "invalid"),
+                       (["--trivy", "/nonexistent/trivy", "registry.invalid/x:1"],
+                        "cannot run /nonexistent/trivy")):
+        out = scan(sandbox_env, *args)
         assert out.returncode == 2 and says in out.stderr.lower(), out.stderr
         assert "Traceback" not in out.stderr

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.startup
+# sandbox too: `make unit` (-m 'not sandbox') must not run `make demo`.
+pytestmark = [pytest.mark.startup, pytest.mark.sandbox]
 REPO = Path(__file__).resolve().parents[2]
 STORY = ["is refused at apply time", "spec.tagFilter", "a push is picked up by the rule",
          "its result is reused", 'admission webhook "workloads.scangate.dev" denied',

@@ -95,8 +95,9 @@ def test_trivy_finds_exactly_the_expected_findings(
 
 def test_images_are_reproducible(sandbox_env: dict[str, str]) -> None:
     """The digests pushed at sandbox start equal a fresh build of the same declarations."""
-    declared = load_images()
-    for image in named_images(sandbox_env):
+    declared, pushed = load_images(), named_images(sandbox_env)
+    assert {i["name"] for i in pushed} == set(declared), "every declared image is pushed"
+    for image in pushed:
         decl = declared[image["name"]]
         if "platform" in image:
             decl = decl["platforms"][image["platform"]]
