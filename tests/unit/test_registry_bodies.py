@@ -358,7 +358,7 @@ def test_a_page_is_read_up_to_its_limit(registry: Registry) -> None:
     registry.answer(TAGS, padded({"tags": ["a"]}, PAGE_LIMIT))
     assert run(registry, "tags", "team/app") == ["a"]
     registry.answer(TAGS, padded({"tags": ["a"]}, PAGE_LIMIT + 1))
-    assert "exceeds 16384 KiB" in refused(registry, "tags", "team/app")
+    assert "exceeds 1024 KiB" in refused(registry, "tags", "team/app")
 
 
 def endless_pages(registry: Registry, size: int) -> None:
