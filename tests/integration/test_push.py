@@ -153,7 +153,7 @@ def test_the_receiver_wants_its_token_and_a_body_it_understands(
     # A token that is not even text (bytes that are no UTF-8): refused, not a 500.
     for odd in (b"Bearer \xff\xfe", b"\xff\xfe", b"Bearer \xc3"):
         answer = httpx.post(f"https://127.0.0.1:{sandbox_env['PUSH_PORT']}/push",
-                            content=body, headers={"Authorization": odd}, timeout=30,
+                            content=body, headers={b"Authorization": odd}, timeout=30,
                             verify=ssl.create_default_context(cafile=sandbox_env["SANDBOX_CA"]))
         assert answer.status_code == 401, (odd, answer.text)
         assert answer.json() == {"error": "a valid push token is required"}

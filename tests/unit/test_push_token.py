@@ -24,7 +24,7 @@ class SecretOnly:
                 "data": {"token": base64.b64encode(TOKEN.encode()).decode()}}
 
 
-async def answers(headers: list[dict[str, bytes]]) -> list[httpx.Response]:
+async def answers(headers: list[dict[bytes, bytes]]) -> list[httpx.Response]:
     async def on_push(images: Any) -> list[Any]:
         return []
 
@@ -47,12 +47,12 @@ async def answers(headers: list[dict[str, bytes]]) -> list[httpx.Response]:
 
 def test_a_token_that_is_not_text_is_refused_with_401() -> None:
     odd = [b"Bearer \xff\xfe", b"\xff\xfe", b"Bearer \xc3", b"Bearer " + TOKEN.encode() + b"\xff"]
-    got = asyncio.run(answers([{"Authorization": v} for v in odd]
-                              + [{"X-Scangate-Token": b"\xff\xfe"}]))
+    got = asyncio.run(answers([{b"Authorization": v} for v in odd]
+                              + [{b"X-Scangate-Token": b"\xff\xfe"}]))
     assert [r.status_code for r in got] == [401] * 5, [r.text for r in got]
     assert all(r.json() == {"error": "a valid push token is required"} for r in got)
 
 
 def test_the_right_token_still_passes() -> None:
-    got = asyncio.run(answers([{"Authorization": f"Bearer {TOKEN}".encode()}]))
+    got = asyncio.run(answers([{b"Authorization": f"Bearer {TOKEN}".encode()}]))
     assert got[0].status_code == 200, got[0].text
