@@ -504,7 +504,7 @@ class RegistryClient:
                     heapq.heapreplace(chosen, tag)
             read += size
             if read > LIST_LIMIT:
-                truncated = (f"its tag list was read up to {LIST_LIMIT >> 20} MiB, "
+                truncated = (f"its tag list was read up to {LIST_LIMIT >> 10} KiB, "
                              "the rest not")
                 break
         if matched > most:
