@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     admission_digest_ttl: Duration = "1m"
     """How long a tag's digest, resolved at admission, is reused before asking the
     registry again (a thousand pods of one image cause one lookup)."""
+    admission_failed_lookup_ttl: Duration = "30s"
+    """How long a tag lookup that failed (registry unreachable, refused, too slow, an
+    answer scangate cannot use) is remembered: an image on a hostile or broken registry
+    costs one lookup per this time, not one per review; meanwhile it is unscanned."""
     admission_scan_rate: float = Field(default=2.0, gt=0)
     """ImageScans a second the gate may create for unscanned images (a token bucket per
     replica); what exceeds it is shed, counted, and asked for again by the next review."""
@@ -104,9 +108,12 @@ class Settings(BaseSettings):
     """Attempts per scan before it ends Failed (corrupted logs, crashes and lost pods retry)."""
     retry_backoff: Duration = "10s"
     """First retry delay; it doubles with each attempt."""
-    max_result_log_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    max_result_log_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
     """Largest scan-Job log read (the compressed result travels in it); a longer one fails
     the scan as ResultTooLarge rather than exhaust the operator's memory."""
+    max_result_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
+    """Largest scan result after decompression (Trivy's JSON report); a larger one fails
+    the scan as ResultTooLarge: a few hundred KiB of log can inflate to gigabytes."""
     findings_budget_bytes: int = Field(default=65536, ge=1024, le=512 * 1024)
     """Size bound of .status.findings of one ImageScan (the counts always cover everything)."""
     reconcile_interval: float = Field(default=2.0, gt=0)
@@ -141,7 +148,14 @@ class Settings(BaseSettings):
     insecure_registries: list[str] = Field(default_factory=list)
     """Registries (host:port) spoken to over plain HTTP, like Docker's insecure-registries."""
     registry_timeout: Duration = "10s"
-    """Timeout of one registry request."""
+    """Deadline of one whole registry request (connecting, headers and body together,
+    redirects included): a registry trickling its answer cannot hold a lookup longer."""
+    max_tags_per_repository: int = Field(default=2000, ge=1)
+    """Tags of one repository a ScanRule keeps scanned; past it the rule keeps the last
+    ones in lexical order and says so (condition TooLarge, Event RuleTooLarge)."""
+    max_tags_per_rule: int = Field(default=10000, ge=1)
+    """Tags a ScanRule keeps scanned in all (its ImageScans); past it the rule keeps the
+    first repositories in lexical order and says so (condition TooLarge)."""
     allowed_networks: list[str] = Field(default_factory=list)
     """Networks (CIDR, JSON list) that registries and token services may be reached at
     although they are loopback, link-local or cloud-metadata addresses, which are refused

@@ -16,6 +16,10 @@ SCANS = Counter("scangate_scans_total", "Scans by result: completed, reused, ret
                 ["result"])
 SCAN_FAILURES = Counter("scangate_scan_failures_total", "Failed scan attempts by reason.",
                         ["reason"])
+RULES_TOO_LARGE = Counter(
+    "scangate_scanrule_too_large_total",
+    "ScanRule runs that scanned only part of what the rule matches (over "
+    "MAX_TAGS_PER_REPOSITORY or MAX_TAGS_PER_RULE).", ["namespace", "rule"])
 SCAN_DURATION = Histogram("scangate_scan_duration_seconds", "Time from Job start to result.",
                           buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800))
 QUEUE_DEPTH = Gauge("scangate_scan_queue_depth", "ImageScans waiting in phase Queued.")

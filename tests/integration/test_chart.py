@@ -122,7 +122,8 @@ def test_the_certificate_comes_from_cert_manager_or_a_secret_when_asked(
 def test_every_rendered_setting_is_one_the_operator_accepts(
     sandbox_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, values: str,
 ) -> None:
-    # Helm reads numbers as floats: 67108864 once rendered as 6.7108864e+07, which the
+    # Helm reads numbers as floats: 67108864 (the log cap then) once rendered as
+    # 6.7108864e+07, which the
     # operator refused at start (found by test_helm_install).
     from scangate.config import Settings
 
@@ -133,7 +134,8 @@ def test_every_rendered_setting_is_one_the_operator_accepts(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
-    assert settings.max_result_log_bytes == 64 * 1024 * 1024
+    assert settings.max_result_log_bytes == 16 * 1024 * 1024
+    assert settings.max_result_bytes == 8 * 1024 * 1024
     assert str(settings.max_running_scans) == env["SCANGATE_MAX_RUNNING_SCANS"]
 
 

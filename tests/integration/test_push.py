@@ -150,6 +150,13 @@ def test_the_receiver_wants_its_token_and_a_body_it_understands(
     body = json.dumps({"image": f"{registry}/{team}-a/api:v1.0.0"}).encode()
     assert post(sandbox_env, body).status_code == 401
     assert post(sandbox_env, body, "not-the-token").status_code == 401
+    # A token that is not even text (bytes that are no UTF-8): refused, not a 500.
+    for odd in (b"Bearer \xff\xfe", b"\xff\xfe", b"Bearer \xc3"):
+        answer = httpx.post(f"https://127.0.0.1:{sandbox_env['PUSH_PORT']}/push",
+                            content=body, headers={b"Authorization": odd}, timeout=30,
+                            verify=ssl.create_default_context(cafile=sandbox_env["SANDBOX_CA"]))
+        assert answer.status_code == 401, (odd, answer.text)
+        assert answer.json() == {"error": "a valid push token is required"}
     for malformed in (b'{"image": ', b'"just a string"', b'{"events": [{"action": 1}]}',
                       json.dumps({"image": "UPPER/Case:!"}).encode(), b"\xff" * 64):
         answer = post(sandbox_env, malformed, sandbox_env["PUSH_TOKEN"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from scangate.core.destinations import DestinationRefused, Destinations
@@ -34,3 +36,40 @@ def test_the_api_server_is_refused_even_in_an_allowed_network() -> None:
     with pytest.raises(DestinationRefused, match="API server"):
         DEFAULT.check("kubernetes.default.svc", 443, ["10.96.0.1"])
     DEFAULT.check("some-service", 8443, ["10.96.0.1"])  # another port of that address
+
+
+# -- IPv4 inside IPv6, and Azure's WireServer ---------------------------------------------
+
+@pytest.mark.parametrize(("address", "reaches", "what"), [
+    ("::127.0.0.1", "127.0.0.1", "loopback"),                  # IPv4-compatible
+    ("::ffff:127.0.0.1", "127.0.0.1", "loopback"),             # IPv4-mapped
+    ("[::ffff:a9fe:a9fe]", "169.254.169.254", "cloud metadata"),
+    ("64:ff9b::a9fe:a9fe", "169.254.169.254", "cloud metadata"),  # NAT64
+    ("64:ff9b:1::a9fe:a9fe", "169.254.169.254", "cloud metadata"),  # NAT64, local use
+    ("::ffff:0:a9fe:a9fe", "169.254.169.254", "cloud metadata"),  # IPv4-translated
+    ("2002:a9fe:a9fe::1", "169.254.169.254", "cloud metadata"),   # 6to4
+    ("2002:7f00:1::", "127.0.0.1", "loopback"),
+    ("2001:0:a9fe:a9fe::", "169.254.169.254", "cloud metadata"),   # Teredo server
+    ("168.63.129.16", "168.63.129.16", "cloud metadata"),          # Azure WireServer
+    ("64:ff9b::a83f:8110", "168.63.129.16", "cloud metadata"),
+])
+def test_ipv4_addresses_inside_ipv6_ones_are_judged_as_what_they_reach(
+        address: str, reaches: str, what: str) -> None:
+    with pytest.raises(DestinationRefused, match=f"{re.escape(reaches)}.*a {what} address"):
+        Destinations().check("h.example", 443, [address])
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111",
+                                     "168.63.129.17", "::ffff:8.8.8.8"])
+def test_public_addresses_inside_ipv6_stay_allowed(address: str) -> None:
+    Destinations().check("h.example", 443, [address])
+
+
+def test_an_allowed_network_allows_its_embeddings_too() -> None:
+    Destinations.of(["127.0.0.0/8"], []).check("h", 80, ["::ffff:127.0.0.1", "::127.0.0.1"])
+
+
+def test_the_api_server_is_refused_inside_ipv6_too() -> None:
+    destinations = Destinations.of(["10.0.0.0/8"], [("10.0.0.1", 6443)])
+    with pytest.raises(DestinationRefused, match="API server"):
+        destinations.check("h", 6443, ["64:ff9b::a00:1"])

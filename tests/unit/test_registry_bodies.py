@@ -358,7 +358,7 @@ def test_a_page_is_read_up_to_its_limit(registry: Registry) -> None:
     registry.answer(TAGS, padded({"tags": ["a"]}, PAGE_LIMIT))
     assert run(registry, "tags", "team/app") == ["a"]
     registry.answer(TAGS, padded({"tags": ["a"]}, PAGE_LIMIT + 1))
-    assert "exceeds 16384 KiB" in refused(registry, "tags", "team/app")
+    assert "exceeds 1024 KiB" in refused(registry, "tags", "team/app")
 
 
 def endless_pages(registry: Registry, size: int) -> None:
@@ -430,3 +430,46 @@ def test_the_catalog_is_streamed_page_by_page(registry: Registry) -> None:
                 out.append((page, len(registry.seen)))  # requests made when it arrived
             return out
     assert asyncio.run(pages()) == [(["a/1", "a/2"], 1), (["b/1"], 2)]
+
+
+def test_a_tag_listing_keeps_the_last_matching_tags_within_its_cap(registry: Registry) -> None:
+    pages = [[f"v{i:04d}" for i in range(p * 1000, (p + 1) * 1000)] + ["latest", "dev"]
+             for p in range(5)]
+
+    def page(seen: Seen) -> Answer:
+        n = int(seen.path.rsplit("page=", 1)[-1]) if "page=" in seen.path else 0
+        if n == 4:
+            return reply({"tags": pages[n]})
+        return reply({"tags": pages[n]}, Link=f'<{TAGS}?n=1000&page={n + 1}>; rel="next"')
+    registry.answers[TAGS] = page
+
+    async def go() -> Any:
+        async with RegistryClient(registry.url) as client:
+            return await client.list_tags("team/app", lambda t: t.startswith("v"), 2000)
+    listing = asyncio.run(go())
+    assert listing.tags == [f"v{i:04d}" for i in range(3000, 5000)]
+    assert listing.matched == 5000
+    assert "5000 tags match, the last 2000 in lexical order are kept" in listing.truncated
+
+
+def test_a_tag_listing_under_its_cap_is_whole(registry: Registry) -> None:
+    registry.answer(TAGS, {"tags": ["b", "a", "c"]})
+
+    async def go() -> Any:
+        async with RegistryClient(registry.url) as client:
+            return await client.list_tags("team/app", lambda t: t != "c", 10)
+    listing = asyncio.run(go())
+    assert (listing.tags, listing.matched, listing.truncated) == (["a", "b"], 2, "")
+
+
+def test_a_tag_listing_stops_reading_after_the_list_limit(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_client, "LIST_LIMIT", 3 << 10)
+    endless_pages(registry, 1 << 10)
+
+    async def go() -> Any:
+        async with RegistryClient(registry.url) as client:
+            return await client.list_tags("team/app", lambda t: True, 100)
+    listing = asyncio.run(go())
+    assert "read up to 3 KiB, the rest not" in listing.truncated
+    assert len(registry.seen) == 4 and len(listing.tags) == 4

@@ -101,3 +101,35 @@ def test_a_push_reaches_only_the_rules_it_falls_under() -> None:
              ("ns/d", "reg:5000", Scope(("team-a",)), SEMVER, False)]
     assert matching_rules(rules, "reg:5000", "team-a/api", "v1.0.0") == ["ns/a"]
     assert matching_rules(rules, "reg:5000", "team-a/api", "latest") == []
+
+
+# -- the per-rule cap ---------------------------------------------------------------------
+
+def test_a_selection_keeps_the_first_by_repository_and_tag_whatever_the_order() -> None:
+    import random
+
+    from scangate.core.rules import Selection
+
+    pairs = [(f"team/r{r}", f"v{t:03d}") for r in range(5) for t in range(40)]
+    chosen = []
+    for seed in range(3):
+        random.Random(seed).shuffle(pairs)
+        selection = Selection(50)
+        for repository, tag in pairs:
+            selection.add(repository, [tag])
+            assert len(selection._heap) <= 50  # never holds more than its cap
+        chosen.append(selection.by_repository())
+        assert selection.offered == 200 and selection.dropped == 150
+    assert chosen[0] == chosen[1] == chosen[2]
+    assert chosen[0] == {"team/r0": [f"v{t:03d}" for t in range(40)],
+                         "team/r1": [f"v{t:03d}" for t in range(10)]}
+
+
+def test_a_selection_under_its_cap_keeps_everything() -> None:
+    from scangate.core.rules import Selection
+
+    selection = Selection(10)
+    selection.add("a/b", ["2", "1"])
+    selection.add("a/a", ["x"])
+    assert selection.by_repository() == {"a/a": ["x"], "a/b": ["1", "2"]}
+    assert selection.dropped == 0

@@ -36,10 +36,10 @@ from typing import Any
 
 from scangate import metrics
 from scangate.admission.configuration import covers
+from scangate.admission.digests import DigestLookups
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
-from scangate.core.durations import parse_duration
 from scangate.core.images import ImageRef, parse_image
 from scangate.core.policy import (
     BreakGlassGrant,
@@ -61,8 +61,6 @@ from scangate.core.workloads import (
     reference,
 )
 from scangate.kube import Kube, Obj, now
-from scangate.registry.client import RegistryError
-from scangate.scanning.registries import base_url, registry_client
 from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.admission")
@@ -155,10 +153,8 @@ class Gate:
         self.on_blocked: Callable[[Decision, str, dict[str, list[Obj]]], None] | None = None
         """Called with each refusal (not on dry runs): the notifier's Blocked events."""
         self.namespaces: dict[str, dict[str, str]] = {}
-        self.digest_ttl = parse_duration(settings.admission_digest_ttl).total_seconds()
-        self._digests: OrderedDict[str, tuple[float, str | None, str]] = OrderedDict()
-        """image -> (expiry, digest or None, why not)"""
-        self._lookups: dict[str, asyncio.Future[tuple[str | None, str]]] = {}
+        self.digests = DigestLookups(settings, destinations)
+        """Tags' digests: cached, single-flight and bounded lookups (admission.digests)."""
         self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
         self._requested: dict[str, float] = {}
         """Digests (or images) whose scan the gate created, and when: once each."""
@@ -302,7 +298,10 @@ class Gate:
         if not images.references and not images.errors:
             return Review(Decision(allowed=True, action="Allow"), ())
         refs = {name: parse_image(name) for name in images.references}
-        resolved = await asyncio.gather(*(self._digest(ref) for ref in refs.values()))
+        # Images the registry does not resolve by the deadline are unscanned for this
+        # review: the policy's `unscanned` rule decides, in time.
+        resolved = await self.digests.digests(list(refs.values()), namespace,
+                                              self.digests.review_deadline())
         now = datetime.now(UTC)
         results: dict[str, ImageResult | None] = {}
         # An image whose digest the registry would not tell is unscanned: the scan the
@@ -390,64 +389,18 @@ class Gate:
         kind = str((request.get("kind") or {}).get("kind", ""))
         namespace = str(request.get("namespace") or "")
         labels = self.namespaces.get(namespace, {})
-        patches = []
+        pinned = []
         for image in new_images(kind, obj, request.get("oldObject")):
             normalised = reference(image).normalised
             if normalised is None or "@" in normalised or not any(
                     applies(p, namespace, labels, normalised) for p in pinning):
                 continue
-            digest, _ = await self._digest(parse_image(normalised))
-            if digest:
-                patches.append({"op": "replace", "path": image.path,
-                                "value": f"{image.image}@{digest}"})
-        return patches
-
-    # -- digests ---------------------------------------------------------------------
-
-    async def _digest(self, ref: ImageRef) -> tuple[str | None, str]:
-        """The image's digest (its own, or its tag's by a cached, single-flight lookup)
-        and, when there is none, why."""
-        if ref.digest:
-            return ref.digest, ""
-        key = str(ref)
-        held = self._digests.get(key)
-        if held is not None and held[0] > time.monotonic():
-            return held[1], held[2]
-        lookup = self._lookups.get(key)
-        if lookup is None:
-            lookup = asyncio.get_running_loop().create_future()
-            self._lookups[key] = lookup
-            task = asyncio.create_task(self._lookup(key, ref, lookup))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(lookup)
-
-    async def _lookup(self, key: str, ref: ImageRef,
-                      lookup: asyncio.Future[tuple[str | None, str]]) -> None:
-        timeout = max(self.settings.admission_timeout_seconds - 2, 1)
-        answer: tuple[str | None, str]
-        try:
-            client = registry_client(base_url(ref, None, self.settings), {}, None,
-                                     ref.registry, self.settings, self.destinations)
-            async with client:
-                resolved = await asyncio.wait_for(client.resolve(ref), timeout)
-            # A multi-platform tag by its index's digest: what the node resolves, whatever
-            # its platform, and what pinDigests pins (results answer for both digests).
-            answer = (resolved.index_digest or resolved.digest, "")
-        except Exception as e:
-            # Whatever went wrong, the shared lookup must end: every review of this image
-            # waits on it, and would otherwise wait until the API server gives up.
-            if not isinstance(e, RegistryError | TimeoutError | OSError):
-                log.exception("digest lookup of %s failed", ref)
-            why = str(e) or f"no answer within {timeout}s"
-            answer = (None, f"the registry could not say which image {ref} is: {why}"[:300])
-        # A failed lookup is remembered briefly only: the registry may be back soon.
-        ttl = self.digest_ttl if answer[0] else min(self.digest_ttl, 5.0)
-        self._digests[key] = (time.monotonic() + ttl, *answer)
-        while len(self._digests) > DIGESTS_CACHED:
-            self._digests.popitem(last=False)
-        del self._lookups[key]
-        lookup.set_result(answer)
+            pinned.append((image, parse_image(normalised)))
+        # An image not resolved in time is left unpinned; the validating review judges it.
+        digests = await self.digests.digests([ref for _, ref in pinned], namespace,
+                                             self.digests.review_deadline())
+        return [{"op": "replace", "path": image.path, "value": f"{image.image}@{digest}"}
+                for (image, _), (digest, _) in zip(pinned, digests, strict=True) if digest]
 
     # -- results ---------------------------------------------------------------------
 

@@ -28,8 +28,9 @@ _BEGIN_LINE = re.compile(
 )
 
 
-MAX_FRAME_BYTES = 64 * 1024 * 1024
-"""The most that the frames of one log may decompress to, together."""
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+"""The most that the frames of one log may decompress to, together (the operator's
+MAX_RESULT_BYTES sets it)."""
 MAX_LOG_CHARS = 256 * 1024 * 1024
 """The longest log decoded at all."""
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
@@ -37,6 +38,11 @@ _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflat
 
 class FrameError(ValueError):
     """The log does not hold an intact frame."""
+
+
+class FrameTooLarge(FrameError):
+    """Intact frames that decompress past the limit: the same log would be refused again,
+    so this is no damage to retry but a result too large to take."""
 
 
 def encode(name: str, payload: bytes) -> str:
@@ -83,27 +89,37 @@ def decode(log: str, *, max_bytes: int = MAX_FRAME_BYTES,
             raise FrameError(f"frame {name!r} is corrupted: checksum mismatch")
         left = max_bytes - used
         try:
-            frames[name] = _gunzip(packed, left)
+            inflated = _gunzip(packed, left)
         except zlib.error as e:
             raise FrameError(f"frame {name!r} does not decompress: {e}") from None
-        if len(frames[name]) > left:
+        if len(inflated) > left:
             others = " with the frames before it" if used else ""
-            raise FrameError(f"frame {name!r} decompresses to more than {max_bytes} "
-                             f"bytes{others}")
+            raise FrameTooLarge(f"frame {name!r} decompresses to more than {max_bytes} "
+                                f"bytes{others}")
+        frames[name] = bytes(inflated)
+        del inflated
         used += len(frames[name])
         i += 1
     return frames
 
 
-def _gunzip(packed: bytes, limit: int) -> bytes:
+_CHUNK = 1 << 20
+
+
+def _gunzip(packed: bytes, limit: int) -> bytearray:
     """`packed` decompressed, but cut short after `limit` + 1 bytes so that a bomb
-    never inflates further; raises zlib.error on damage."""
-    out = b""
+    never inflates further; raises zlib.error on damage. Inflated a MiB at a time into
+    one buffer: what it holds is about what it returns, never a copy of it besides."""
+    out = bytearray()
     rest = packed
     while rest and len(out) <= limit:  # members may be concatenated, as gzip(1) allows
         member = zlib.decompressobj(wbits=_GZIP_WBITS)
-        out += member.decompress(rest, limit + 1 - len(out))
-        if len(out) <= limit and not member.eof:
-            raise zlib.error("truncated gzip stream")
+        data = rest
+        while not member.eof and len(out) <= limit:
+            chunk = member.decompress(data, min(_CHUNK, limit + 1 - len(out)))
+            out += chunk
+            data = member.unconsumed_tail
+            if not data and not chunk and not member.eof:
+                raise zlib.error("truncated gzip stream")
         rest = member.unused_data.lstrip(b"\0")  # gzip(1) tolerates zero padding
     return out

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from scangate.core.framing import BEGIN, END, decode
+from scangate.core.framing import BEGIN, END, MAX_FRAME_BYTES, decode
 from scangate.core.trivy import ReportError, os_info, parse_report, parse_version, summarize
 
 
-def result_from_log(log: str, budget_bytes: int) -> dict[str, Any]:
-    """Status fields for a finished scan's log; raises FrameError or ReportError."""
-    frames = decode(log)
+def result_from_log(log: str, budget_bytes: int,
+                    max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+    """Status fields for a finished scan's log; raises FrameError (FrameTooLarge when its
+    frames decompress past `max_bytes`) or ReportError."""
+    frames = decode(log, max_bytes=max_bytes)
     if "report" not in frames:
         raise ReportError("the scan log holds no report frame")
     report = parse_report(frames["report"])

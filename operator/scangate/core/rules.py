@@ -10,6 +10,7 @@ so that a rerun finds the same objects instead of creating new ones.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,48 @@ def wanted(rule: str, tags_by_repository: Mapping[str, Iterable[str]],
                 name = scan_name(rule, repository, tag)
                 found[name] = Wanted(name, repository, tag)
     return found
+
+
+class _Latest:
+    """A heap entry ordered backwards, so that the heap's top is the largest key."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Latest) -> bool:
+        return self.key > other.key
+
+
+class Selection:
+    """At most `most` repository:tag pairs of a rule, the first by repository then tag
+    whatever order they arrive in (repositories are listed concurrently), holding no
+    more than `most` at any time."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.offered = 0
+        self._heap: list[_Latest] = []
+
+    def add(self, repository: str, tags: Iterable[str]) -> None:
+        for tag in tags:
+            self.offered += 1
+            key = (repository, tag)
+            if len(self._heap) < self.most:
+                heapq.heappush(self._heap, _Latest(key))
+            elif key < self._heap[0].key:
+                heapq.heapreplace(self._heap, _Latest(key))
+
+    @property
+    def dropped(self) -> int:
+        return self.offered - len(self._heap)
+
+    def by_repository(self) -> dict[str, list[str]]:
+        chosen: dict[str, list[str]] = {}
+        for repository, tag in sorted(e.key for e in self._heap):
+            chosen.setdefault(repository, []).append(tag)
+        return chosen
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from scangate.core.policy import Decision, Verdict
 from scangate.core.scanstate import ScanIndex, ScanState, parse_time
 from scangate.core.trivy import decode_index
 from scangate.kube import Kube, Obj, now
-from scangate.outbound import check_destination
+from scangate.outbound import Resolver, pinned_client
 from scangate.registry.auth import CredentialsError, secret_field
 from scangate.scanning.registries import tls_context
 
@@ -121,6 +121,8 @@ class Notifier:
                  destinations: Destinations, covering: Covering) -> None:
         self.kube, self.settings, self.index = kube, settings, index
         self.destinations = destinations
+        self.resolver: Resolver | None = None
+        """Replaces the system's resolver for receivers' names (tests)."""
         self.covering = covering
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader): only the leader sends."""
@@ -345,10 +347,9 @@ class Notifier:
     async def _send(self, receiver: Receiver, state: ReceiverState, kind: str,
                     batch: list[Pending]) -> None:
         url, secret = await self._url_and_secret(receiver, state)
-        client = httpx.AsyncClient(
-            verify=tls_context(state.spec.get("caBundle")), timeout=10.0,
-            follow_redirects=False,
-            event_hooks={"request": [lambda r: check_destination(self.destinations, r)]})
+        # Connections go to the receiver's address that was checked, resolved once.
+        client = pinned_client(self.destinations, verify=tls_context(state.spec.get("caBundle")),
+                               timeout=10.0, resolver=self.resolver)
         try:
             # httpx's timeout bounds each read: a receiver trickling a byte at a time
             # would hold its worker forever without this deadline on the whole exchange.

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
+import heapq
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scangate.core.destinations import DestinationRefused, Destinations
 from scangate.core.errors import describe_validation
+from scangate.core.headers import HeaderError, next_link, parse_challenge
 from scangate.core.images import ImageRef
-from scangate.outbound import check_destination
+from scangate.outbound import Resolver, pinned_client
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -46,20 +47,18 @@ INDEX_TYPES = MANIFEST_TYPES[:2]
 IMAGE_TYPES = MANIFEST_TYPES[2:]
 
 # What a registry can make scangate read or do. Manifests are a few KiB (registries
-# need only accept 4 MiB); a page of tags rarely reaches 1 MiB.
+# need only accept 4 MiB); a page of 1,000 tags is a few tens of KiB.
 MANIFEST_LIMIT = 4 << 20
-PAGE_LIMIT = 16 << 20
+PAGE_LIMIT = 1 << 20
 LIST_LIMIT = 64 << 20
-"""All pages of one tag list or catalog together: each page is bounded, their number too,
-but 10,000 pages of 16 MiB would still not fit in the operator's memory."""
+"""All pages of one repository's tag list read together: they are read one page at a
+time (only the tags kept stay in memory), and reading stops here."""
 TOKEN_LIMIT = 64 << 10
 MAX_PAGES = 10_000
 MAX_REDIRECTS = 5
 MAX_RETRY_DELAY = 30.0
 """The longest wait for a Retry-After; a registry asking for more is unavailable now."""
 
-_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-_NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 # RFC 6750 b64token: anything else cannot go into an Authorization header.
 _TOKEN = r"^[A-Za-z0-9._~+/-]+=*$"
 _PORTS = {"http": 80, "https": 443}
@@ -204,6 +203,17 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class TagListing:
+    """The tags kept of a repository's listing (sorted), and whether some were not."""
+
+    tags: list[str]
+    matched: int
+    """Tags accepted in all that was read."""
+    truncated: str = ""
+    """Why not every matching tag is in `tags` ("" when all are)."""
+
+
+@dataclass(frozen=True)
 class Resolved:
     """What a reference points at, for one platform."""
 
@@ -231,19 +241,27 @@ class RegistryClient:
         destinations: Destinations | None = None,
         retries: int = 0,
         backoff: float = 0.5,
+        resolver: Resolver | None = None,
     ) -> None:
-        """`retries`: how often a request answered 429 or 5xx, or not answered at all, is
+        """`timeout`: the deadline of each whole request (connecting, the headers and the
+        body together, redirects included), not only of each read: a registry trickling
+        its answer a line at a time must not hold a lookup for longer.
+        `retries`: how often a request answered 429 or 5xx, or not answered at all, is
         sent again, after `backoff` seconds doubling each time or the registry's
-        Retry-After (at most MAX_RETRY_DELAY)."""
+        Retry-After (at most MAX_RETRY_DELAY).
+        `destinations`: every connection goes to an address this policy allows, the one
+        checked (scangate.outbound); `resolver` replaces the system's resolver there."""
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = retries, backoff
         self.credentials = credentials
         self.destinations = destinations
+        self.timeout = timeout
         self._insecure = self.base_url.lower().startswith("http://")
-        hooks = {"request": [self._check_destination]} if destinations else None
         # Redirects are followed in _send, which decides where Authorization may go.
-        self._http = httpx.AsyncClient(verify=verify, timeout=timeout, follow_redirects=False,
-                                       event_hooks=hooks)
+        self._http = (pinned_client(destinations, verify=verify, timeout=timeout,
+                                    resolver=resolver) if destinations else
+                      httpx.AsyncClient(verify=verify, timeout=timeout,
+                                        follow_redirects=False, trust_env=False))
         self._tokens: dict[str, str] = {}
         self._withheld_from: str | None = None
         """The plain-HTTP token realm host the credentials were withheld from, if any."""
@@ -263,14 +281,6 @@ class RegistryClient:
     def _may_carry_credentials(self, url: httpx.URL) -> bool:
         return url.scheme == "https" or self._insecure
 
-    async def _check_destination(self, request: httpx.Request) -> None:
-        """httpx's request hook: it runs before every request, redirects included."""
-        assert self.destinations is not None
-        try:
-            await check_destination(self.destinations, request)
-        except DestinationRefused as e:
-            raise RegistryRefused(str(e)) from None
-
     async def _send(self, method: str, url: httpx.URL, who: str, *,
                     error: type[RegistryError] = RegistryError,
                     authorization: str | None = None, origin: _Origin | None = None,
@@ -278,7 +288,23 @@ class RegistryClient:
         """One request and its redirects. `authorization` goes only to `origin` (by
         default `url`'s own) and over plain HTTP only for an insecure registry: a redirect
         elsewhere is followed without it. The body of a 200 is read up to `limit` bytes;
-        other bodies (and any with limit 0) are not read at all."""
+        other bodies (and any with limit 0) are not read at all. The whole exchange has
+        `self.timeout` seconds."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._send_within(method, url, who, error=error,
+                                               authorization=authorization, origin=origin,
+                                               headers=headers, limit=limit)
+        except TimeoutError:
+            raise RegistryUnavailable(
+                f"{who} sent no complete answer within {self.timeout:g}s") from None
+        except DestinationRefused as e:
+            raise RegistryRefused(str(e)) from None
+
+    async def _send_within(self, method: str, url: httpx.URL, who: str, *,
+                           error: type[RegistryError], authorization: str | None,
+                           origin: _Origin | None, headers: dict[str, str] | None,
+                           limit: int) -> _Answer:
         origin = origin or _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers or {})
@@ -348,18 +374,24 @@ class RegistryClient:
 
     async def _authenticate(self, answer: _Answer, scope: str) -> bool:
         """Obtain an Authorization header for the challenge; False when there is nothing to try."""
-        challenge = answer.headers.get("WWW-Authenticate", "")
-        scheme, _, params_text = challenge.partition(" ")
+        try:
+            challenge = parse_challenge(answer.headers.get("WWW-Authenticate", ""))
+        except HeaderError as e:
+            raise RegistryAuthError(f"registry {self.base_url} sent an authentication "
+                                    f"challenge scangate cannot use: {e}") from None
+        if challenge is None:
+            return False
+        scheme = challenge.scheme
         if scope in self._tokens and self._tokens[scope].startswith(scheme.capitalize()):
             return False  # our credentials were just refused
-        if scheme.lower() == "basic":
+        if scheme == "basic":
             if not self.credentials:
                 return False
             self._tokens[scope] = self.credentials.basic
             return True
-        if scheme.lower() != "bearer":
+        if scheme != "bearer":
             return False
-        params = dict(_CHALLENGE_PARAM.findall(params_text))
+        params = challenge.params
         if "realm" not in params:
             return False
         # The realm may be another host (Docker Hub's is), but the credentials go there only
@@ -451,6 +483,36 @@ class RegistryClient:
             tags += page
         return tags
 
+    async def list_tags(self, repository: str, keep: Callable[[str], bool], most: int,
+                        page_size: int = 1000) -> TagListing:
+        """The tags of a repository that `keep` accepts, at most `most` of them: the last
+        ones in lexical order (for dated or zero-padded version tags, the newest), so the
+        same listing always gives the same choice. Only the tags kept are held in memory,
+        and reading stops after LIST_LIMIT bytes of pages (said in `truncated`)."""
+        path = f"/v2/{repository}/tags/list?n={page_size}"
+        chosen: list[str] = []  # a min-heap: the smallest kept tag goes first
+        matched = read = 0
+        truncated = ""
+        async for page, size in self._pages(path, f"repository:{repository}:pull", "tags"):
+            for tag in page:
+                if not isinstance(tag, str) or not keep(tag):
+                    continue
+                matched += 1
+                if len(chosen) < most:
+                    heapq.heappush(chosen, tag)
+                elif tag > chosen[0]:
+                    heapq.heapreplace(chosen, tag)
+            read += size
+            if read > LIST_LIMIT:
+                truncated = (f"its tag list was read up to {LIST_LIMIT >> 10} KiB, "
+                             "the rest not")
+                break
+        if matched > most:
+            truncated = "; ".join(x for x in (
+                truncated, f"{matched} tags match, the last {most} in lexical order are "
+                "kept") if x)
+        return TagListing(sorted(set(chosen)), matched, truncated)
+
     async def catalog(self, page_size: int = 1000) -> AsyncIterator[list[str]]:
         """The repositories the credentials may see, page by page: a catalog of any size
         is read in the memory of one page."""
@@ -474,10 +536,14 @@ class RegistryClient:
                 raise RegistryError(f"registry answered HTTP {response.status} for {path}")
             page = _parse(_Page, response, f"a page of {path} from {self.base_url}")
             yield getattr(page, key) or [], len(response.body)
-            link = _NEXT_LINK.search(response.headers.get("Link", ""))
+            try:
+                link = next_link(response.headers.get("Link", ""))
+            except HeaderError as e:
+                raise RegistryError(f"registry {self.base_url} paginates {path} with a "
+                                    f"Link scangate cannot use: {e}") from None
             if not link:
                 return
-            url = urljoin(self.base_url + "/", link.group(1))
+            url = urljoin(self.base_url + "/", link)
         raise RegistryError(f"registry {self.base_url} has more than {MAX_PAGES} pages of {path}")
 
 

@@ -80,8 +80,13 @@ class PushReceiver:
             return _answer(503, "unavailable",
                            f"the push token Secret {self.settings.push_token_secret} "
                            f"has no token")
-        given = self._given_token(request)
-        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        try:
+            # aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates, which
+            # do not encode: such a token is simply not the token.
+            given = self._given_token(request).encode()
+        except UnicodeEncodeError:
+            given = b""
+        if not given or not hmac.compare_digest(given, expected.encode()):
             return _answer(401, "unauthorized", "a valid push token is required")
         try:
             body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)

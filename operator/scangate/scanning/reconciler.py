@@ -30,7 +30,7 @@ from scangate.api import GROUP, VERSION
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
-from scangate.core.framing import FrameError
+from scangate.core.framing import FrameError, FrameTooLarge
 from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.scanstate import (
@@ -538,14 +538,21 @@ class ScanReconciler:
         except LookupError as e:
             return await self._attempt_failed(scan, "PodLost", str(e))
         except LogTooLarge as e:
-            return await self._fail(scan, "ResultTooLarge", str(e))
+            return await self._fail(scan, "ResultTooLarge", f"{e} (MAX_RESULT_LOG_BYTES)",
+                                    counted=False)
         if job.finished == "Failed":
             tail = log_tail(text) or "no output"
             return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")
         try:
             # Off the event loop: a large report takes a while to decompress and parse.
             result = await asyncio.to_thread(result_from_log, text,
-                                             self.settings.findings_budget_bytes)
+                                             self.settings.findings_budget_bytes,
+                                             self.settings.max_result_bytes)
+        except FrameTooLarge as e:
+            # Intact but too large (a decompression bomb, or a report past
+            # MAX_RESULT_BYTES): another attempt would print the same.
+            return await self._fail(scan, "ResultTooLarge", f"{e} (MAX_RESULT_BYTES)",
+                                    counted=False)
         except FrameError as e:
             return await self._attempt_failed(scan, "ResultCorrupted", str(e))
         except ReportError as e:
@@ -586,7 +593,11 @@ class ScanReconciler:
             return
         await self._fail(scan, reason, f"{message} (after {attempts} attempts)")
 
-    async def _fail(self, scan: ScanState, reason: str, message: str) -> None:
+    async def _fail(self, scan: ScanState, reason: str, message: str,
+                    counted: bool = True) -> None:
+        """`counted`: the attempt's failure is already in scangate_scan_failures_total."""
+        if not counted:
+            metrics.SCAN_FAILURES.labels(reason).inc()
         message = _clip(message)
         await self._set(scan, {
             "phase": "Failed", "reason": reason, "message": message, "completionTime": now(),

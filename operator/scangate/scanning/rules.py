@@ -36,11 +36,12 @@ from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.images import InvalidReference, parse_image
-from scangate.core.patterns import PatternError, TagFilter, check_tag_filter
+from scangate.core.patterns import PatternError, TagFilter, check_tag_filter, tag_matches
 from scangate.core.rules import (
     Plan,
     ScheduleError,
     Scope,
+    Selection,
     Wanted,
     manual_run_requested,
     matching_rules,
@@ -493,7 +494,8 @@ class RuleController:
         try:
             tag_filter = check_tag_filter(rule.spec.get("tagFilter") or ".*")
             async with await self._client(rule) as client:
-                repositories, matched = await self._wanted(rule, client, tag_filter)
+                repositories, matched, too_large = await self._wanted(rule, client,
+                                                                      tag_filter)
                 plan = reconcile(matched, [s.name for s in self.index.by_rule(rule.namespace,
                                                                               rule.name)])
                 await self._rescan_moved(rule, client, plan)
@@ -512,7 +514,7 @@ class RuleController:
             "repositories": repositories, "tags": len(matched),
             "scansCreated": len(plan.create)}, {
             "type": "RegistryReachable", "status": "True", "reason": "Listed",
-            "message": f"listed {repositories} repositories of {host}"})
+            "message": f"listed {repositories} repositories of {host}"}, too_large)
 
     def _retry_later(self, rule: RuleState, trigger: str, error: Exception) -> datetime:
         """Do the failed run again after a doubling backoff (or the registry's Retry-After)."""
@@ -582,27 +584,50 @@ class RuleController:
         if failed:
             raise failed[0]
 
-    async def _wanted(self, rule: RuleState, client: RegistryClient,
-                      tag_filter: TagFilter) -> tuple[int, dict[str, Wanted]]:
-        """The repositories with tags, and the ImageScans wanted for their matching tags."""
-        found: dict[str, Wanted] = {}
+    async def _wanted(self, rule: RuleState, client: RegistryClient, tag_filter: TagFilter
+                      ) -> tuple[int, dict[str, Wanted], str]:
+        """The repositories with matching tags, the ImageScans wanted for them, and why
+        not all matching tags are wanted ("" when they are). Bounded: at most
+        MAX_TAGS_PER_REPOSITORY of a repository (its last in lexical order) and
+        MAX_TAGS_PER_RULE in all (the first repositories in lexical order), so memory
+        and the ImageScans made stay within the caps however many tags a registry lists."""
+        per_repository = self.settings.max_tags_per_repository
+        selection = Selection(self.settings.max_tags_per_rule)
         repositories = 0
+        cut: list[str] = []
+
+        def keep(tag: str) -> bool:
+            return tag_matches(tag_filter, tag)
 
         async def list_tags(repository: str) -> None:
             nonlocal repositories
             try:
-                tags = await client.tags(repository)
+                listing = await client.list_tags(repository, keep, per_repository)
             except ImageNotFound:  # a listed repository that does not exist (yet)
                 return
-            repositories += bool(tags)
-            found.update(wanted(rule.name, {repository: tags}, tag_filter))
+            repositories += bool(listing.tags)
+            if listing.truncated:
+                cut.append(f"{repository}: {listing.truncated}")
+            selection.add(repository, listing.tags)
 
         async def work() -> AsyncIterator[Work]:
             async for repository in self._repositories(client, rule.scope):
                 yield partial(list_tags, repository)
 
         await self._each(self._slots(rule.host), work())
-        return repositories, found
+        why = []
+        if cut:
+            cut.sort()
+            why.append(f"{len(cut)} repositories have more than MAX_TAGS_PER_REPOSITORY "
+                       f"({per_repository}) matching tags or too long a tag list ("
+                       + "; ".join(cut[:5]) + ("; ..." if len(cut) > 5 else "") + ")")
+        if selection.dropped:
+            why.append(f"{selection.offered} tags would be scanned, more than "
+                       f"MAX_TAGS_PER_RULE ({selection.most}): the first "
+                       f"{selection.most} by repository and tag are, "
+                       f"{selection.dropped} not")
+        return repositories, wanted(rule.name, selection.by_repository(),
+                                    tag_filter), "; ".join(why)
 
     @staticmethod
     async def _repositories(client: RegistryClient, scope: Scope) -> AsyncIterator[str]:
@@ -709,7 +734,9 @@ class RuleController:
 
     async def _status(self, rule: RuleState, trigger: str, started: str,
                       scheduled: datetime | None, last_run: Obj | None,
-                      reachable: Obj) -> None:
+                      reachable: Obj, too_large: str | None = None) -> None:
+        """`too_large`: after a run that listed, why not every matching tag is scanned
+        ("" when all are); None when the run did not get that far."""
         images, totals = self._totals(rule)
         ready = reachable["status"] == "True"
         status: Obj = {
@@ -723,6 +750,16 @@ class RuleController:
                  "lastTransitionTime": started, "observedGeneration": rule.generation},
                 {**reachable, "lastTransitionTime": started,
                  "observedGeneration": rule.generation}]}
+        held = next((c for c in rule.conditions if c.get("type") == "TooLarge"), None)
+        if too_large is None and held is not None:
+            status["conditions"].append(held)  # a failed run does not know: kept
+        if too_large is not None:
+            status["conditions"].append({
+                "type": "TooLarge", "status": "True" if too_large else "False",
+                "reason": "RuleTooLarge" if too_large else "WithinLimits",
+                "message": (f"scanning only part of what the rule matches: {too_large}"
+                            [:3900] if too_large else "every matching tag is scanned"),
+                "lastTransitionTime": started, "observedGeneration": rule.generation})
         if trigger == "Manual" and rule.scan_now:
             status["lastScanNow"] = rule.scan_now
         what = f"{trigger} run"
@@ -732,6 +769,11 @@ class RuleController:
         await self._patch(rule, status)
         obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanRule",
                "metadata": {"name": rule.name, "namespace": rule.namespace, "uid": rule.uid}}
+        if too_large:
+            metrics.RULES_TOO_LARGE.labels(rule.namespace, rule.name).inc()
+            await self.kube.event(obj, "Warning", "RuleTooLarge",
+                                  f"{what}: scanning only part of what the rule matches: "
+                                  f"{too_large}")
         if ready:
             await self.kube.event(obj, "Normal", "Ran", f"{what}: {last_run}")
         else:
