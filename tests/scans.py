@@ -110,8 +110,14 @@ def injected(env: dict[str, str], *faults: tuple[str, list[str], dict[str, Any]]
 
 
 def events(kubectl: Kubectl, ns: str, reason: str) -> Counter[str]:
+    """How many times each object had an Event of `reason`: repeats of one event are
+    counted on one Event (`count`), as Kubernetes' recorder does, and counted here."""
     items = json.loads(kubectl("get", "events", "-n", ns, "-o", "json"))["items"]
-    return Counter(e["involvedObject"]["name"] for e in items if e["reason"] == reason)
+    seen: Counter[str] = Counter()
+    for e in items:
+        if e["reason"] == reason:
+            seen[e["involvedObject"]["name"]] += e.get("count") or 1
+    return seen
 
 
 def assert_result(scan: dict[str, Any], decl: dict[str, Any]) -> None:

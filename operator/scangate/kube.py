@@ -21,6 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from scangate.api import GROUP, VERSION
+from scangate.core.events import EventCorrelator
 
 Obj = dict[str, Any]
 
@@ -93,6 +94,7 @@ class Kube:
         self.coordination = client.CoordinationV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
+        self._events = EventCorrelator()
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> bytes:
         """Call `fn` on a thread of this Kube's own; the raw body of its answer.
@@ -304,19 +306,34 @@ class Kube:
 
     async def event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
         """Record a Kubernetes Event on `obj`, for `kubectl describe` (one of a
-        cluster-scoped object, a ScanPolicy, lives in `default`, as kubectl looks there)."""
+        cluster-scoped object, a ScanPolicy, lives in `default`, as kubectl looks there).
+        The same event again counts on the Event it made (core/events.py)."""
         meta = obj["metadata"]
         stamp = now()
         namespace = meta.get("namespace") or "default"
+        message = message[:1024]
+        key = (meta["uid"], type_, reason, message)
+        if (seen := self._events.previous(key)) is not None:
+            name, count = seen
+            try:
+                await self._call(self.core.patch_namespaced_event, name, namespace,
+                                 {"count": count + 1, "lastTimestamp": stamp},
+                                 _content_type="application/merge-patch+json")
+                self._events.record(key, name, count + 1)
+                return
+            except ApiException:  # expired or deleted: a new Event
+                self._events.forget(key)
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
             "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
                                "name": meta["name"], "namespace": meta.get("namespace") or "",
                                "uid": meta["uid"]},
-            "type": type_, "reason": reason, "message": message[:1024],
+            "type": type_, "reason": reason, "message": message,
             "source": {"component": "scangate"},
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
             "reportingComponent": "scangate.dev/operator", "reportingInstance": "scangate",
         }
         with contextlib.suppress(ApiException):  # a courtesy: never fail the work for it
-            await self._call(self.core.create_namespaced_event, namespace, body)
+            created = json.loads(
+                await self._call(self.core.create_namespaced_event, namespace, body))
+            self._events.record(key, created["metadata"]["name"], 1)

@@ -107,7 +107,7 @@ CAN = [
     ("get", "scanrules.scangate.dev"), ("watch", "scanrules.scangate.dev"),
     ("patch", "scanrules.scangate.dev", "status"), ("create", "imagescans.scangate.dev"),
     ("delete", "imagescans.scangate.dev"),
-    ("get", "secrets"), ("create", "events"),
+    ("get", "secrets"), ("create", "events"), ("patch", "events"),
     # Secure metrics: who a scraper's token belongs to.
     ("create", "tokenreviews.authentication.k8s.io"),
     ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),

@@ -246,3 +246,28 @@ def test_a_rule_enumerates_a_token_auth_registry(
     finally:
         registry.stop()
         tokens.stop()
+
+
+def test_a_failure_retried_counts_on_one_event_as_kubernetes_recorder_does(
+    kubectl: Kubectl, namespace: str,
+) -> None:
+    """A rule whose registry refuses connections fails every retry with the same message:
+    one RunFailed Event whose count rises, not one Event per retry."""
+    kubectl.apply(scan_rule("down", f"http://127.0.0.1:{free_port()}"), namespace)
+
+    def failures() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = json.loads(kubectl(
+            "get", "events", "-n", namespace, "--field-selector",
+            "involvedObject.name=down,reason=RunFailed", "-o", "json"))["items"]
+        return found
+
+    first = wait_for(lambda: condition(rule_status(kubectl, namespace, "down"),
+                                       "RegistryReachable"), 60, "the first failure")
+    repeated = wait_for(lambda: [e for e in failures() if e.get("count", 1) >= 3], 60,
+                        "three failed retries")
+    assert len(failures()) == 1, [(e["message"], e.get("count")) for e in failures()]
+    assert repeated[0]["lastTimestamp"] > repeated[0]["firstTimestamp"]
+    # The condition says since when the registry has been unreachable, not the last retry.
+    now = condition(rule_status(kubectl, namespace, "down"), "RegistryReachable")
+    assert now["status"] == first["status"] == "False" and "retrying at" in now["message"]
+    assert now["lastTransitionTime"] == first["lastTransitionTime"], (first, now)

@@ -33,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from scangate import metrics
 from scangate.api import GROUP, VERSION
 from scangate.config import Settings
+from scangate.core.conditions import condition
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.images import InvalidReference, parse_image
@@ -426,10 +427,8 @@ class RuleController:
             return
         stamp = now()
         kept = [c for c in rule.conditions if c.get("type") != "Ready"]
-        ready = {"type": "Ready", "status": "False", "reason": reason, "message": message[:4000],
-                 "lastTransitionTime": held.get("lastTransitionTime", stamp)
-                 if held.get("status") == "False" else stamp,
-                 "observedGeneration": rule.generation}
+        ready = condition("Ready", "False", reason, message[:4000], rule.generation,
+                          rule.conditions, stamp)
         obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanRule",
                "metadata": {"name": rule.name, "namespace": rule.namespace, "uid": rule.uid}}
 
@@ -504,7 +503,7 @@ class RuleController:
             retry = self._retry_later(rule, trigger, e)
             return await self._status(rule, trigger, started, scheduled, None, {
                 "type": "RegistryReachable", "status": "False", "reason": reason,
-                "message": f"{str(e)[:3900]}; retrying at {retry:%H:%M:%S}Z"})
+                "message": str(e)[:3900]}, retry=retry)
         self._retries.pop(rule.ref, None)
         await self._each(self._api_slots, (partial(self._create_scan, rule, scan, host, trigger)
                                            for scan in plan.create))
@@ -734,9 +733,12 @@ class RuleController:
 
     async def _status(self, rule: RuleState, trigger: str, started: str,
                       scheduled: datetime | None, last_run: Obj | None,
-                      reachable: Obj, too_large: str | None = None) -> None:
+                      reachable: Obj, too_large: str | None = None,
+                      retry: datetime | None = None) -> None:
         """`too_large`: after a run that listed, why not every matching tag is scanned
-        ("" when all are); None when the run did not get that far."""
+        ("" when all are); None when the run did not get that far. `retry`: when a failed
+        run is tried again (in the conditions, not the Event, so that Kubernetes counts
+        the repeats of one failure on one Event)."""
         images, totals = self._totals(rule)
         ready = reachable["status"] == "True"
         status: Obj = {
@@ -744,22 +746,23 @@ class RuleController:
             "lastRun": {"time": started, "trigger": trigger, **(last_run or {})},
             "images": images, "totals": totals,
             "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False",
-                 "reason": "Ran" if ready else reachable["reason"],
-                 "message": "the rule ran" if ready else reachable["message"],
-                 "lastTransitionTime": started, "observedGeneration": rule.generation},
-                {**reachable, "lastTransitionTime": started,
-                 "observedGeneration": rule.generation}]}
+                condition("Ready", "True" if ready else "False",
+                          "Ran" if ready else reachable["reason"],
+                          "the rule ran" if ready else _with_retry(reachable["message"], retry),
+                          rule.generation, rule.conditions, started),
+                condition("RegistryReachable", reachable["status"], reachable["reason"],
+                          _with_retry(reachable["message"], retry), rule.generation,
+                          rule.conditions, started)]}
         held = next((c for c in rule.conditions if c.get("type") == "TooLarge"), None)
         if too_large is None and held is not None:
             status["conditions"].append(held)  # a failed run does not know: kept
         if too_large is not None:
-            status["conditions"].append({
-                "type": "TooLarge", "status": "True" if too_large else "False",
-                "reason": "RuleTooLarge" if too_large else "WithinLimits",
-                "message": (f"scanning only part of what the rule matches: {too_large}"
-                            [:3900] if too_large else "every matching tag is scanned"),
-                "lastTransitionTime": started, "observedGeneration": rule.generation})
+            status["conditions"].append(condition(
+                "TooLarge", "True" if too_large else "False",
+                "RuleTooLarge" if too_large else "WithinLimits",
+                (f"scanning only part of what the rule matches: {too_large}"[:3900]
+                 if too_large else "every matching tag is scanned"),
+                rule.generation, rule.conditions, started))
         if trigger == "Manual" and rule.scan_now:
             status["lastScanNow"] = rule.scan_now
         what = f"{trigger} run"
@@ -779,6 +782,10 @@ class RuleController:
         else:
             await self.kube.event(obj, "Warning", "RunFailed",
                                   f"{what}: {reachable['reason']}: {reachable['message']}")
+
+
+def _with_retry(message: str, retry: datetime | None) -> str:
+    return f"{message}; retrying at {retry:%H:%M:%S}Z" if retry else message
 
 
 def _describe(error: BaseException) -> str:
