@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import Kubectl
+from rawserver import raw_server
 from scans import https, review
 
 pytestmark = [pytest.mark.reliability, pytest.mark.sandbox]
@@ -46,29 +47,15 @@ Answer = Callable[[socket.socket], None]
 def hostile(answer: Answer) -> Iterator[str]:
     """A server on 127.0.0.1 that reads a request and answers it with `answer` (raw
     bytes, as a hostile registry would); its host:port."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    def serve(conn: socket.socket, stop: threading.Event) -> None:
+        conn.settimeout(120)
+        while not stop.is_set():
+            if not conn.recv(65536):
+                return
+            answer(conn)
 
-    def serve(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            conn.settimeout(120)
-            while not stop.is_set():
-                if not conn.recv(65536):
-                    return
-                answer(conn)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while not stop.is_set():
-                conn, _ = listener.accept()
-                threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        listener.close()
+    with raw_server(serve) as port:
+        yield f"127.0.0.1:{port}"
 
 
 def long_realm(conn: socket.socket) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from rawserver import raw_server
 from sandbox.pki import CertificateAuthority
 from scangate.core.destinations import DestinationRefused, Destinations
 from scangate.core.images import parse_image
@@ -161,28 +162,14 @@ def test_receivers_connect_where_checked_and_ignore_environment_proxies(
 @contextlib.contextmanager
 def trickling(line_every: float) -> Iterator[int]:
     """A server that answers with a header line every `line_every` seconds, forever."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    def serve(conn: socket.socket, stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        while not stop.wait(line_every):
+            conn.sendall(b"X-Slow: 1\r\n")
 
-    def serve(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\n")
-            while not stop.wait(line_every):
-                conn.sendall(b"X-Slow: 1\r\n")
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while not stop.is_set():
-                conn, _ = listener.accept()
-                threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        listener.close()
+    with raw_server(serve) as port:
+        yield port
 
 
 def test_a_registry_trickling_header_lines_is_cut_off_at_the_whole_request_deadline() -> None:

@@ -63,6 +63,13 @@ class _Scanner:
     def skip_space(self) -> None:
         self._run(_SPACES)
 
+    def skip_separators(self) -> None:
+        """Space and the commas between list elements (RFC 9110 allows empty ones)."""
+        self.skip_space()
+        while self.peek() == ",":
+            self.at += 1
+            self.skip_space()
+
     def token(self) -> str:
         return self._run(_TOKEN)
 
@@ -98,10 +105,7 @@ def parse_challenge(header: str) -> Challenge | None:
         return None
     params: dict[str, str] = {}
     while True:
-        s.skip_space()
-        while s.peek() == ",":
-            s.at += 1
-            s.skip_space()
+        s.skip_separators()
         if s.done():
             break
         name = s.token()
@@ -121,10 +125,7 @@ def next_link(header: str) -> str | None:
     _check_length(header, "Link")
     s = _Scanner(header, "Link")
     while True:
-        s.skip_space()
-        while s.peek() == ",":
-            s.at += 1
-            s.skip_space()
+        s.skip_separators()
         if s.done():
             return None
         if s.peek() != "<":
