@@ -151,6 +151,7 @@ def _judge(report: Report, image: str, policies: list[Policy], namespace: str,
     the policies on it."""
     from datetime import UTC, datetime
 
+    from scangate.api.imagescan import Phase
     from scangate.core.policy import ImageResult, decide
     from scangate.core.trivy import summarize
 
@@ -158,7 +159,7 @@ def _judge(report: Report, image: str, policies: list[Policy], namespace: str,
     repo_digests = (report.metadata.repo_digests if report.metadata else None) or []
     digest = image.partition("@")[2] or next(
         (d.partition("@")[2] for d in repo_digests if "@" in d), None)
-    status = {**summarize(report), "phase": "Completed", "digest": digest,
+    status = {**summarize(report), "phase": Phase.COMPLETED, "digest": digest,
               "scannedAt": now.isoformat()}
     return status, decide(policies, {image: ImageResult.from_status(status)}, namespace,
                           labels, {}, now)

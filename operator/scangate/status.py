@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scangate.api import GROUP, VERSION
+from scangate.api.imagescan import Phase
 from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.policy import ImageResult, PolicyError, applies, judge, parse_policy
 from scangate.core.scanstate import SEVERITY_KEYS
 
-IN_PROGRESS = ("Pending", "Queued", "Scanning", None)
+IN_PROGRESS = (Phase.PENDING, Phase.QUEUED, Phase.SCANNING, None)
 Obj = dict[str, Any]
 
 
@@ -49,8 +50,8 @@ def choose(scans: list[Obj], ref: ImageRef) -> Obj | None:
             (s.get("status") or {}).get("scannedAt")
             or (s.get("metadata") or {}).get("creationTimestamp") or ""))
 
-    return (newest(lambda p: p == "Completed") or newest(lambda p: p in IN_PROGRESS)
-            or newest(lambda p: p == "Failed"))
+    return (newest(lambda p: p == Phase.COMPLETED) or newest(lambda p: p in IN_PROGRESS)
+            or newest(lambda p: p == Phase.FAILED))
 
 
 def report(ref: ImageRef, scan: Obj | None, policies: list[Obj], now: datetime) -> Obj:
@@ -155,7 +156,7 @@ def run(image: str, namespace: str | None, wait: bool, output: str,
                 print("scangate status: still not done; giving up", file=sys.stderr)
                 break
             if sys.stderr.isatty():
-                print(f"\r{next(spinner)} {phase or 'Pending'}…", end="", file=sys.stderr)
+                print(f"\r{next(spinner)} {phase or Phase.PENDING}…", end="", file=sys.stderr)
             time.sleep(2)
         if wait and sys.stderr.isatty():
             print("\r", end="", file=sys.stderr)

@@ -38,6 +38,7 @@ from scangate import metrics
 from scangate.admission.configuration import covers
 from scangate.admission.digests import DigestLookups
 from scangate.api import GROUP, VERSION
+from scangate.api.imagescan import Phase
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.images import ImageRef, parse_image
@@ -67,7 +68,7 @@ log = logging.getLogger("scangate.admission")
 RESULTS_CACHED = 2048
 DIGESTS_CACHED = 4096
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
-IN_FLIGHT_PHASES = frozenset({"Pending", "Queued", "Scanning"})
+IN_FLIGHT_PHASES = frozenset({Phase.PENDING, Phase.QUEUED, Phase.SCANNING})
 BREAK_GLASS_TTL = 10.0
 """Seconds an answer on break-glass (allowed or not) is reused for the same requester,
 namespace and policy."""
@@ -309,7 +310,7 @@ class Gate:
         for name, (digest, _) in zip(refs, resolved, strict=True):
             results[name] = await self._result(digest) if digest else None
         for error in images.errors:  # refused by every Enforce policy of the namespace
-            results[error] = ImageResult(phase="Failed", reason=Kind.INVALID_REFERENCE,
+            results[error] = ImageResult(phase=Phase.FAILED, reason=Kind.INVALID_REFERENCE,
                                          message=error)
         meta = obj.get("metadata") or {}
         judge = partial(decide, policies, results, namespace,
@@ -413,7 +414,7 @@ class Gate:
         running = self.index.in_phase(digest, IN_FLIGHT_PHASES)
         if running is not None:
             return ImageResult(phase=running.phase, digest=digest)
-        failed = self.index.in_phase(digest, ("Failed",))
+        failed = self.index.in_phase(digest, (Phase.FAILED,))
         return await self._full(failed) if failed is not None else None
 
     async def _full(self, state: ScanState) -> ImageResult:

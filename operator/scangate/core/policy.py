@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from scangate.api.common import LabelSelector
+from scangate.api.imagescan import Phase
 from scangate.api.scanpolicy import ScanPolicySpec
 from scangate.core.durations import parse_duration
 from scangate.core.errors import describe_validation
@@ -42,7 +43,7 @@ from scangate.core.trivy import SEVERITIES, VulnIndex, decode_index
 
 BREAK_GLASS_ANNOTATION = "scangate.dev/break-glass"
 SEVERITY_KEYS = tuple(s.lower() for s in SEVERITIES)
-IN_PROGRESS = frozenset({"Pending", "Queued", "Scanning"})
+IN_PROGRESS = frozenset({Phase.PENDING, Phase.QUEUED, Phase.SCANNING})
 TOP_FINDINGS = 3
 MESSAGE_LIMIT = 4096
 """Bound of a whole denial message (kubectl shows it as is)."""
@@ -326,7 +327,7 @@ def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime,
     assert result is not None  # _why_unscanned says so otherwise
     if result.reason == Kind.INVALID_REFERENCE:
         return _judge_invalid(policy, verdict, result)
-    if result.phase == "Failed":
+    if result.phase == Phase.FAILED:
         return _judge_failed(policy, verdict, result)
     return _judge_findings(policy, verdict, result, now)
 
@@ -339,9 +340,9 @@ def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | Non
     if result.phase in IN_PROGRESS:
         return (f"has no result yet (its scan is {result.phase})",
                 f"not scanned yet, scan {result.phase}")
-    if result.phase == "Failed":
+    if result.phase == Phase.FAILED:
         return None
-    if result.phase != "Completed" or result.summary is None:
+    if result.phase != Phase.COMPLETED or result.summary is None:
         return "has no scan result yet", "not scanned yet, scan started"
     if wanted and result.digest and wanted not in (result.digest, result.index_digest):
         # The caller looks results up by digest; never judge one digest by another's.

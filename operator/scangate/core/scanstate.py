@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from scangate.api.imagescan import Phase
+
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
 SCAN_LABEL = "scangate.dev/imagescan"
 """On scan Jobs and their pods: the ImageScan's name (as a label value)."""
@@ -108,7 +110,7 @@ class ScanState:
         """The identity of the scan's latest outcome, for notifications: the same across
         restarts, new with each completion or failure. With the digest: the times have
         whole seconds only, and a tag pushed again can be scanned within the same one."""
-        if self.phase not in ("Completed", "Failed"):
+        if self.phase not in (Phase.COMPLETED, Phase.FAILED):
             return None
         when = self.completion_time or self.scanned_at
         return f"{self.uid}/{self.phase}/{self.digest or ''}/{when.isoformat() if when else ''}"
@@ -386,7 +388,7 @@ class ScanIndex:
             return False
         if old is not None:
             self._forget(old)
-            if old.job_name and (state.phase, state.job_name) != ("Scanning", old.job_name):
+            if old.job_name and (state.phase, state.job_name) != (Phase.SCANNING, old.job_name):
                 self._gone.discard(old.job_name)
         self.scans[state.ref] = state
         self._index(state, old)
@@ -503,11 +505,11 @@ class ScanIndex:
             self.delete_job(name)
 
     def _index(self, s: ScanState, old: ScanState | None) -> None:
-        if s.phase in (None, "Pending"):
+        if s.phase in (None, Phase.PENDING):
             self._pending[s.ref] = s
-        elif s.phase == "Queued" and s.key:
+        elif s.phase == Phase.QUEUED and s.key:
             self._queued[s.ref] = s
-        elif s.phase == "Scanning":
+        elif s.phase == Phase.SCANNING:
             self._scanning[s.ref] = s
             if s.key:
                 self._in_flight.setdefault(s.key, set()).add(s.ref)
@@ -515,10 +517,10 @@ class ScanIndex:
             self._by_digest.setdefault(digest, {}).setdefault(s.phase, set()).add(s.ref)
         if s.owner:
             self._by_rule.setdefault((s.namespace, s.owner), set()).add(s.name)
-        if s.phase == "Completed" and s.scanned_at and "vuln" in s.scanners:
+        if s.phase == Phase.COMPLETED and s.scanned_at and "vuln" in s.scanners:
             for digest in s.digests:
                 _add(self._vulnerabilities, digest, s.ref, s.scanned_at)
-        if s.phase == "Completed" and s.result_key and s.scanned_at:
+        if s.phase == Phase.COMPLETED and s.result_key and s.scanned_at:
             _add(self._results, s.result_key, s.ref, s.scanned_at)
             if s.key != s.result_key:  # its options were edited: scan with the new ones
                 self.requeue_at(s, s.scanned_at)
@@ -663,5 +665,5 @@ class ScanIndex:
         while self._expiry and self._expiry[0][0] <= now:
             _, ref, scanned_at = heapq.heappop(self._expiry)
             s = self.scans.get(ref)
-            if s is not None and s.phase == "Completed" and s.scanned_at == scanned_at:
+            if s is not None and s.phase == Phase.COMPLETED and s.scanned_at == scanned_at:
                 yield Requeue(s)

@@ -36,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 
 from scangate import metrics
 from scangate.api import GROUP, VERSION
+from scangate.api.imagescan import Phase
 from scangate.config import Settings
 from scangate.core.destinations import DestinationRefused, Destinations
 from scangate.core.notify import (
@@ -201,7 +202,7 @@ class Notifier:
         rule = scan.owner or scan.rule
         if key is None or rule is None:
             return
-        event = "ScanCompleted" if scan.phase == "Completed" else "ScanFailed"
+        event = "ScanCompleted" if scan.phase == Phase.COMPLETED else "ScanFailed"
         done = dict(scan.notified)
         finished = scan.completion_time or scan.scanned_at
         for receiver in self._of_rule.get((scan.namespace, rule), {}).values():

@@ -27,6 +27,7 @@ from urllib3.exceptions import HTTPError
 
 from scangate import metrics
 from scangate.api import GROUP, VERSION
+from scangate.api.imagescan import Phase
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
@@ -286,7 +287,7 @@ class ScanReconciler:
                 # attempt, and the attempts are bounded.
                 log.exception("unexpected error on ImageScan %s/%s", *scan.ref)
                 held = self.index.scans.get(scan.ref, scan)
-                retry = (self._resolve_failed if held.phase in (None, "Pending")
+                retry = (self._resolve_failed if held.phase in (None, Phase.PENDING)
                          else self._attempt_failed)
                 with contextlib.suppress(Exception):
                     await retry(held, "InternalError", f"{type(e).__name__}: {e}")
@@ -317,7 +318,7 @@ class ScanReconciler:
         try:
             obj = await self.kube.patch_status(PLURAL, scan.namespace, scan.name, status)
         except ApiException as e:
-            if e.status != 422 or status.get("phase") == "Failed":
+            if e.status != 422 or status.get("phase") == Phase.FAILED:
                 raise
             # The API server refused what we meant to store (it broke the schema): keep
             # the scan from retrying the same write forever.
@@ -343,10 +344,10 @@ class ScanReconciler:
             return await self._resolve_failed(scan, e.reason, str(e))
         metrics.REGISTRY_REQUESTS.labels(self._registry_label(scan), "ok").inc()
         await self._set(scan, {
-            "phase": "Queued", "digest": resolved.digest, "indexDigest": resolved.index_digest,
+            "phase": Phase.QUEUED, "digest": resolved.digest, "indexDigest": resolved.index_digest,
             "platform": platform,
             "queuedAt": now(), "attempts": 0, "reason": None, "message": None,
-            "retryAfter": None}, False, "Queued", f"waiting to scan {resolved.digest}")
+            "retryAfter": None}, False, Phase.QUEUED, f"waiting to scan {resolved.digest}")
 
     async def _rule_registry(self, scan: ScanState) -> tuple[Obj | None, Obj, Obj | None]:
         """The scan's ScanRule (if any), its registry spec, and its credentials Secret."""
@@ -370,7 +371,7 @@ class ScanReconciler:
         delay = _backoff(self.retry_backoff, scan.attempts)
         text = f"{message}; retrying in {int(delay.total_seconds())}s"
         await self._set(scan, {
-            "phase": "Pending", "reason": reason, "message": text,
+            "phase": Phase.PENDING, "reason": reason, "message": text,
             "attempts": scan.attempts + 1,
             "retryAfter": stamp(datetime.now(UTC) + delay)}, False, reason, text)
         await self.kube.event(_owner(scan), "Warning", reason, text)
@@ -412,7 +413,7 @@ class ScanReconciler:
                         attempt, scan.key)
         placeholder = JobState(name, scan=scan.ref, scan_uid=scan.uid)
         self.index.expect_job(placeholder)
-        self.index.upsert_scan(replace(scan, phase="Scanning", job_name=name, job_uid=None,
+        self.index.upsert_scan(replace(scan, phase=Phase.SCANNING, job_name=name, job_uid=None,
                                        start_time=current, attempts=attempt), claim=True)
 
         async def start() -> None:
@@ -466,8 +467,8 @@ class ScanReconciler:
             await self.kube.resume_job(self.jobs_namespace, name)
         self.index.upsert_job(project_job(job))  # its uid, before the watch tells it
         await self._set(scan, {
-            "phase": "Scanning", "jobName": name, "jobUID": job["metadata"]["uid"],
-            "attempts": attempt, "startTime": now(), "retryAfter": None}, False, "Scanning",
+            "phase": Phase.SCANNING, "jobName": name, "jobUID": job["metadata"]["uid"],
+            "attempts": attempt, "startTime": now(), "retryAfter": None}, False, Phase.SCANNING,
             f"scan Job {self.jobs_namespace}/{name} running")
         if created:
             await self.kube.event(_owner(scan), "Normal", "ScanStarted",
@@ -491,7 +492,7 @@ class ScanReconciler:
         if key not in self._results:
             obj = await self.kube.get_custom(PLURAL, source.namespace, source.name)
             src = (obj or {}).get("status") or {}
-            if src.get("phase") != "Completed" or src.get("summary") is None:
+            if src.get("phase") != Phase.COMPLETED or src.get("summary") is None:
                 return None  # changed under us; the next pass decides again
             self._results[key] = {k: src.get(k) for k in RESULT_FIELDS}
             while len(self._results) > 32:
@@ -504,7 +505,7 @@ class ScanReconciler:
             return
         origin = f"{source.namespace}/{source.name}"
         await self._set(scan, {
-            **src, "phase": "Completed",
+            **src, "phase": Phase.COMPLETED,
             "reusedFrom": origin, "completionTime": now(), "reason": None, "message": None},
             True, "Reused", f"fresh result of the same digest in {origin}")
         metrics.SCANS.labels("reused").inc()
@@ -514,7 +515,7 @@ class ScanReconciler:
     async def rescan(self, scan: ScanState, message: str) -> None:
         """Resolve the tag again and scan: the result is stale, or the tag was pushed or
         moved to another digest. The result held stays until a new one replaces it."""
-        await self._set(scan, {"phase": "Pending", "attempts": 0, "retryAfter": None,
+        await self._set(scan, {"phase": Phase.PENDING, "attempts": 0, "retryAfter": None,
                                "reason": None, "message": None}, True, "Rescanning", message)
 
     async def _requeue(self, scan: ScanState) -> None:
@@ -564,10 +565,10 @@ class ScanReconciler:
         done_at = stamp(finished)
         summary = result["summary"]
         await self._set(scan, {
-            **result, "phase": "Completed", "completionTime": done_at, "scannedAt": done_at,
+            **result, "phase": Phase.COMPLETED, "completionTime": done_at, "scannedAt": done_at,
             "scannedWith": {"scanners": list(scan.scanners),
                             "ignoreUnfixed": scan.ignore_unfixed},
-            "reason": None, "message": None, "reusedFrom": None}, True, "Completed",
+            "reason": None, "message": None, "reusedFrom": None}, True, Phase.COMPLETED,
             "scan completed")
         metrics.SCANS.labels("completed").inc()
         if scan.start_time:
@@ -578,7 +579,7 @@ class ScanReconciler:
 
     async def _attempt_failed(self, scan: ScanState, reason: str, message: str) -> None:
         # A scan that failed before its Job started has not counted the attempt yet.
-        attempts = scan.attempts if scan.phase == "Scanning" else scan.attempts + 1
+        attempts = scan.attempts if scan.phase == Phase.SCANNING else scan.attempts + 1
         attempts = max(attempts, 1)
         metrics.SCAN_FAILURES.labels(reason).inc()
         if attempts < self.settings.max_scan_attempts:
@@ -586,7 +587,7 @@ class ScanReconciler:
             text = _clip(f"attempt {attempts} of {self.settings.max_scan_attempts} failed: "
                          f"{message}; retrying in {int(delay.total_seconds())}s")
             await self._set(scan, {
-                "phase": "Queued", "reason": reason, "message": text, "attempts": attempts,
+                "phase": Phase.QUEUED, "reason": reason, "message": text, "attempts": attempts,
                 "retryAfter": stamp(datetime.now(UTC) + delay)}, False, reason, text)
             metrics.SCANS.labels("retried").inc()
             await self.kube.event(_owner(scan), "Warning", reason, text)
@@ -600,7 +601,7 @@ class ScanReconciler:
             metrics.SCAN_FAILURES.labels(reason).inc()
         message = _clip(message)
         await self._set(scan, {
-            "phase": "Failed", "reason": reason, "message": message, "completionTime": now(),
+            "phase": Phase.FAILED, "reason": reason, "message": message, "completionTime": now(),
             "retryAfter": None}, False, reason, message)
         metrics.SCANS.labels("failed").inc()
         await self.kube.event(_owner(scan), "Warning", "ScanFailed", message)

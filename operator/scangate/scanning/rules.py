@@ -32,6 +32,7 @@ from kubernetes.client.exceptions import ApiException
 
 from scangate import metrics
 from scangate.api import GROUP, VERSION
+from scangate.api.imagescan import Phase
 from scangate.config import Settings
 from scangate.core.conditions import condition
 from scangate.core.destinations import Destinations
@@ -655,7 +656,7 @@ class RuleController:
 
         settled = [s for s in self.index.by_rule(rule.namespace, rule.name)
                    if s.name not in plan.delete and s.digest
-                   and s.phase in ("Completed", "Failed")]
+                   and s.phase in (Phase.COMPLETED, Phase.FAILED)]
         await self._each(self._slots(rule.host), (partial(check, s) for s in settled))
 
     async def _create_scan(self, rule: RuleState, scan: Wanted, host: str,
@@ -707,7 +708,7 @@ class RuleController:
                     work.append(partial(self._create_scan, rule,
                                         Wanted(name, image.repository, image.tag),
                                         rule.host, "Push"))
-                elif held.phase in ("Completed", "Failed") and image.digest != held.digest:
+                elif held.phase in (Phase.COMPLETED, Phase.FAILED) and image.digest != held.digest:
                     # Pushed again (by the plain format: with no digest, so resolve anew).
                     work.append(partial(self.rescan, held, "the tag was pushed again"))
                 else:
