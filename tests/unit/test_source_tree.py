@@ -82,3 +82,38 @@ def test_phase_values_are_plain_strings() -> None:
     assert all(isinstance(p, str) for p in Phase)
     assert json.dumps({"phase": Phase.COMPLETED}) == '{"phase": "Completed"}'
     assert f"{Phase.PENDING}" == "Pending"
+
+
+def core_imports(below: Path) -> list[str]:
+    """`file:line: module` for each import of scangate.core in the modules below `below`
+    (at any depth of the module: a function's own import counts too)."""
+    found = []
+    for name, tree in _modules(below):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = ([f"{node.module}.{alias.name}" for alias in node.names]
+                           if node.module == "scangate" else [node.module])
+            else:
+                continue
+            found += [f"{name}:{node.lineno}: {m}" for m in modules
+                      if m == "scangate.core" or m.startswith("scangate.core.")]
+    return found
+
+
+def test_api_imports_nothing_of_core() -> None:
+    # One way only: core/ uses the API models (plain pydantic types); api/ generates the
+    # CRDs and must not depend on the logic that reads them.
+    found = core_imports(PACKAGE / "api")
+    assert not found, "api/ imports core/:\n" + "\n".join(found)
+
+
+def test_the_import_check_finds_an_import_of_core(tmp_path: Path) -> None:
+    (tmp_path / "x.py").write_text("import scangate.core.trivy\n"
+                                   "from scangate import core\n"
+                                   "def f():\n"
+                                   "    from scangate.core.durations import parse_duration\n"
+                                   "from scangate.api.common import Model\n")
+    assert core_imports(tmp_path) == ["x.py:1: scangate.core.trivy", "x.py:2: scangate.core",
+                                      "x.py:4: scangate.core.durations"]

@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-from scangate.core.durations import PATTERN as DURATION_PATTERN
-
 
 class Model(BaseModel):
     """Base of every API type: camelCase on the wire, docstrings as descriptions."""
@@ -36,7 +34,10 @@ def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     return entry
 
 
-# A number and a unit (ms, s, m, h, d), e.g. 90s, 10m, 1h30m, 7d.
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+"""A duration as users write them in specs: one or more numbers each with a unit (ms, s,
+m, h, d), e.g. 90s, 10m, 1h30m, 7d. Here, not in core/durations.py (which parses it), so
+that the API types import nothing of core/: core imports api, never the other way."""
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
 
 Name = Annotated[str, Field(min_length=1, max_length=253)]

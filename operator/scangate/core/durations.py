@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+from scangate.api.common import DURATION_PATTERN
+
 _PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_DAYS = 3650
@@ -22,7 +23,7 @@ def parse_duration(text: str) -> timedelta:
     >>> parse_duration("1h30m")
     datetime.timedelta(seconds=5400)
     """
-    if not re.fullmatch(PATTERN, text):
+    if not re.fullmatch(DURATION_PATTERN, text):
         raise ValueError(
             f"invalid duration {text!r}: use a number and a unit, e.g. 90s, 10m, 1h30m, 7d")
     seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(text))
