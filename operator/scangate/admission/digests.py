@@ -29,7 +29,7 @@ from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.images import ImageRef
 from scangate.registry.client import RegistryError
-from scangate.scanning.registries import base_url, registry_client
+from scangate.registry.configured import base_url, registry_client
 
 log = logging.getLogger("scangate.admission")
 PER_REVIEW = 4

@@ -59,7 +59,7 @@ from scangate.core.trivy import decode_index
 from scangate.kube import Kube, Obj, now
 from scangate.outbound import Resolver, pinned_client
 from scangate.registry.auth import CredentialsError, secret_field
-from scangate.scanning.registries import tls_context
+from scangate.registry.configured import tls_context
 
 SEND_DEADLINE = 30.0
 """Seconds one delivery may take, from connecting to the last byte of the answer."""

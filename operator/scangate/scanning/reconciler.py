@@ -54,6 +54,7 @@ from scangate.core.validation import check_image_on_registry
 from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import RegistryClient, RegistryError
+from scangate.registry.configured import base_url, registry_client
 from scangate.scanning.job import (
     ATTEMPT_ANNOTATION,
     ScanJobSpec,
@@ -62,7 +63,6 @@ from scangate.scanning.job import (
     credentials_secret,
     job_name,
 )
-from scangate.scanning.registries import base_url, registry_client
 from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")

@@ -72,9 +72,9 @@ from scangate.registry.client import (
     RegistryError,
     RegistryUnavailable,
 )
+from scangate.registry.configured import registry_client
 from scangate.registry.events import PushedImage
 from scangate.scanning.job import scan_label
-from scangate.scanning.registries import registry_client
 from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.rules")

@@ -1,4 +1,6 @@
-"""A registry client as a ScanRule configures it: its credentials, CA and TLS options."""
+"""A registry client as a ScanRule configures it (its credentials, CA and TLS options),
+where an image's registry is spoken to, and one TLS context per trust store (the notifier's
+receivers use them too)."""
 
 from __future__ import annotations
 
