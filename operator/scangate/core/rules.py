@@ -20,6 +20,7 @@ from croniter import croniter
 
 from scangate.core.images import registry_host as registry_host  # rules name hosts so too
 from scangate.core.patterns import TagFilter, tag_matches
+from scangate.core.scanstate import SEVERITY_KEYS, ScanState
 
 MAX_NAME = 253
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
@@ -194,3 +195,16 @@ def matching_rules(rules: Sequence[tuple[str, str, Scope, TagFilter, bool]], hos
     return [ref for ref, rule_host, scope, tag_filter, on_push in rules
             if on_push and rule_host == host and scope.covers(repository)
             and tag_matches(tag_filter, tag)]
+
+
+def rule_totals(scans: Iterable[ScanState]) -> tuple[int, dict[str, int]]:
+    """Images (digests) with a result among a rule's scans, and their findings: each
+    digest counted once, however many of the rule's tags point at it."""
+    totals = dict.fromkeys((*SEVERITY_KEYS, "total"), 0)
+    digests = set()
+    for scan in scans:
+        if scan.summary is not None and scan.digest not in digests:
+            digests.add(scan.digest)
+            for key, count in zip(totals, scan.summary, strict=True):
+                totals[key] += count
+    return len(digests), totals
