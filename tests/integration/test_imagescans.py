@@ -245,8 +245,15 @@ def test_private_registry_credentials_reach_trivy_from_the_secret(
     # The password reached Trivy through Secret-backed env, never through arguments: a
     # copy beside the Job in the operator's namespace, owned by it (deleted with it),
     # holding the two keys Trivy reads.
-    job = next(j for j in jobs(kubectl, namespace)
-               if j["metadata"]["annotations"]["scangate.dev/imagescan"].endswith("/scan-good"))
+    # The Job is scan-good's, or that of the scan rule-good made of the same tag on its
+    # create run, whose result scan-good then reused: either way rule-good's credentials.
+    by_rule = kubectl("get", "imagescans", "-n", namespace, "-l",
+                      "scangate.dev/scanrule=rule-good", "-o", "name").split()
+    scanned = [j for j in jobs(kubectl, namespace)
+               if j["metadata"]["annotations"]["scangate.dev/imagescan"].split("/")[1]
+               in ("scan-good", *(n.split("/")[-1] for n in by_rule))]
+    assert len(scanned) == 1, [j["metadata"]["name"] for j in jobs(kubectl, namespace)]
+    job = scanned[0]
     container = job["spec"]["template"]["spec"]["containers"][0]
     copy = f"{job['metadata']['name']}-registry"
     assert {"name": "TRIVY_PASSWORD", "valueFrom": {"secretKeyRef": {
