@@ -127,9 +127,12 @@ class Image:
         return sha256(self.manifest)
 
 
-def build_image(decl: Decl, platform: str = "linux/amd64") -> Image:
+def build_image(decl: Decl, platform: str = "linux/amd64",
+                extra_layers: list[tuple[bytes, str]] | None = None) -> Image:
+    """`extra_layers` (gzip'd blob, diff id) go on top, e.g. executables for a real node."""
     os_name, arch = platform.split("/")[:2]
     layers = [layer(files) for files in (os_files(decl, arch), app_files(decl)) if files]
+    layers += extra_layers or []
     config = json.dumps({
         "architecture": arch, "os": os_name,
         "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"],
