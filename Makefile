@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_DIR ?= $(CURDIR)/.sandbox
 
-.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench \
+.PHONY: all deps venv testbin lint test unit demo sandbox-up sandbox-down crds clean bench image \
 	bench-scale bench-registry bench-admission bench-overhead
 
 all: test
@@ -33,6 +33,11 @@ unit: venv
 
 test: deps venv testbin lint
 	$(BIN)/pytest -v
+
+# The operator image (the Dockerfile) and the scan image, with buildah (hack/image);
+# make image SANDBOX_DIR=DIR also pushes them to that sandbox's registry.
+image: deps venv
+	hack/image $(if $(filter command line environment,$(origin SANDBOX_DIR)),--push $(SANDBOX_DIR))
 
 sandbox-up: deps venv testbin
 	hack/sandbox up --dir $(SANDBOX_DIR)

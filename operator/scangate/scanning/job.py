@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from scangate.core.framing import BEGIN, END
@@ -88,10 +88,13 @@ class TrivySettings:
     """The Secret (key `token`) holding the token the Trivy server requires, in the
     operator's namespace, where the Jobs run: it never leaves it."""
     ttl_seconds_after_finished: int = 3600
-    resources: dict[str, dict[str, str]] = field(default_factory=lambda: {
-        "requests": {"cpu": "100m", "memory": "256Mi"},
-        "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
-    })
+    memory_limit: str = "1Gi"
+    """The scan pod's memory limit (a scan pod that exceeds it ends its scan OOMKilled)."""
+
+    @property
+    def resources(self) -> dict[str, dict[str, str]]:
+        return {"requests": {"cpu": "100m", "memory": "256Mi"},
+                "limits": {"cpu": "1", "memory": self.memory_limit, "ephemeral-storage": "2Gi"}}
 
 
 def scan_label(scan_name: str) -> str:
