@@ -531,3 +531,37 @@ def _run(*argv: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+
+
+# -- what a real node may leave on the machine (read before `up` and after `down`) -----
+
+def processes_naming(directory: Path) -> list[str]:
+    """Processes whose command line names `directory` (every process of a sandbox does:
+    its state, sockets and configuration live there)."""
+    found = []
+    needle = str(directory).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            words = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{proc.name}: {words}")
+    return found
+
+
+def machine_state(directory: Path) -> dict[str, Any]:
+    return {
+        "processes": processes_naming(directory),
+        "mounts": mounts_under(directory),
+        "bridges": sorted(b for b in bridges() if b.startswith("sgbr-")),
+        "sysctls": {name: read_sysctl(name) for name in WATCHED_SYSCTLS},
+        "iptables": iptables_chains(),
+        "host_paths": [p for p in HOST_PATHS if Path(p).exists()],
+        "cgroups": sorted(str(g) for h in CGROUPS.iterdir() if h.is_dir()
+                          for g in h.glob("scangate-*")),
+        "lock": LOCK.exists(),
+    }
