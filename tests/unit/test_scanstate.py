@@ -427,7 +427,7 @@ def test_a_result_answers_for_its_manifest_and_for_the_index_it_was_chosen_from(
 
 
 def test_a_scan_pod_killed_at_its_memory_limit_is_told_apart_until_it_goes() -> None:
-    pod = {"metadata": {"name": "ja-x1", "ownerReferences": [
+    pod: dict[str, Any] = {"metadata": {"name": "ja-x1", "ownerReferences": [
         {"kind": "Job", "name": "ja", "uid": "job-a", "controller": True}]},
         "status": {"phase": "Failed", "containerStatuses": [{"name": "trivy", "state": {
             "terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
