@@ -305,6 +305,8 @@ class Sandbox:
             "SANDBOX_CA": str(ca.cert_path),
             "GATE_PORT": str(gate_client.port),
             "SANDBOX_NODE": self.node,
+            # The real node's bridge: its pods' addresses, where the sandbox's servers are.
+            **({"NODE_IP": host, "NODE_SUBNET": real.state["subnet"]} if real else {}),
         }
         self._wait_controllers_and_node(server, ca.cert_path, admin, timeout)
         self._start_registry_and_trivy(timeout, host, registry_port)

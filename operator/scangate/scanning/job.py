@@ -93,8 +93,21 @@ class TrivySettings:
 
     @property
     def resources(self) -> dict[str, dict[str, str]]:
-        return {"requests": {"cpu": "100m", "memory": "256Mi"},
+        # A request above the limit is refused by the API server: a small limit lowers it.
+        request = ("256Mi" if quantity_bytes(self.memory_limit) >= quantity_bytes("256Mi")
+                   else self.memory_limit)
+        return {"requests": {"cpu": "100m", "memory": request},
                 "limits": {"cpu": "1", "memory": self.memory_limit, "ephemeral-storage": "2Gi"}}
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (as config.scanMemoryLimit admits: 1Gi, 300Mi, 5e8 no)."""
+    number = quantity.rstrip("KMGTik")
+    return float(number) * _UNITS[quantity[len(number):]]
 
 
 def scan_label(scan_name: str) -> str:
