@@ -60,8 +60,9 @@ WATCHED_SYSCTLS = (*KERNEL_DEFAULTS, "net/ipv4/ip_forward", "net/ipv4/conf/all/r
                    "net/netfilter/nf_conntrack_max", "net/bridge/bridge-nf-call-iptables")
 """Kernel settings the node could change; `down` leaves each as it was (the test checks)."""
 HOST_PATHS = ("/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/run/containerd",
-              "/var/lib/cni", "/opt/containerd", "/usr/libexec/kubernetes")
-"""Paths outside DIR the kubelet or containerd may create whatever their configuration."""
+              "/var/lib/cni", "/opt/containerd")
+"""Paths outside DIR the kubelet or containerd may create whatever their configuration.
+(/usr/libexec/kubernetes is kube-controller-manager's, in either mode: not the node's.)"""
 MNT_DETACH = 2
 
 
