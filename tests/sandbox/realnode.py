@@ -269,7 +269,18 @@ class RealNode:
         work = self.work
         for sub in ("containerd", "kubelet", "cni", "cni-ipam", "pod-logs", "runc", "certs.d"):
             (work / sub).mkdir(parents=True, exist_ok=True)
-        sock = work / "containerd" / "containerd.sock"
+        # A unix socket's path has at most 107 bytes, which a pytest basetemp can exceed:
+        # containerd's sockets go to a short directory of their own, removed by `down`.
+        sockets = Path(f"/run/{self.state['cgroup']}")
+        self.state["sockets"] = str(sockets)
+        self._save()
+        sockets.mkdir(mode=0o700, exist_ok=True)
+        sock = sockets / "containerd.sock"
+        # The kubelet's sockets live in its root directory (pod-resources, plugins): it is
+        # DIR/realnode/kubelet seen through a bind mount at the short path.
+        kubelet_root = sockets / "kubelet"
+        kubelet_root.mkdir(exist_ok=True)
+        _run("mount", "--bind", str(work / "kubelet"), str(kubelet_root))
         hosts = work / "certs.d" / registry
         hosts.mkdir(parents=True, exist_ok=True)
         (hosts / "hosts.toml").write_text(
@@ -333,7 +344,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.zfs", "io.containerd.snapshott
                              str(work / "containerd.toml")],
               {"PATH": f"{binaries}:{os.environ.get('PATH', '/usr/bin:/bin')}"},
               runtime_cgroups)
-        self._wait_socket(sock)
+        self._wait_socket(sock, self.dir / "logs" / "containerd.log")
 
         cert, key = serving
         self._make_cgroup(self.state["cgroup"])  # the kubelet's cgroupRoot must exist
@@ -360,7 +371,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.zfs", "io.containerd.snapshott
         (work / "kubelet.yaml").write_text(json.dumps(config))
         spawn("kubelet", [
             str(binaries / "kubelet"), "--config", str(work / "kubelet.yaml"),
-            "--kubeconfig", str(node_kubeconfig), "--root-dir", str(work / "kubelet"),
+            "--kubeconfig", str(node_kubeconfig), "--root-dir", str(kubelet_root),
             "--node-ip", self.state["ip"], "--hostname-override", node_name, "--v", "1",
         ], {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}, None)
         spawn("kube-scheduler", [
@@ -399,13 +410,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.zfs", "io.containerd.snapshott
         return made
 
     @staticmethod
-    def _wait_socket(sock: Path, timeout: float = 30) -> None:
+    def _wait_socket(sock: Path, log: Path, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sock.exists():
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"containerd socket {sock} not there after {timeout}s")
+        raise TimeoutError(f"containerd socket {sock} not there after {timeout}s; see {log}")
 
     # -- down ---------------------------------------------------------------------------
 
@@ -420,9 +431,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.zfs", "io.containerd.snapshott
         groups = [g for g in (self.state.get("cgroup"), self.state.get("runtime_cgroup")) if g]
         self._kill_cgroups(groups)
         libc = ctypes.CDLL(None, use_errno=True)
-        for point in mounts_under(self.dir):
-            if libc.umount2(point.encode(), MNT_DETACH) != 0:
-                problems.append(f"umount {point}: {os.strerror(ctypes.get_errno())}")
+        short = [Path(self.state["sockets"])] if self.state.get("sockets") else []
+        for _ in range(10):  # mounts can be stacked on one point (propagation): again
+            points = [p for d in short for p in mounts_under(d)] + mounts_under(self.dir)
+            if not points:
+                break
+            for point in points:
+                libc.umount2(point.encode(), MNT_DETACH)
+        else:
+            problems += [f"umount {p}: still mounted" for d in [*short, self.dir]
+                         for p in mounts_under(d)]
         for group in groups:
             problems += self._remove_cgroup(group)
         bridge = self.state.get("bridge")
@@ -443,6 +461,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.zfs", "io.containerd.snapshott
         for path in self.state.get("host_paths", []):
             if Path(path).exists() and not mounts_under(Path(path)):
                 shutil.rmtree(path, ignore_errors=True)
+        for d in short:
+            if not mounts_under(d):
+                shutil.rmtree(d, ignore_errors=True)
         if self.work.exists() and not mounts_under(self.work):
             shutil.rmtree(self.work, ignore_errors=True)
         if problems:
@@ -562,6 +583,7 @@ def machine_state(directory: Path) -> dict[str, Any]:
         "sysctls": {name: read_sysctl(name) for name in WATCHED_SYSCTLS},
         "iptables": iptables_chains(),
         "host_paths": [p for p in HOST_PATHS if Path(p).exists()],
+        "run": sorted(str(p) for p in Path("/run").glob("scangate-*")),
         "cgroups": sorted(str(g) for h in CGROUPS.iterdir() if h.is_dir()
                           for g in h.glob("scangate-*")),
         "lock": LOCK.exists(),
