@@ -96,11 +96,14 @@ def app_files(decl: Decl) -> dict[str, bytes]:
     return files
 
 
-def layer(files: dict[str, bytes]) -> tuple[bytes, str]:
-    """A deterministic gzip'd tar of `files`, and the digest of the uncompressed tar."""
+def layer(files: dict[str, bytes], mode: int = 0o644, links: dict[str, str] | None = None
+          ) -> tuple[bytes, str]:
+    """A deterministic gzip'd tar of `files` (with `mode`; 0o755 for executables) and
+    symbolic `links` (path -> target), and the digest of the uncompressed tar."""
+    links = links or {}
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted({"/".join(p.split("/")[:i]) for p in files
+        dirs = sorted({"/".join(p.split("/")[:i]) for p in [*files, *links]
                        for i in range(1, p.count("/") + 1)})
         for d in dirs:
             info = tarfile.TarInfo(d)
@@ -108,8 +111,12 @@ def layer(files: dict[str, bytes]) -> tuple[bytes, str]:
             tar.addfile(info)
         for path in sorted(files):
             info = tarfile.TarInfo(path)
-            info.size, info.mode = len(files[path]), 0o644
+            info.size, info.mode = len(files[path]), mode
             tar.addfile(info, io.BytesIO(files[path]))
+        for path, target in sorted(links.items()):
+            info = tarfile.TarInfo(path)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
     data = raw.getvalue()
     return gzip.compress(data, mtime=0), sha256(data)
 

@@ -34,14 +34,12 @@ import random
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from sandbox.images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Image, sha256
+from sandbox.images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Image, layer, sha256
 
 REPO = Path(__file__).resolve().parents[2]
 CGROUPS = Path("/sys/fs/cgroup")
@@ -126,28 +124,6 @@ def pause_binary() -> Path:
     return binary
 
 
-def executable_layer(files: dict[str, bytes], links: dict[str, str] | None = None
-                     ) -> tuple[bytes, str]:
-    """A deterministic gzip'd tar of executables (and symlinks); its uncompressed digest."""
-    import gzip
-    raw = BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for d in sorted({p.rsplit("/", 1)[0] for p in [*files, *(links or {})] if "/" in p}):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for path in sorted(files):
-            info = tarfile.TarInfo(path)
-            info.size, info.mode = len(files[path]), 0o755
-            tar.addfile(info, BytesIO(files[path]))
-        for path, target in sorted((links or {}).items()):
-            info = tarfile.TarInfo(path)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    data = raw.getvalue()
-    return gzip.compress(data, mtime=0), sha256(data)
-
-
 def image_of(layers: list[tuple[bytes, str]], config: dict[str, Any]) -> Image:
     body = json.dumps({"architecture": "amd64", "os": "linux", "config": config,
                        "rootfs": {"type": "layers", "diff_ids": [d for _, d in layers]}},
@@ -162,15 +138,15 @@ def image_of(layers: list[tuple[bytes, str]], config: dict[str, Any]) -> Image:
 
 
 def pause_image() -> Image:
-    return image_of([executable_layer({"pause": pause_binary().read_bytes()})],
+    return image_of([layer({"pause": pause_binary().read_bytes()}, 0o755)],
                     {"Entrypoint": ["/pause"], "User": "65535:65535"})
 
 
 def busybox_layer() -> tuple[bytes, str]:
     """Debian's busybox-static as /bin/busybox with /bin/sh and /bin/sleep: what makes a
     test image runnable on the real node (no package database: no finding of its own)."""
-    return executable_layer({"bin/busybox": Path("/bin/busybox").read_bytes()},
-                            {"bin/sh": "busybox", "bin/sleep": "busybox"})
+    return layer({"bin/busybox": Path("/bin/busybox").read_bytes()}, 0o755,
+                 {"bin/sh": "busybox", "bin/sleep": "busybox"})
 
 
 @dataclass
