@@ -29,7 +29,14 @@ from sandbox.advisories import build_db, expected_findings, load_images
 from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image, platforms
 from sandbox.pki import CertificateAuthority, KeyPair, client_context, service_account_keys
-from sandbox.realnode import PAUSE_IMAGE, RealNode, busybox_layer, mounts_under, pause_image
+from sandbox.realnode import (
+    PAUSE_IMAGE,
+    RealNode,
+    busybox_image,
+    busybox_layer,
+    mounts_under,
+    pause_image,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "sandbox-node"
@@ -354,6 +361,9 @@ class Sandbox:
         if self.node == "real":
             repository, _, tag = PAUSE_IMAGE.partition(":")
             pusher.image(repository, tag, pause_image())
+            busybox = busybox_image()
+            for tag in ("latest", "1.36"):
+                pusher.image("library/busybox", tag, busybox)
             runnable = [busybox_layer()]
         listing = []
         for name, decl in load_images().items():

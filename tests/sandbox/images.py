@@ -96,18 +96,19 @@ def app_files(decl: Decl) -> dict[str, bytes]:
     return files
 
 
-def layer(files: dict[str, bytes], mode: int = 0o644, links: dict[str, str] | None = None
-          ) -> tuple[bytes, str]:
-    """A deterministic gzip'd tar of `files` (with `mode`; 0o755 for executables) and
-    symbolic `links` (path -> target), and the digest of the uncompressed tar."""
-    links = links or {}
+def layer(files: dict[str, bytes], mode: int = 0o644, links: dict[str, str] | None = None,
+          modes: dict[str, int] | None = None) -> tuple[bytes, str]:
+    """A deterministic gzip'd tar of `files` (with `mode`; 0o755 for executables),
+    symbolic `links` (path -> target) and directories of other `modes` than 0o755 (e.g.
+    a sticky /tmp), and the digest of the uncompressed tar."""
+    links, modes = links or {}, modes or {}
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         dirs = sorted({"/".join(p.split("/")[:i]) for p in [*files, *links]
-                       for i in range(1, p.count("/") + 1)})
+                       for i in range(1, p.count("/") + 1)} | set(modes))
         for d in dirs:
             info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            info.type, info.mode = tarfile.DIRTYPE, modes.get(d, 0o755)
             tar.addfile(info)
         for path in sorted(files):
             info = tarfile.TarInfo(path)

@@ -142,6 +142,17 @@ def pause_image() -> Image:
                     {"Entrypoint": ["/pause"], "User": "65535:65535"})
 
 
+def busybox_image() -> Image:
+    """`busybox` as the tests name it (docker.io/library/busybox, served by the sandbox's
+    registry as the node's mirror of docker.io): Debian's busybox-static, every applet."""
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    return image_of([layer({"bin/busybox": Path("/bin/busybox").read_bytes()}, 0o755,
+                           {f"bin/{a}": "busybox" for a in applets if a != "busybox"},
+                           {"tmp": 0o1777})],
+                    {"Cmd": ["sh"], "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]})
+
+
 def busybox_layer() -> tuple[bytes, str]:
     """Debian's busybox-static as /bin/busybox with /bin/sh and /bin/sleep: what makes a
     test image runnable on the real node (no package database: no finding of its own)."""
@@ -260,6 +271,13 @@ class RealNode:
         hosts = work / "certs.d" / registry
         hosts.mkdir(parents=True, exist_ok=True)
         (hosts / "hosts.toml").write_text(
+            f'server = "http://{registry}"\n[host."http://{registry}"]\n'
+            '  capabilities = ["pull", "resolve"]\n')
+        # docker.io's images (`busybox` in the sandbox's self-test) from the sandbox's
+        # registry: the machine reaches no public registry, and must not try.
+        mirror = work / "certs.d" / "docker.io"
+        mirror.mkdir(parents=True, exist_ok=True)
+        (mirror / "hosts.toml").write_text(
             f'server = "http://{registry}"\n[host."http://{registry}"]\n'
             '  capabilities = ["pull", "resolve"]\n')
         cri = 'plugins."io.containerd.cri.v1'
