@@ -121,10 +121,25 @@ def release(env: dict[str, str], k: Kubectl, tmp_path_factory: pytest.TempPathFa
     k("create", "namespace", NAMESPACE)
     k("create", "secret", "generic", "scangate-trivy-token", "-n", NAMESPACE,
       f"--from-literal=token={env['TRIVY_TOKEN']}")
+    # The sandbox's Trivy server (on the node's bridge) behind a Service of the cluster, as
+    # an existing Trivy server would be: scan pods reach it through kube-proxy's rules.
+    trivy_port = int(env["TRIVY_SERVER"].rsplit(":", 1)[1])
+    k.apply(json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "sandbox-trivy"},
+        "spec": {"ports": [{"name": "http", "port": 4954, "targetPort": trivy_port}]}}),
+        NAMESPACE)
+    k.apply(json.dumps({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "sandbox-trivy",
+                     "labels": {"kubernetes.io/service-name": "sandbox-trivy"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": trivy_port}],
+        "endpoints": [{"addresses": [env["NODE_IP"]]}]}), NAMESPACE)
+    trivy_ip = get(k, "service", "sandbox-trivy", "-n", NAMESPACE)["spec"]["clusterIP"]
     repository, _, tag = env["SCANGATE_IMAGE"].rpartition(":")
     values = {
         "image": {"repository": repository, "tag": tag},
-        "trivyServer": {"enabled": False, "url": env["TRIVY_SERVER"],
+        # No cluster DNS runs in the sandbox: the Service by its ClusterIP.
+        "trivyServer": {"enabled": False, "url": f"http://{trivy_ip}:4954",
                         "tokenSecret": "scangate-trivy-token"},
         "config": {"logFormat": "text", "trivyImage": env["SCANGATE_TRIVY_IMAGE"],
                    "insecureRegistries": [env["REGISTRY"]],
