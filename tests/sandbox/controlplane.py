@@ -330,7 +330,7 @@ class Sandbox:
         self.env["KUBECTL"] = str(self.bin / "kubectl")
         self.kubectl("create", "clusterrolebinding", "sandbox-nodes",
                      "--clusterrole=system:node", "--group=system:nodes")
-        real.start(self._spawn, server, ca.cert_path, node_kubeconfig, self.kubeconfig,
+        real.start(self._spawn, ca.cert_path, node_kubeconfig, self.kubeconfig,
                    (serving.cert, serving.key), f"{host}:{registry_port}", NODE_NAME,
                    free_port())
 

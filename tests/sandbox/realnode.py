@@ -246,7 +246,7 @@ class RealNode:
 
     # -- after the API server: containerd, kubelet, scheduler, proxy ---------------------
 
-    def start(self, spawn: Any, server: str, ca: Path, node_kubeconfig: Path,
+    def start(self, spawn: Any, ca: Path, node_kubeconfig: Path,
               admin_kubeconfig: Path, serving: tuple[Path, Path], registry: str,
               node_name: str, kubelet_port: int) -> None:
         """Start the node's processes through `spawn` (the sandbox's, so that pids.json
