@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     """The DB repository is plain HTTP or has an untrusted certificate."""
     scan_run_as_user: int = Field(default=65532, ge=1)
     """Non-root user of the scan pods."""
+    scan_memory_limit: str = Field(default="1Gi",
+                                   pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """Memory limit of a scan pod (a Kubernetes quantity, e.g. 1Gi). A scan pod killed at
+    it ends its ImageScan Failed with reason OOMKilled: raise it for very large images."""
 
     insecure_registries: list[str] = Field(default_factory=list)
     """Registries (host:port) spoken to over plain HTTP, like Docker's insecure-registries."""

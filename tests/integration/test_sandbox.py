@@ -1,4 +1,8 @@
-"""The sandbox behaves like a cluster: real Job controller, GC, RBAC, webhooks, logs."""
+"""The sandbox behaves like a cluster: real Job controller, GC, RBAC, webhooks, logs.
+
+The same self-test holds on the real node (containerd, kubelet): run it with
+SCANGATE_SANDBOX_DIR naming a sandbox started with `hack/sandbox up --node real`
+(tests/realnode/test_cycles.py does)."""
 
 from __future__ import annotations
 
@@ -223,6 +227,8 @@ def test_apiserver_calls_a_validating_webhook_and_honours_denial(
 def test_faults_file_truncates_the_next_matching_pod_log(
     kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
 ) -> None:
+    if sandbox_env.get("SANDBOX_NODE") == "real":
+        pytest.skip("fault injection is the emulated node agent's (DIR/faults.json)")
     faults = Path(sandbox_env["SANDBOX_DIR"]) / "faults.json"
     faults.write_text(json.dumps({"truncateLogs": [
         {"labels": {"fault-test": namespace}, "bytes": 5, "times": 1}]}))
@@ -240,8 +246,11 @@ def test_faults_file_truncates_the_next_matching_pod_log(
 
 
 def test_init_containers_env_from_configmap_projected_token_and_deletion(
-    kubectl: Kubectl, namespace: str
+    kubectl: Kubectl, namespace: str, sandbox_env: dict[str, str]
 ) -> None:
+    # The emulated node's containers share the host's /tmp (a marker tells they ran and
+    # were killed); a real node's have their own (their log and state tell).
+    real = sandbox_env.get("SANDBOX_NODE") == "real"
     kubectl("create", "configmap", "settings", "-n", namespace, "--from-literal=GREETING=hi")
     marker = f"/tmp/scangate-sandbox-{namespace}"
     pod = {
@@ -264,7 +273,12 @@ def test_init_containers_env_from_configmap_projected_token_and_deletion(
             "volumes": [{"name": "work", "emptyDir": {}}]}}
     kubectl.apply(json.dumps(pod), namespace)
     # The ServiceAccount admission plugin adds the projected kube-api-access volume.
-    wait_for(lambda: Path(marker).exists(), what="the main container to start")
+    if real:
+        wait_for(lambda: "token" in kubectl.run("logs", "-n", namespace, "lifecycle", "-c",
+                                                 "main", check=False).stdout,
+                 what="the main container to start")
+    else:
+        wait_for(lambda: Path(marker).exists(), what="the main container to start")
     logs = kubectl("logs", "-n", namespace, "lifecycle", "-c", "main")
     assert logs.split() == ["init1", "init2", "hi", "lifecycle", "token"]
     status = get(kubectl, "-n", namespace, "pod", "lifecycle")["status"]
@@ -272,6 +286,8 @@ def test_init_containers_env_from_configmap_projected_token_and_deletion(
     assert "running" in status["containerStatuses"][0]["state"]
 
     kubectl("delete", "pod", "lifecycle", "-n", namespace, "--wait=true", "--timeout=30s")
+    if real:
+        return
     # The process was killed (sleep never finished to remove the marker, and no sleep is left).
     assert Path(marker).exists()
     Path(marker).unlink()

@@ -17,8 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="state, logs and env go here")
     parser.add_argument("--operator", action="store_true",
                         help="also install the CRDs and run the operator from the checkout")
+    parser.add_argument("--node", choices=["emulated", "real"], default="emulated",
+                        help="the emulated node agent (default) or a real node: containerd, "
+                             "kubelet, kube-scheduler, kube-proxy (root; sandbox.realnode)")
     args = parser.parse_args(argv)
-    sandbox = Sandbox(args.dir.resolve())
+    if args.operator and args.node == "real":
+        parser.error("--operator runs the checkout's operator beside the emulated node; on a "
+                     "real node install the chart with the built images (README: the real node)")
+    sandbox = Sandbox(args.dir.resolve(), node=args.node)
     if args.command == "images":
         print((sandbox.dir / "images.json").read_text())
         return 0

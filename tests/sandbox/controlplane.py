@@ -1,4 +1,6 @@
-"""Start and stop the sandbox: etcd, kube-apiserver, kube-controller-manager, node agent.
+"""Start and stop the sandbox: etcd, kube-apiserver, kube-controller-manager, and a node:
+the emulated node agent (the default) or a real one (containerd, kubelet, kube-scheduler,
+kube-proxy: sandbox.realnode).
 
 Every process runs in its own session with its output in DIR/logs/<name>.log, and
 its pid is recorded in DIR/pids.json so that `down` stops exactly what `up` started.
@@ -27,6 +29,14 @@ from sandbox.advisories import build_db, expected_findings, load_images
 from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image, platforms
 from sandbox.pki import CertificateAuthority, KeyPair, client_context, service_account_keys
+from sandbox.realnode import (
+    PAUSE_IMAGE,
+    RealNode,
+    busybox_image,
+    busybox_layer,
+    mounts_under,
+    pause_image,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "sandbox-node"
@@ -122,6 +132,8 @@ class Sandbox:
     dir: Path
     bin: Path = field(default_factory=Path)
     env: dict[str, str] = field(default_factory=dict)
+    node: str = "emulated"
+    """"emulated" (the node agent) or "real" (sandbox.realnode)."""
     _children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     """The processes this object started, so that a death reports its exit status."""
 
@@ -129,7 +141,8 @@ class Sandbox:
     def attach(cls, directory: Path) -> Sandbox:
         """A sandbox that `hack/sandbox up` already started."""
         env = load_env(directory)
-        return cls(directory, Path(env["KUBECTL"]).parent, env)
+        return cls(directory, Path(env["KUBECTL"]).parent, env,
+                   env.get("SANDBOX_NODE", "emulated"))
 
     @property
     def kubeconfig(self) -> Path:
@@ -141,7 +154,8 @@ class Sandbox:
 
     # -- processes -----------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               cgroups: list[Path] | None = None) -> None:
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
@@ -154,6 +168,8 @@ class Sandbox:
         pids.append({"name": name, "pid": proc.pid, "argv0": argv[0],
                      "started": _start_time(proc.pid)})
         self.pids_file.write_text(json.dumps(pids, indent=1))
+        for procs in cgroups or []:  # before it starts children of its own
+            procs.write_text(str(proc.pid))
 
     def _pids(self) -> list[dict[str, object]]:
         if not self.pids_file.exists():
@@ -182,6 +198,10 @@ class Sandbox:
         if any(self._ours(int(str(p["pid"]))) for p in self._pids()):
             raise RuntimeError(f"a sandbox is already running in {self.dir}")
         self.pids_file.unlink(missing_ok=True)
+        if RealNode(self.dir).cleanup():  # what a failed `down` left
+            raise RuntimeError(f"a real node's leftovers in {self.dir}: see realnode.json")
+        if mounts_under(self.dir):
+            raise RuntimeError(f"mounts left under {self.dir}: {mounts_under(self.dir)}")
         for state in ("etcd", "node", "registry", "trivy-server", "trivydb", "logs"):
             shutil.rmtree(self.dir / state, ignore_errors=True)  # every `up` is a new cluster
         self.bin = testbin_dir()
@@ -194,19 +214,23 @@ class Sandbox:
             raise
 
     def _start(self, timeout: float) -> None:
+        real = RealNode(self.dir) if self.node == "real" else None
+        # The real node's pods reach the sandbox's servers on the node's bridge address.
+        host = real.prepare() if real else "127.0.0.1"
         pki = self.dir / "pki"
         ca = CertificateAuthority(pki)
         sa = service_account_keys(pki)
         serving = ca.issue(
             "apiserver", "kube-apiserver", server=True,
-            hosts=("127.0.0.1", "localhost", "kubernetes", "kubernetes.default.svc"),
+            hosts=(*dict.fromkeys((host, "127.0.0.1")), "localhost", "kubernetes",
+                   "kubernetes.default.svc", "10.0.0.1"),
         )
         admin = ca.issue("admin", "sandbox-admin", organizations=("system:masters",), client=True)
         kubelet_client = ca.issue(
             "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
             organizations=("system:masters",), client=True,
         )
-        node = ca.issue("node", f"system:node:{NODE_NAME}", server=True, hosts=("127.0.0.1",))
+        node = ca.issue("node", f"system:node:{NODE_NAME}", server=True, hosts=(host,))
 
         etcd_port, etcd_peer, api_port, node_port = (free_port() for _ in range(4))
         gate_client = gate_client_auth(ca, free_port())
@@ -219,11 +243,11 @@ class Sandbox:
             "--initial-cluster", f"sandbox=http://127.0.0.1:{etcd_peer}",
             "--unsafe-no-fsync", "--log-level", "warn",
         ])
-        server = f"https://127.0.0.1:{api_port}"
+        server = f"https://{host}:{api_port}"
         self._spawn("kube-apiserver", [
             str(self.bin / "kube-apiserver"),
             "--etcd-servers", etcd_url, "--etcd-prefix", f"/sandbox{self.dir}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", host, "--advertise-address", host,
             "--secure-port", str(api_port),
             "--tls-cert-file", str(serving.cert), "--tls-private-key-file", str(serving.key),
             "--client-ca-file", str(ca.cert_path),
@@ -231,10 +255,11 @@ class Sandbox:
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(sa.cert),
             "--service-account-signing-key-file", str(sa.key),
-            # Cluster IPs are only allocated, never routed: no proxy runs in the sandbox.
+            # Cluster IPs are routed by the real node's kube-proxy only.
             "--service-cluster-ip-range", "10.0.0.0/24",
-            # Loopback is not a valid Endpoints address, so skip the kubernetes Endpoints.
-            "--endpoint-reconciler-type", "none",
+            # Loopback is not a valid Endpoints address, so skip the kubernetes Endpoints
+            # (the real node's pods reach the API server through them, on the bridge).
+            "--endpoint-reconciler-type", "lease" if real else "none",
             # With no proxy, webhooks behind a Service are called at its endpoints (the node
             # agent gives serving pods addresses of their own), as aggregated APIs can be.
             "--enable-aggregator-routing=true",
@@ -265,15 +290,19 @@ class Sandbox:
             "--root-ca-file", str(ca.cert_path),
             "--concurrent-gc-syncs", "5", "--v", "1",
         ])
-        self._spawn("node-agent", [
-            sys.executable, "-m", "sandbox.nodeagent",
-            "--server", server, "--ca", str(ca.cert_path),
-            "--client-cert", str(admin.cert), "--client-key", str(admin.key),
-            "--serving-cert", str(node.cert), "--serving-key", str(node.key),
-            "--port", str(node_port), "--node-name", NODE_NAME,
-            "--work-dir", str(self.dir / "node"), "--faults", str(self.dir / "faults.json"),
-            "--image-map", str(self._image_map()),
-        ], env={"PYTHONPATH": str(REPO / "tests"), "PATH": self._node_path()})
+        registry_port = free_port()
+        if real:
+            self._start_real_node(real, server, ca, node, host, registry_port)
+        else:
+            self._spawn("node-agent", [
+                sys.executable, "-m", "sandbox.nodeagent",
+                "--server", server, "--ca", str(ca.cert_path),
+                "--client-cert", str(admin.cert), "--client-key", str(admin.key),
+                "--serving-cert", str(node.cert), "--serving-key", str(node.key),
+                "--port", str(node_port), "--node-name", NODE_NAME,
+                "--work-dir", str(self.dir / "node"), "--faults", str(self.dir / "faults.json"),
+                "--image-map", str(self._image_map()),
+            ], env={"PYTHONPATH": str(REPO / "tests"), "PATH": self._node_path()})
 
         self.env = {
             "SANDBOX_DIR": str(self.dir),
@@ -282,21 +311,40 @@ class Sandbox:
             "HELM": str(self.bin / "helm"),
             "SANDBOX_CA": str(ca.cert_path),
             "GATE_PORT": str(gate_client.port),
+            "SANDBOX_NODE": self.node,
+            # The real node's bridge: its pods' addresses, where the sandbox's servers are.
+            **({"NODE_IP": host, "NODE_SUBNET": real.state["subnet"]} if real else {}),
         }
         self._wait_controllers_and_node(server, ca.cert_path, admin, timeout)
-        self._start_registry_and_trivy(timeout)
+        self._start_registry_and_trivy(timeout, host, registry_port)
         self._write_env()
+
+    def _start_real_node(self, real: RealNode, server: str, ca: CertificateAuthority,
+                         serving: KeyPair, host: str, registry_port: int) -> None:
+        """containerd, kubelet, kube-scheduler and kube-proxy (sandbox.realnode); the node's
+        user is bound to the system:node role (no Node authorizer runs)."""
+        kubelet = ca.issue("kubelet", f"system:node:{NODE_NAME}",
+                           organizations=("system:nodes",), client=True)
+        node_kubeconfig = self.dir / "kubelet.kubeconfig"
+        node_kubeconfig.write_text(kubeconfig_yaml(server, ca.cert_path, kubelet))
+        self.env["KUBECTL"] = str(self.bin / "kubectl")
+        self.kubectl("create", "clusterrolebinding", "sandbox-nodes",
+                     "--clusterrole=system:node", "--group=system:nodes")
+        real.start(self._spawn, ca.cert_path, node_kubeconfig, self.kubeconfig,
+                   (serving.cert, serving.key), f"{host}:{registry_port}", NODE_NAME,
+                   free_port())
 
     def _write_env(self) -> None:
         (self.dir / "env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
 
     # -- registry, Trivy DB, test images, Trivy server ---------------------------------
 
-    def _start_registry_and_trivy(self, timeout: float) -> None:
+    def _start_registry_and_trivy(self, timeout: float, host: str, registry_port: int
+                                  ) -> None:
         # The registry notifies the operator's push receiver of every push, as a real
         # registry would; it trusts the sandbox CA that issues the receiver's certificate.
         push_port, push_token = free_port(), secrets.token_hex(20)
-        registry = Registry(self.dir / "registry", free_port(),
+        registry = Registry(self.dir / "registry", registry_port, bind=host,
                             notify=[f"https://127.0.0.1:{push_port}/push"],
                             notify_headers={"Authorization": [f"Bearer {push_token}"]})
         self._spawn("registry", registry.command(),
@@ -307,10 +355,21 @@ class Sandbox:
         archive = build_db(self.dir / "trivydb")
         db_repository = f"{registry.host}/trivy-db:2"
         pusher.trivy_db("trivy-db", "2", archive.read_bytes())
+        # The real node's images: its pod sandboxes' pause, and test images that run
+        # (busybox's sh and sleep beside the declared packages).
+        runnable = []
+        if self.node == "real":
+            repository, _, tag = PAUSE_IMAGE.partition(":")
+            pusher.image(repository, tag, pause_image())
+            busybox = busybox_image()
+            for tag in ("latest", "1.36"):
+                pusher.image("library/busybox", tag, busybox)
+            runnable = [busybox_layer()]
         listing = []
         for name, decl in load_images().items():
             repository, tag = f"scangate-test/{name}", "1.0"
-            images = [build_image(d, platform) for platform, d in platforms(decl).items()]
+            images = [build_image(d, platform, runnable if "platforms" not in decl else [])
+                      for platform, d in platforms(decl).items()]
             if "platforms" in decl:
                 pusher.index(repository, tag, images)
             else:
@@ -326,10 +385,10 @@ class Sandbox:
         trivy_port = free_port()
         token = secrets.token_hex(20)
         self._spawn("trivy-server", [
-            trivy, "server", "--listen", f"127.0.0.1:{trivy_port}", "--insecure",
+            trivy, "server", "--listen", f"{host}:{trivy_port}", "--insecure",
             "--db-repository", db_repository, "--cache-dir", str(self.dir / "trivy-server")],
             env={"TRIVY_TOKEN": token})
-        trivy_url = f"http://127.0.0.1:{trivy_port}"
+        trivy_url = f"http://{host}:{trivy_port}"
         self._until(lambda: _http_ok(httpx.get, f"{trivy_url}/healthz"), timeout, "trivy server")
         # With these exported (`set -a; . DIR/env; set +a`) a plain `trivy image` or
         # `scangate scan` uses the sandbox's Trivy server and its plain-HTTP registry.
@@ -554,6 +613,9 @@ class Sandbox:
         for p in reversed(self._pids()):
             self._stop(int(str(p["pid"])), signal.SIGTERM, grace)
         self.pids_file.unlink(missing_ok=True)
+        problems = RealNode(self.dir).cleanup()
+        if problems:
+            raise RuntimeError("the real node was not wholly cleaned up: " + "; ".join(problems))
 
     def _stop(self, pid: int, sig: int, grace: float) -> None:
         """Signal one of our process groups; SIGKILL it if it outlives `grace`."""

@@ -37,10 +37,12 @@ class Registry:
     token_auth: dict[str, object] | None = None
     """The `auth:` section for token auth (see sandbox.tokenserver)."""
     proc: subprocess.Popen[bytes] | None = None
+    bind: str = "127.0.0.1"
+    """The address it listens on (the real node's pods reach it on the node's bridge)."""
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     @property
     def url(self) -> str:

@@ -96,20 +96,28 @@ def app_files(decl: Decl) -> dict[str, bytes]:
     return files
 
 
-def layer(files: dict[str, bytes]) -> tuple[bytes, str]:
-    """A deterministic gzip'd tar of `files`, and the digest of the uncompressed tar."""
+def layer(files: dict[str, bytes], mode: int = 0o644, links: dict[str, str] | None = None,
+          modes: dict[str, int] | None = None) -> tuple[bytes, str]:
+    """A deterministic gzip'd tar of `files` (with `mode`; 0o755 for executables),
+    symbolic `links` (path -> target) and directories of other `modes` than 0o755 (e.g.
+    a sticky /tmp), and the digest of the uncompressed tar."""
+    links, modes = links or {}, modes or {}
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted({"/".join(p.split("/")[:i]) for p in files
-                       for i in range(1, p.count("/") + 1)})
+        dirs = sorted({"/".join(p.split("/")[:i]) for p in [*files, *links]
+                       for i in range(1, p.count("/") + 1)} | set(modes))
         for d in dirs:
             info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            info.type, info.mode = tarfile.DIRTYPE, modes.get(d, 0o755)
             tar.addfile(info)
         for path in sorted(files):
             info = tarfile.TarInfo(path)
-            info.size, info.mode = len(files[path]), 0o644
+            info.size, info.mode = len(files[path]), mode
             tar.addfile(info, io.BytesIO(files[path]))
+        for path, target in sorted(links.items()):
+            info = tarfile.TarInfo(path)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
     data = raw.getvalue()
     return gzip.compress(data, mtime=0), sha256(data)
 
@@ -127,9 +135,12 @@ class Image:
         return sha256(self.manifest)
 
 
-def build_image(decl: Decl, platform: str = "linux/amd64") -> Image:
+def build_image(decl: Decl, platform: str = "linux/amd64",
+                extra_layers: list[tuple[bytes, str]] | None = None) -> Image:
+    """`extra_layers` (gzip'd blob, diff id) go on top, e.g. executables for a real node."""
     os_name, arch = platform.split("/")[:2]
     layers = [layer(files) for files in (os_files(decl, arch), app_files(decl)) if files]
+    layers += extra_layers or []
     config = json.dumps({
         "architecture": arch, "os": os_name,
         "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"],

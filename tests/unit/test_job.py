@@ -76,3 +76,15 @@ def test_credentials_reach_a_job_through_a_copy_it_owns() -> None:
     mounted = build_job(docker, TrivySettings(), "scangate-system")["spec"]["template"]["spec"]
     assert mounted["volumes"][1]["secret"]["secretName"] == credentials_secret_name(
         build_job(docker, TrivySettings(), "scangate-system")["metadata"]["name"])
+
+
+def test_the_scan_pods_memory_limit_is_the_setting() -> None:
+    container = build_job(SPEC, TrivySettings(memory_limit="300Mi"), "scangate-system")[
+        "spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["memory"] == "300Mi"
+    assert container["resources"]["requests"]["memory"] == "256Mi"
+    assert TrivySettings().resources["limits"]["memory"] == "1Gi"
+    # Below the usual request, the request follows it down (the API server refuses more).
+    small = TrivySettings(memory_limit="10Mi").resources
+    assert small["requests"]["memory"] == small["limits"]["memory"] == "10Mi"
+    assert TrivySettings(memory_limit="2G").resources["requests"]["memory"] == "256Mi"

@@ -424,3 +424,25 @@ def test_a_result_answers_for_its_manifest_and_for_the_index_it_was_chosen_from(
     assert project_scan({"metadata": {"name": "x"}, "status": {
         "digest": "sha256:amd64", "indexDigest": "sha256:index"}}).digests == (
         "sha256:amd64", "sha256:index")
+
+
+def test_a_scan_pod_killed_at_its_memory_limit_is_told_apart_until_it_goes() -> None:
+    pod: dict[str, Any] = {"metadata": {"name": "ja-x1", "ownerReferences": [
+        {"kind": "Job", "name": "ja", "uid": "job-a", "controller": True}]},
+        "status": {"phase": "Failed", "containerStatuses": [{"name": "trivy", "state": {
+            "terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
+    killed = project_pod(pod)
+    assert killed.oom_killed and not killed.succeeded
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = "Error"
+    assert not project_pod(pod).oom_killed
+    idx = index(scan("a", "Scanning", job_name="ja"))
+    assert not idx.oom_killed("ja", "job-a")
+    idx.upsert_pod(killed)
+    assert idx.oom_killed("ja", "job-a")
+    assert not idx.oom_killed("ja", "another-job-of-that-name")
+    idx.delete_pod(killed)  # the last state of a deleted pod is the killed one
+    assert not idx.oom_killed("ja", "job-a")
+    idx.replace_pods([killed])
+    assert idx.oom_killed("ja", "job-a")
+    idx.replace_pods([])
+    assert not idx.oom_killed("ja", "job-a")

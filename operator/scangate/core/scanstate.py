@@ -236,22 +236,28 @@ def project_job(obj: dict[str, Any]) -> JobState:
 
 @dataclass(frozen=True, slots=True)
 class PodState:
-    """What the operator keeps of one scan pod: whether its Job's work is done."""
+    """What the operator keeps of one scan pod: whether its Job's work is done, or was
+    cut short by the memory limit."""
 
     name: str
     job: str
     job_uid: str = ""
     """The uid of the Job that controls it (its owner reference)."""
     succeeded: bool = False
+    oom_killed: bool = False
+    """Its container was killed for exceeding its memory limit (reason OOMKilled)."""
 
 
 def project_pod(obj: dict[str, Any]) -> PodState:
     meta = obj.get("metadata") or {}
     owner: dict[str, Any] = next((o for o in meta.get("ownerReferences") or []
                                   if o.get("kind") == "Job" and o.get("controller")), {})
+    status = obj.get("status") or {}
+    oom_killed = any(((c.get("state") or {}).get("terminated") or {}).get("reason") == "OOMKilled"
+                     for c in status.get("containerStatuses") or [])
     return PodState(name=str(meta.get("name", "")), job=str(owner.get("name", "")),
                     job_uid=str(owner.get("uid", "")),
-                    succeeded=(obj.get("status") or {}).get("phase") == "Succeeded")
+                    succeeded=status.get("phase") == "Succeeded", oom_killed=oom_killed)
 
 
 # -- what a pass decides ---------------------------------------------------------------
@@ -352,6 +358,8 @@ class ScanIndex:
     _succeeded: dict[str, PodState] = field(default_factory=dict)
     """Jobs whose pod has succeeded (-> the pod): their result is ready to collect up to
     a second before the Job controller marks the Job complete."""
+    _oom_killed: dict[str, PodState] = field(default_factory=dict)
+    """Jobs whose pod was killed at its memory limit (-> the pod): why the Job failed."""
     _unclaimed: dict[str, datetime | None] = field(default_factory=dict)
     """Jobs to check for an ImageScan of their own (new, or their scan deleted), and since
     when they have had none (see orphan_jobs)."""
@@ -469,21 +477,34 @@ class ScanIndex:
         return found
 
     def upsert_pod(self, pod: PodState) -> bool:
+        if pod.oom_killed and pod.job:  # a terminal state: kept until the pod goes
+            self._oom_killed[pod.job] = pod
         if pod.succeeded and pod.job:
             changed = pod.job not in self._succeeded
             self._succeeded[pod.job] = pod
             return changed
-        return self.delete_pod(pod)
+        return self._unsucceed(pod)
 
     def delete_pod(self, pod: PodState) -> bool:
+        oom = self._oom_killed.get(pod.job)
+        if oom is not None and oom.name == pod.name:
+            del self._oom_killed[pod.job]
+        return self._unsucceed(pod)
+
+    def _unsucceed(self, pod: PodState) -> bool:
         held = self._succeeded.get(pod.job)
         if held is None or held.name != pod.name:
             return False
         del self._succeeded[pod.job]
         return True
 
+    def oom_killed(self, job: str, job_uid: str) -> bool:
+        """Whether the pod of the Job (by its uid) was killed at its memory limit."""
+        pod = self._oom_killed.get(job)
+        return pod is not None and pod.job_uid == job_uid
+
     def replace_pods(self, pods: Iterable[PodState]) -> None:
-        self._succeeded = {}
+        self._succeeded, self._oom_killed = {}, {}
         for pod in pods:
             self.upsert_pod(pod)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from scangate.core.framing import BEGIN, END
@@ -88,10 +88,26 @@ class TrivySettings:
     """The Secret (key `token`) holding the token the Trivy server requires, in the
     operator's namespace, where the Jobs run: it never leaves it."""
     ttl_seconds_after_finished: int = 3600
-    resources: dict[str, dict[str, str]] = field(default_factory=lambda: {
-        "requests": {"cpu": "100m", "memory": "256Mi"},
-        "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
-    })
+    memory_limit: str = "1Gi"
+    """The scan pod's memory limit (a scan pod that exceeds it ends its scan OOMKilled)."""
+
+    @property
+    def resources(self) -> dict[str, dict[str, str]]:
+        # A request above the limit is refused by the API server: a small limit lowers it.
+        request = ("256Mi" if quantity_bytes(self.memory_limit) >= quantity_bytes("256Mi")
+                   else self.memory_limit)
+        return {"requests": {"cpu": "100m", "memory": request},
+                "limits": {"cpu": "1", "memory": self.memory_limit, "ephemeral-storage": "2Gi"}}
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (as config.scanMemoryLimit admits: 1Gi, 300Mi, 5e8 no)."""
+    number = quantity.rstrip("KMGTik")
+    return float(number) * _UNITS[quantity[len(number):]]
 
 
 def scan_label(scan_name: str) -> str:

@@ -99,7 +99,8 @@ class ScanReconciler:
             image=settings.trivy_image, mode=settings.trivy_mode,
             server_url=settings.trivy_server_url, db_repository=settings.trivy_db_repository,
             insecure_db_repository=settings.trivy_insecure_db_repository,
-            run_as_user=settings.scan_run_as_user, token_secret=settings.trivy_token_secret)
+            run_as_user=settings.scan_run_as_user, token_secret=settings.trivy_token_secret,
+            memory_limit=settings.scan_memory_limit)
         self.jobs_namespace = settings.namespace
         """Where scan Jobs run: the operator's namespace, never a tenant's."""
         self.retry_backoff = parse_duration(settings.retry_backoff)
@@ -541,6 +542,11 @@ class ScanReconciler:
         except LogTooLarge as e:
             return await self._fail(scan, "ResultTooLarge", f"{e} (MAX_RESULT_LOG_BYTES)",
                                     counted=False)
+        if job.finished == "Failed" and self.index.oom_killed(job.name, job.uid):
+            # The same image under the same limit would be killed again: no retry.
+            return await self._fail(scan, "OOMKilled", (
+                f"scan pod of Job {job.name} was killed at its memory limit "
+                f"({self.trivy.memory_limit}); raise config.scanMemoryLimit"))
         if job.finished == "Failed":
             tail = log_tail(text) or "no output"
             return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")

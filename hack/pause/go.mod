@@ -1,0 +1,3 @@
+module scangate.dev/pause
+
+go 1.22
