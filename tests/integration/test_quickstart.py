@@ -40,6 +40,13 @@ def assert_story(output: str) -> None:
         at = found
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the demo's process: SIGINT handled as at a terminal even when the suite runs in
+    the background (`cmd &` starts it with SIGINT ignored, and bash cannot trap a signal
+    ignored on entry, so Ctrl-C would leave the sandbox running)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_quick_start_works_as_written() -> None:
     (unattended, kept), in_another_terminal = quick_start()
     assert unattended == "make demo ARGS=--no-wait" and kept == "make demo"
@@ -55,7 +62,7 @@ def test_the_quick_start_works_as_written() -> None:
 
     demo = subprocess.Popen(["bash", "-c", kept], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_ctrl_c_as_at_a_terminal)
     output = ""
     try:
         assert demo.stdout is not None
