@@ -73,6 +73,10 @@ MESSAGE_LIMIT = 4096  # status.message in the CRD
 JOB_GRACE = timedelta(seconds=60)
 """How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
 MAX_BACKOFF = timedelta(minutes=5)
+FORBIDDEN_PASSES = 10
+"""Periodic passes a 403 on one scan's work is retried, without costing an attempt, before
+it counts as an unexpected failure: the time a restarted API server's authorizer takes to
+warm its RBAC caches."""
 
 
 def _backoff(first: timedelta, attempt: int) -> timedelta:
@@ -115,6 +119,7 @@ class ScanReconciler:
         """Called with (namespace, rule) when one of a ScanRule's ImageScans changes."""
         self._results: dict[tuple[str, str, int], Obj] = {}
         self._busy: set[Ref] = set()
+        self._forbidden: dict[Ref, int] = {}
         self._deleting: set[str] = set()
         """Orphaned Jobs being deleted."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -269,11 +274,23 @@ class ScanReconciler:
             try:
                 async with slots or self._api_slots:
                     await work()
+                self._forbidden.pop(scan.ref, None)
             except Exception as e:
                 status = e.status if isinstance(e, ApiException) else 0
                 if status == 404:  # deleted meanwhile: its DELETED event follows
+                    self._forbidden.pop(scan.ref, None)
                     self.index.delete_scan(scan.ref)
                     return
+                forbidden = self._forbidden.get(scan.ref, 0)
+                if status == 403 and forbidden < FORBIDDEN_PASSES:
+                    # A restarted API server answers before its RBAC caches are warm; a
+                    # 403 that lasts is this scan's failure, below (and bounded).
+                    self._forbidden[scan.ref] = forbidden + 1
+                    log.warning("API forbade a request for ImageScan %s/%s (%d of %d); "
+                                "retrying", *scan.ref, forbidden + 1, FORBIDDEN_PASSES)
+                    wake = False
+                    return
+                self._forbidden.pop(scan.ref, None)
                 # No answer at all (the API server down or restarting) is unavailable
                 # too: urllib3 gives up with its own errors, not an ApiException.
                 if (status is None or status == 429 or status >= 500
