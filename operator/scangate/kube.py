@@ -124,29 +124,34 @@ class Kube:
         return await self._get(self.custom.get_namespaced_custom_object, GROUP, VERSION,
                                namespace, plural, name)
 
-    async def _create(self, fn: Any, *args: Any) -> bool:
-        """Create an object; False if it exists already (a rerun, or a restart)."""
+    async def _create(self, fn: Any, *args: Any) -> Obj | None:
+        """Create an object: the object as created, or None if the name is taken (a
+        rerun, a restart, or someone else's)."""
         try:
-            await self._call(fn, *args)
+            obj: Obj = await self._json(fn, *args)
         except ApiException as e:
             if e.status == 409:
-                return False
+                return None
             raise
-        return True
+        return obj
 
-    async def create_custom(self, plural: str, namespace: str, body: Obj) -> bool:
-        """Create one of scangate's objects; False if it exists already."""
-        return await self._create(self.custom.create_namespaced_custom_object, GROUP, VERSION,
-                                  namespace, plural, body)
-
-    async def delete_custom(self, plural: str, namespace: str, name: str) -> None:
-        """Delete one of scangate's objects; gone already is fine."""
+    async def _delete(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Delete an object; gone already is fine."""
         try:
-            await self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION,
-                             namespace, plural, name)
+            await self._call(fn, *args, **kwargs)
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    async def create_custom(self, plural: str, namespace: str, body: Obj) -> bool:
+        """Create one of scangate's objects; False if it exists already."""
+        return await self._create(self.custom.create_namespaced_custom_object, GROUP,
+                                  VERSION, namespace, plural, body) is not None
+
+    async def delete_custom(self, plural: str, namespace: str, name: str) -> None:
+        """Delete one of scangate's objects; gone already is fine."""
+        await self._delete(self.custom.delete_namespaced_custom_object, GROUP, VERSION,
+                           namespace, plural, name)
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: Obj) -> Obj:
         """Merge-patch an object's status; the object as the API server now holds it."""
@@ -169,14 +174,16 @@ class Kube:
 
     async def create_secret(self, namespace: str, body: Obj) -> bool:
         """Create a Secret; False if it exists already."""
-        return await self._create(self.core.create_namespaced_secret, namespace, body)
+        return await self._create(self.core.create_namespaced_secret, namespace,
+                                  body) is not None
 
     async def get_lease(self, namespace: str, name: str) -> Obj | None:
         return await self._get(self.coordination.read_namespaced_lease, name, namespace)
 
     async def create_lease(self, namespace: str, body: Obj) -> bool:
         """Create a Lease; False if one exists already."""
-        return await self._create(self.coordination.create_namespaced_lease, namespace, body)
+        return await self._create(self.coordination.create_namespaced_lease, namespace,
+                                  body) is not None
 
     async def replace_lease(self, namespace: str, name: str, body: Obj) -> None:
         """Replace a Lease (409 if its resourceVersion is no longer current)."""
@@ -245,7 +252,7 @@ class Kube:
                          if kind == "ValidatingWebhookConfiguration" else
                          (self.admission.create_mutating_webhook_configuration,
                           self.admission.patch_mutating_webhook_configuration))
-        if not await self._create(create, body):
+        if await self._create(create, body) is None:
             await self._call(patch, name, body, _content_type="application/merge-patch+json")
 
     async def delete_webhook(self, body: Obj) -> None:
@@ -253,21 +260,11 @@ class Kube:
         delete = (self.admission.delete_validating_webhook_configuration
                   if body["kind"] == "ValidatingWebhookConfiguration"
                   else self.admission.delete_mutating_webhook_configuration)
-        try:
-            await self._call(delete, body["metadata"]["name"])
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        await self._delete(delete, body["metadata"]["name"])
 
     async def create_job(self, namespace: str, body: Obj) -> Obj | None:
         """Create a Job: the Job as created, or None if the name is taken."""
-        try:
-            job: Obj = await self._json(self.batch.create_namespaced_job, namespace, body)
-        except ApiException as e:
-            if e.status == 409:
-                return None
-            raise
-        return job
+        return await self._create(self.batch.create_namespaced_job, namespace, body)
 
     async def get_job(self, namespace: str, name: str) -> Obj | None:
         return await self._get(self.batch.read_namespaced_job, name, namespace)
@@ -278,12 +275,8 @@ class Kube:
 
     async def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and (in the background) its pods; gone already is fine."""
-        try:
-            await self._call(self.batch.delete_namespaced_job, name, namespace,
-                             propagation_policy="Background")
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        await self._delete(self.batch.delete_namespaced_job, name, namespace,
+                           propagation_policy="Background")
 
     async def job_pod_log(self, namespace: str, job: str, job_uid: str, container: str,
                           limit_bytes: int) -> str:
@@ -334,6 +327,5 @@ class Kube:
             "reportingComponent": "scangate.dev/operator", "reportingInstance": "scangate",
         }
         with contextlib.suppress(ApiException):  # a courtesy: never fail the work for it
-            created = json.loads(
-                await self._call(self.core.create_namespaced_event, namespace, body))
+            created = await self._json(self.core.create_namespaced_event, namespace, body)
             self._events.record(key, created["metadata"]["name"], 1)

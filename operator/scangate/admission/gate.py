@@ -40,6 +40,7 @@ from scangate.admission.digests import DigestLookups
 from scangate.api import GROUP, VERSION
 from scangate.api.imagescan import Phase
 from scangate.config import Settings
+from scangate.core.conditions import condition
 from scangate.core.destinations import Destinations
 from scangate.core.images import ImageRef, parse_image
 from scangate.core.policy import (
@@ -234,13 +235,10 @@ class Gate:
     async def _write_policy_status(self, state: PolicyState, desired: tuple[str, str, str]
                                    ) -> None:
         status, reason, message = desired
-        held = state.ready or {}
-        since = held.get("lastTransitionTime") if held.get("status") == status else None
         await self.kube.patch_cluster_status("scanpolicies", state.name, {
             "observedGeneration": state.generation,
-            "conditions": [{"type": "Ready", "status": status, "reason": reason,
-                            "message": message, "lastTransitionTime": since or now(),
-                            "observedGeneration": state.generation}]})
+            "conditions": [condition("Ready", status, reason, message, state.generation,
+                                     [state.ready] if state.ready else [], now())]})
         if status == "False":
             await self.kube.event(
                 {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ScanPolicy",
