@@ -14,8 +14,12 @@ from aiohttp import web
 from scangate.admission import configuration
 from scangate.admission.gate import Gate
 from scangate.admission.server import AdmissionServer, read_review
+from scangate.cache import Cache
 from scangate.config import Settings
-from scangate.kube import Kube, load_config
+from scangate.core.destinations import Destinations
+from scangate.core.durations import parse_duration
+from scangate.core.scanstate import ScanIndex
+from scangate.kube import Kube, api_server_endpoints, load_config
 from scangate.leader import LeaderElector
 from scangate.logs import setup_logging
 from scangate.notify.notifier import Notifier
@@ -68,42 +72,70 @@ def webhook_server(settings: Settings) -> kopf.WebhookServer:
     return ServiceWebhookServer(settings.webhook_service, settings.namespace, **tls)
 
 
-def configure(config: Settings) -> None:
-    @kopf.on.startup()
-    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.admission.server = webhook_server(config)
-        if config.manage_webhook_configuration:
-            settings.admission.managed = KOPF_CONFIGURATION
-        settings.peering.standalone = True
-        settings.posting.level = logging.INFO
-        settings.persistence.finalizer = "scangate.dev/finalizer"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="scangate.dev")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="scangate.dev", key="last-handled-configuration")
+def kopf_settings() -> kopf.OperatorSettings:
+    """What both kopf operators share."""
+    settings = kopf.OperatorSettings()
+    settings.peering.standalone = True  # leadership is scangate.leader's
+    # Events for what goes wrong in a handler only: a successful handler is no news to
+    # whoever reads `kubectl describe`.
+    settings.posting.level = logging.WARNING
+    # Listed in pages (an ImageScan may hold 64 KiB of findings: 10,000 in one answer
+    # would be 640 MB), and a watch the API server forgets is closed once it has
+    # outlived its own timeout (it may otherwise send nothing, or only bookmarks, for
+    # ever: seen when a CRD changes).
+    settings.watching.chunk_size = 100
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 10
+    # kopf's record of what its change handlers handled, in the status (which the
+    # operator may write), never in a tenant's metadata.
+    settings.persistence.finalizer = "scangate.dev/finalizer"
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(
+        field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.kopf.lastHandledConfiguration")
+    return settings
+
+
+def namespaced_settings() -> kopf.OperatorSettings:
+    """The kopf operator of the operator's own namespace: it needs no observation of the
+    cluster's namespaces (one, named) and must not make one: a second list-then-watch of
+    Namespaces would be taken for the one that feeds the cache (handlers.listing)."""
+    settings = kopf_settings()
+    settings.scanning.disabled = True
+    return settings
+
+
+def main_settings(config: Settings) -> kopf.OperatorSettings:
+    settings = kopf_settings()
+    settings.admission.server = webhook_server(config)
+    if config.manage_webhook_configuration:
+        settings.admission.managed = KOPF_CONFIGURATION
+    return settings
 
 
 async def main(settings: Settings) -> None:
-    from scangate.handlers import validation  # registers the handlers
+    # Importing the handler modules registers their kopf handlers.
+    from scangate.handlers import scanrules, validation, watches  # noqa: F401
 
-    # Work in flight, plus the watches and kopf's own calls.
+    # Work in flight, plus kopf's own calls.
     load_config(settings.api_concurrency + settings.registry_concurrency + 8)
     kube = Kube(settings.api_concurrency + settings.registry_concurrency)
+    # The shared cache first: every component reads it, and kopf's handlers feed it.
+    cache = Cache(ScanIndex(parse_duration(settings.rescan_interval)))
+    watches.follow_listings(cache)
+    destinations = Destinations.of(settings.allowed_networks, api_server_endpoints())
     # The Lease on threads of its own: renewals must never wait behind a burst of work.
     leader = LeaderElector(Kube(2), settings.namespace)
-    reconciler = ScanReconciler(kube, settings)
-    rules = RuleController(kube, settings, reconciler.index, reconciler.destinations,
-                           reconciler.rescan)
-    notifier = Notifier(Kube(8), settings, reconciler.index, reconciler.destinations,
-                        rules.covering)
+    reconciler = ScanReconciler(kube, settings, cache, destinations)
+    rules = RuleController(kube, settings, cache, destinations)
+    notifier = Notifier(Kube(8), settings, cache, destinations)
     reconciler.active = rules.active = notifier.active = lambda: leader.is_leader
-    reconciler.rule_scan_changed.append(rules.touch)
-    reconciler.scan_changed.append(notifier.scan_changed)
-    rules.seen.append(lambda r: notifier.rule_changed(r.namespace, r.name, r.uid, r.spec,
-                                                      {"notifications": r.receivers}))
-    rules.gone.append(lambda r: notifier.rule_deleted(r.namespace, r.name))
-    validation.use_rules(rules.registry_of, settings.namespace)
-    configure(settings)
+    validation.use_rules(
+        lambda ns, name: held.registry
+        if (held := cache.scanrules.items.get((ns, name))) is not None else None,
+        settings.namespace)
+    memo = kopf.Memo(cache=cache, rules=rules)
     if settings.metrics_port and not settings.metrics_secure:
         prometheus_client.start_http_server(settings.metrics_port, settings.listen_address)
     liveness = (f"http://{settings.listen_address}:{settings.health_port}/healthz"
@@ -114,13 +146,15 @@ async def main(settings: Settings) -> None:
         # kopf would name itself after the login user, which a non-root uid with no passwd
         # entry (the image's 65532) does not have: it takes the elected identity (kopf does
         # not export its Identity type, a NewType of str).
-        kopf.operator(clusterwide=True, liveness_endpoint=liveness, identity=leader.me),  # type: ignore[arg-type]
+        kopf.operator(clusterwide=True, liveness_endpoint=liveness, identity=leader.me,  # type: ignore[arg-type]
+                      settings=main_settings(settings), memo=memo),
+        # Scan Jobs and their pods: in the operator's namespace only (see handlers.watches).
+        kopf.operator(registry=watches.SCAN_JOBS, namespaces=[settings.namespace],
+                      identity=leader.me, settings=namespaced_settings(), memo=memo),  # type: ignore[arg-type]
         leader.run(), reconciler.run(), rules.run()]
     if settings.admission_port:
-        gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
+        gate = Gate(Kube(8), settings, cache, destinations)
         gate.active = lambda: leader.is_leader
-        gate.on_blocked = notifier.blocked
-        notifier.policy_uid = gate.policy_uid
         server = AdmissionServer(gate, settings)
         work += [gate.run(), server.run()]
         if settings.manage_admission_configuration and settings.webhook_ca_file:

@@ -149,6 +149,15 @@ def test_stored_behind_the_webhooks_back_they_stop_nothing(
                                             "--dry-run=server"))[0] is False and r[1],
                         30, "the good policy to be enforced")
         assert f"ScanPolicy {good_policy}" in said and "has not been scanned yet" in said
+        # `kubectl get scanpolicies` shows Ready for every policy: True for the one the gate
+        # applies, False for the one it leaves out.
+        wait_for(lambda: ready(kubectl, "scanpolicy", good_policy).get("reason") == "Enforced",
+                 60, "the good policy's Ready condition")
+        columns = {line.split()[0]: line.split()[-1] for line in kubectl(
+            "get", "scanpolicies", good_policy, bad_policy, "--no-headers", "-o",
+            "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type=='Ready')]"
+            ".status").splitlines()}
+        assert columns == {good_policy: "True", bad_policy: "False"}, columns
 
         # A restart lists both again and leads again: still running, the gate ready, and
         # the rule controller acting (a manual run of the good rule is done).

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from scangate.api.imagescan import Phase
 from scangate.core.patterns import check_tag_filter
 from scangate.core.rules import ScheduleError, rule_totals, scan_name
+from scangate.core.rulestate import RuleState, project_rule
 from scangate.core.scanstate import ScanState
 from scangate.registry.events import PushedImage
 from scangate.scanning.rulepush import pushed_scans
 from scangate.scanning.ruleschedule import MAX_FAILURES, MAX_RUN_BACKOFF, RuleSchedule
-from scangate.scanning.rulestate import RuleState, project_rule
 
 
 def _rule(name: str = "r", generation: int = 1, **spec: object) -> RuleState:

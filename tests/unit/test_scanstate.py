@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from scangate.api.imagescan import Phase
 from scangate.core.scanstate import (
     JobState,
     Newest,
@@ -446,3 +447,26 @@ def test_a_scan_pod_killed_at_its_memory_limit_is_told_apart_until_it_goes() -> 
     assert idx.oom_killed("ja", "job-a")
     idx.replace_pods([])
     assert not idx.oom_killed("ja", "job-a")
+
+
+def test_a_rescan_request_is_acted_on_once_the_scan_settles() -> None:
+    def scan(phase: str, request: str | None, answered: str | None,
+             version: int) -> dict[str, Any]:
+        return {"metadata": {"namespace": "ns", "name": "s", "uid": "u",
+                             "resourceVersion": str(version)},
+                "spec": {"image": "reg/app:1"},
+                "status": {"phase": phase, "digest": "sha256:1", "rescanRequest": request,
+                           "rescanAnswered": answered}}
+
+    index = ScanIndex(timedelta(hours=1))
+    index.upsert_scan(project_scan(scan(Phase.SCANNING, "pushed (t1)", None, 1)))
+    assert index.rescans_requested() == []  # in flight: asked when it settles
+    index.upsert_scan(project_scan(scan(Phase.COMPLETED, "pushed (t1)", None, 2)))
+    assert [s.name for s in index.rescans_requested()] == ["s"]
+    index.upsert_scan(project_scan(scan(Phase.PENDING, "pushed (t1)", "pushed (t1)", 3)))
+    index.upsert_scan(project_scan(scan(Phase.COMPLETED, "pushed (t1)", "pushed (t1)", 4)))
+    assert index.rescans_requested() == []  # answered
+    index.upsert_scan(project_scan(scan(Phase.FAILED, "moved (t2)", "pushed (t1)", 5)))
+    assert [s.rescan_request for s in index.rescans_requested()] == ["moved (t2)"]
+    index.delete_scan(("ns", "s"))
+    assert index.rescans_requested() == []

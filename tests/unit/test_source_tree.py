@@ -87,6 +87,12 @@ def test_phase_values_are_plain_strings() -> None:
 def core_imports(below: Path) -> list[str]:
     """`file:line: module` for each import of scangate.core in the modules below `below`
     (at any depth of the module: a function's own import counts too)."""
+    return imports_of(below, ("scangate.core",))
+
+
+def imports_of(below: Path, packages: tuple[str, ...]) -> list[str]:
+    """`file:line: module` for each import of one of `packages` in the modules below
+    `below` (at any depth of the module: a function's own import counts too)."""
     found = []
     for name, tree in _modules(below):
         for node in ast.walk(tree):
@@ -98,7 +104,7 @@ def core_imports(below: Path) -> list[str]:
             else:
                 continue
             found += [f"{name}:{node.lineno}: {m}" for m in modules
-                      if m == "scangate.core" or m.startswith("scangate.core.")]
+                      if any(m == p or m.startswith(f"{p}.") for p in packages)]
     return found
 
 
@@ -117,3 +123,22 @@ def test_the_import_check_finds_an_import_of_core(tmp_path: Path) -> None:
                                    "from scangate.api.common import Model\n")
     assert core_imports(tmp_path) == ["x.py:1: scangate.core.trivy", "x.py:2: scangate.core",
                                       "x.py:4: scangate.core.durations"]
+
+
+COMPONENTS = ("scanning", "notify", "admission", "handlers")
+"""The scan reconciler and rule controller, the notifier, the gate, kopf's handlers: each
+reads the shared cache (scangate.cache) and core/, never another's modules."""
+
+
+def test_no_component_imports_another() -> None:
+    found = [f"{component}/{line}" for component in COMPONENTS
+             for line in imports_of(PACKAGE / component, tuple(
+                 f"scangate.{other}" for other in COMPONENTS if other != component))]
+    assert not found, "a component imports another:\n" + "\n".join(found)
+
+
+def test_the_component_check_finds_an_import_of_another(tmp_path: Path) -> None:
+    (tmp_path / "x.py").write_text("from scangate.notify.notifier import Notifier\n"
+                                   "from scangate.cache import Cache\n")
+    assert imports_of(tmp_path, ("scangate.notify",)) == [
+        "x.py:1: scangate.notify.notifier"]

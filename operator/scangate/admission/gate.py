@@ -1,7 +1,7 @@
 """The admission gate: a workload's new images judged under the ScanPolicies.
 
-Everything a decision reads is in memory: the ScanPolicies and the namespaces' labels
-from watches, the ImageScans from the scan reconciler's watch-fed index, a tag's
+Everything a decision reads is in memory: the ScanPolicies, the namespaces' labels and
+the ImageScans from the shared cache (scangate.cache), a tag's
 digest from a short-lived cache (one registry lookup for many requests: single-flight),
 and an ImageScan's full result from a cache keyed by its resourceVersion. A request
 for what is cached costs no API or registry round trip. An image with no usable
@@ -13,6 +13,7 @@ scans within a token bucket. Break-glass is honoured only for a requester the AP
 server says may use it (a SubjectAccessReview, asked only when the annotation would
 change the outcome, its answer cached briefly).
 
+Refusals are published to the cache (the notifier sends Blocked events from there).
 A ScanPolicy the gate cannot use is that policy's problem: it is left out of decisions
 and says so in its Ready condition and an Event (written by the leader), and the gate
 stays ready.
@@ -29,7 +30,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -39,6 +40,7 @@ from scangate.admission.configuration import covers
 from scangate.admission.digests import DigestLookups
 from scangate.api import GROUP, VERSION
 from scangate.api.imagescan import Phase
+from scangate.cache import Cache, Refusal
 from scangate.config import Settings
 from scangate.core.conditions import condition
 from scangate.core.destinations import Destinations
@@ -48,14 +50,12 @@ from scangate.core.policy import (
     Decision,
     ImageResult,
     Kind,
-    Policy,
-    PolicyError,
     applies,
     decide,
-    parse_policy,
 )
+from scangate.core.policystate import PolicyState
 from scangate.core.ratelimit import TokenBucket
-from scangate.core.scanstate import Ref, ScanIndex, ScanState, resource_version
+from scangate.core.scanstate import Ref, ScanState
 from scangate.core.workloads import (
     new_images,
     normalise,
@@ -63,7 +63,6 @@ from scangate.core.workloads import (
     reference,
 )
 from scangate.kube import Kube, Obj, now
-from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.admission")
 RESULTS_CACHED = 2048
@@ -80,61 +79,6 @@ it sooner)."""
 
 
 @dataclass(frozen=True)
-class PolicyState:
-    name: str
-    version: int
-    policy: Policy | None
-    """None when the stored object cannot be used (the webhook refuses such objects)."""
-    error: str = ""
-    """Why it cannot be used."""
-    uid: str = ""
-    generation: int = 0
-    ready: Obj | None = field(default=None, compare=False)
-    """The stored Ready condition."""
-
-    def desired(self) -> tuple[str, str, str]:
-        """The Ready condition it should carry: status, reason, message."""
-        if self.policy is None:
-            return ("False", "InvalidSpec",
-                    f"{self.error}; the admission gate leaves this policy out until it is "
-                    "fixed")
-        return ("True", "Enforced", "the admission gate applies this policy")
-
-    def current(self) -> tuple[str, str, str] | None:
-        held = self.ready or {}
-        if held.get("observedGeneration") != self.generation:
-            return None
-        return (str(held.get("status")), str(held.get("reason")), str(held.get("message")))
-
-
-def project_policy(obj: Obj) -> PolicyState:
-    meta = obj.get("metadata") or {}
-    name = str(meta.get("name", ""))
-    policy: Policy | None = None
-    error = ""
-    try:
-        policy = parse_policy(obj)
-    except PolicyError as e:
-        error = str(e)
-    except Exception as e:  # whatever else one policy raises is that policy's
-        error = f"ScanPolicy {name}: {type(e).__name__}: {e}"
-    if policy is None:
-        log.warning("ScanPolicy %s ignored: %s", name, error)
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    ready = next((c for c in conditions if isinstance(c, dict) and c.get("type") == "Ready"),
-                 None)
-    generation = meta.get("generation")
-    return PolicyState(name, resource_version(obj), policy, error[:2000],
-                       str(meta.get("uid", "")),
-                       generation if isinstance(generation, int) else 0, ready)
-
-
-def project_namespace(obj: Obj) -> tuple[str, dict[str, str]]:
-    meta = obj.get("metadata") or {}
-    return str(meta.get("name", "")), dict(meta.get("labels") or {})
-
-
-@dataclass(frozen=True)
 class Review:
     """What the gate answers: the decision, and the images it judged."""
 
@@ -143,18 +87,17 @@ class Review:
 
 
 class Gate:
-    def __init__(self, kube: Kube, settings: Settings, index: ScanIndex,
+    def __init__(self, kube: Kube, settings: Settings, cache: Cache,
                  destinations: Destinations) -> None:
-        self.kube, self.settings, self.index = kube, settings, index
+        self.kube, self.settings, self.cache = kube, settings, cache
+        self.index = cache.scans
+        self.policies = cache.scanpolicies.items
+        """ScanPolicies by ("", name)."""
         self.destinations = destinations
         self.operator_user: str | None = None
         """The operator's own user: its scan Jobs are never judged (a gate that refused
         them would refuse every scan that could lift a denial)."""
-        self.policies: dict[str, PolicyState] = {}
         self.policies_changed = asyncio.Event()
-        self.on_blocked: Callable[[Decision, str, dict[str, list[Obj]]], None] | None = None
-        """Called with each refusal (not on dry runs): the notifier's Blocked events."""
-        self.namespaces: dict[str, dict[str, str]] = {}
         self.digests = DigestLookups(settings, destinations)
         """Tags' digests: cached, single-flight and bounded lookups (admission.digests)."""
         self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
@@ -164,48 +107,30 @@ class Gate:
         """The scans the gate may create: a review forged or repeated cannot make more."""
         self._break_glass: OrderedDict[str, tuple[float, BreakGlassGrant]] = OrderedDict()
         self._policy_news = asyncio.Event()
+        self._invalid: dict[str, str] = {}
+        """Policies that cannot be used, and why (counted once per reason)."""
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader): only the leader writes the
         ScanPolicies' conditions."""
         self._tasks: set[asyncio.Task[None]] = set()
-        self.feeds: list[Feed[Any]] = [
-            Feed("scanpolicies", partial(kube.custom.list_cluster_custom_object, GROUP,
-                                         VERSION, "scanpolicies"),
-                 project_policy, Sink(self._policies, self._policy, self._policy_gone)),
-            Feed("namespaces", kube.core.list_namespace, project_namespace,
-                 Sink(self._namespaces, self._namespace, self._namespace_gone)),
-        ]
+        cache.scanpolicies.subscribe(self._policy_changed)
 
-    # -- watch-fed state -------------------------------------------------------------
-
-    def _policies(self, states: list[PolicyState]) -> None:
-        held = self.policies
-        self.policies = {p.name: p for p in states}
-        for state in states:
-            self._count_invalid(held.get(state.name), state)
+    def _policy_changed(self, state: PolicyState, gone: bool) -> None:
+        if not gone:
+            self._count_invalid(state)
         self.policies_changed.set()
         self._policy_news.set()
 
-    def _policy(self, state: PolicyState) -> None:
-        held = self.policies.get(state.name)
-        if held is None or state.version < 0 or state.version >= held.version:
-            self._count_invalid(held, state)
-            self.policies[state.name] = state
-            self.policies_changed.set()
-            self._policy_news.set()
-
-    def _policy_gone(self, state: PolicyState) -> None:
-        self.policies.pop(state.name, None)
-        self.policies_changed.set()
-
-    @staticmethod
-    def _count_invalid(held: PolicyState | None, state: PolicyState) -> None:
-        if state.policy is None and (held is None or held.error != state.error):
+    def _count_invalid(self, state: PolicyState) -> None:
+        if state.policy is not None:
+            self._invalid.pop(state.name, None)
+        elif self._invalid.get(state.name) != state.error:
+            self._invalid[state.name] = state.error
             metrics.OBJECT_FAILURES.labels("ScanPolicy", "InvalidSpec").inc()
 
-    def policy_uid(self, name: str) -> str | None:
-        held = self.policies.get(name)
-        return held.uid if held is not None else None
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        held = self.cache.namespaces.items.get(("", namespace))
+        return held.labels if held is not None else None
 
     async def _keep_policy_status(self) -> None:
         """The leader keeps each ScanPolicy's Ready condition true to what the gate does
@@ -250,18 +175,8 @@ class Gate:
         return any(p.policy is not None and p.policy.spec.pin_digests
                    for p in self.policies.values())
 
-    def _namespaces(self, items: list[tuple[str, dict[str, str]]]) -> None:
-        self.namespaces = dict(items)
-
-    def _namespace(self, item: tuple[str, dict[str, str]]) -> None:
-        self.namespaces[item[0]] = item[1]
-
-    def _namespace_gone(self, item: tuple[str, dict[str, str]]) -> None:
-        self.namespaces.pop(item[0], None)
-
     async def run(self) -> None:
-        await asyncio.gather(self._whoami(), self._keep_policy_status(),
-                             *(feed.run() for feed in self.feeds))
+        await asyncio.gather(self._whoami(), self._keep_policy_status())
 
     async def _whoami(self) -> None:
         """The operator's user, asked until the API server answers (the gate is not ready
@@ -278,7 +193,8 @@ class Gate:
 
     @property
     def ready(self) -> bool:
-        return self.operator_user is not None and all(f.synced.is_set() for f in self.feeds)
+        return (self.operator_user is not None and self.cache.scanpolicies.synced.is_set()
+                and self.cache.namespaces.synced.is_set())
 
     # -- a request -------------------------------------------------------------------
 
@@ -312,7 +228,7 @@ class Gate:
                                          message=error)
         meta = obj.get("metadata") or {}
         judge = partial(decide, policies, results, namespace,
-                        self.namespaces.get(namespace, {}), meta.get("annotations") or {},
+                        (self.namespace_labels(namespace) or {}), meta.get("annotations") or {},
                         now, scans_namespace=namespace)
         decision = judge()
         if decision.break_glass_wanted:  # only then: other reviews never pay for it
@@ -320,19 +236,14 @@ class Gate:
                 decision.break_glass_wanted, user, namespace))
         if request.get("dryRun"):
             return Review(decision, tuple(results))
-        if not covers(self.settings, namespace, self.namespaces.get(namespace)):
+        if not covers(self.settings, namespace, self.namespace_labels(namespace)):
             # Not a review the API server sends (kube-system, the operator's namespace, an
             # ignored or unknown one): answered, but it causes nothing.
             if decision.needs_scan:
                 metrics.ADMISSION_SCANS.labels("uncovered").inc()
             return Review(decision, tuple(results))
-        if not decision.allowed and self.on_blocked is not None:
-            try:
-                self.on_blocked(decision, namespace, {
-                    p.name: [n.dump() for n in p.spec.notifications or []]
-                    for p in policies if p.spec.notifications})
-            except Exception:  # the notifier's trouble; the answer stands
-                log.exception("Blocked notifications of a review failed")
+        if not decision.allowed:
+            self.cache.refusals.publish(Refusal(decision, namespace))
         for image in decision.needs_scan:
             if image in refs:
                 self._request_scan(namespace, refs[image],
@@ -387,7 +298,7 @@ class Gate:
             return []
         kind = str((request.get("kind") or {}).get("kind", ""))
         namespace = str(request.get("namespace") or "")
-        labels = self.namespaces.get(namespace, {})
+        labels = (self.namespace_labels(namespace) or {})
         pinned = []
         for image in new_images(kind, obj, request.get("oldObject")):
             normalised = reference(image).normalised

@@ -175,6 +175,12 @@ class ImageScanStatus(StatusBase):
     notified: dict[str, Notified] | None = None
     """Per receiver (ScanRule notification name): the last event delivered to it. A
     completion whose event is not recorded here is delivered, after a restart too."""
+    rescan_request: str | None = Field(default=None, max_length=512)
+    """Why and when the scan was last asked to scan again (written by the ScanRule that
+    owns it: the tag was pushed again, or moved)."""
+    rescan_answered: str | None = Field(default=None, max_length=512)
+    """The rescanRequest the last lookup of the tag answered (written by the scan
+    reconciler): a new request scans again."""
     findings_truncated: bool | None = None
     """True when some findings were left out of .status.findings to bound the object's size."""
     vulnerability_index: str | None = Field(default=None, max_length=256 * 1024)

@@ -192,6 +192,17 @@ class ReceiverStatus(Model):
     """Why the last attempt failed (never the URL or a secret)."""
 
 
+class HandlerRecord(Model):
+    """kopf's record of the rule's change handlers (scangate.handlers.scanrules): in the
+    status, which the operator may write, never in the tenant's metadata."""
+
+    last_handled_configuration: str | None = Field(default=None, max_length=262144)
+    """The spec and labels last handled, as kopf compares them."""
+    progress: dict[str, object] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Handlers under way or retried."""
+
+
 class ScanRuleStatus(StatusBase):
     """Observed state of a ScanRule."""
 
@@ -208,6 +219,8 @@ class ScanRuleStatus(StatusBase):
     last_schedule_time: datetime | None = None
     """The scheduled time of the last scheduled run: the next one is the schedule's first
     time after it, so a restart neither misses nor doubles a run."""
+    kopf: HandlerRecord | None = None
+    """kopf's record of the rule's change handlers."""
 
 
 class ScanRule(Model):

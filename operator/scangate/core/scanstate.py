@@ -18,6 +18,8 @@ from scangate.api.imagescan import Phase
 
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
 SCAN_LABEL = "scangate.dev/imagescan"
+SCAN_NOW = "scangate.dev/scan-now"
+"""The annotation whose each new value runs a ScanRule again."""
 """On scan Jobs and their pods: the ImageScan's name (as a label value)."""
 SCAN_NAMESPACE_LABEL = "scangate.dev/imagescan-namespace"
 SCAN_UID_LABEL = "scangate.dev/imagescan-uid"
@@ -104,6 +106,14 @@ class ScanState:
     completion_time: datetime | None = None
     notified: tuple[tuple[str, str], ...] = ()
     """(receiver, event key) of the notifications delivered about this scan."""
+    rescan_request: str | None = None
+    """status.rescanRequest: each new value asks for a rescan (a push, a tag moved)."""
+    rescan_answered: str | None = None
+    """status.rescanAnswered: the request the last lookup of the tag answered."""
+
+    @property
+    def rescan_requested(self) -> bool:
+        return self.rescan_request is not None and self.rescan_request != self.rescan_answered
 
     @property
     def event_key(self) -> str | None:
@@ -184,7 +194,14 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         if ready else None,
         completion_time=parse_time(status.get("completionTime")),
         notified=_notified(status.get("notified")),
+        rescan_request=_text(status.get("rescanRequest")),
+        rescan_answered=_text(status.get("rescanAnswered")),
     )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
 
 
 def _notified(value: object) -> tuple[tuple[str, str], ...]:
@@ -351,6 +368,8 @@ class ScanIndex:
     """Completed vulnerability results by digest (admission judges by the newest)."""
     _by_digest: dict[str, dict[str | None, set[Ref]]] = field(default_factory=dict)
     """ImageScans by digest, then by phase."""
+    _rescans: dict[Ref, ScanState] = field(default_factory=dict)
+    """Settled scans asked to scan again (status.rescanRequest)."""
     _by_rule: dict[Ref, set[str]] = field(default_factory=dict)
     """ImageScan names by the ScanRule (namespace, name) that owns them."""
     _expiry: list[tuple[datetime, Ref, datetime]] = field(default_factory=list)
@@ -534,6 +553,8 @@ class ScanIndex:
             self._scanning[s.ref] = s
             if s.key:
                 self._in_flight.setdefault(s.key, set()).add(s.ref)
+        if s.rescan_requested and s.phase in (Phase.COMPLETED, Phase.FAILED):
+            self._rescans[s.ref] = s
         for digest in s.digests:
             self._by_digest.setdefault(digest, {}).setdefault(s.phase, set()).add(s.ref)
         if s.owner:
@@ -556,6 +577,7 @@ class ScanIndex:
         self._pending.pop(s.ref, None)
         self._queued.pop(s.ref, None)
         self._scanning.pop(s.ref, None)
+        self._rescans.pop(s.ref, None)
         if s.key and s.key in self._in_flight:
             self._in_flight[s.key].discard(s.ref)
             if not self._in_flight[s.key]:
@@ -592,6 +614,11 @@ class ScanIndex:
     @property
     def queue_depth(self) -> int:
         return len(self._queued)
+
+    def rescans_requested(self) -> list[ScanState]:
+        """Settled scans asked to scan again (a push, or a rule whose tag moved); one in
+        flight is asked when it settles."""
+        return list(self._rescans.values())
 
     def by_digest(self, digest: str) -> list[ScanState]:
         """Every ImageScan of a digest (a manifest's, or an index's)."""

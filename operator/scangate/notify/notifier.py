@@ -37,8 +37,10 @@ from kubernetes.client.exceptions import ApiException
 from scangate import metrics
 from scangate.api import GROUP, VERSION
 from scangate.api.imagescan import Phase
+from scangate.cache import Cache, Refusal
 from scangate.config import Settings
 from scangate.core.destinations import DestinationRefused, Destinations
+from scangate.core.images import InvalidReference, parse_image
 from scangate.core.notify import (
     MAX_ATTEMPTS,
     RobotWindow,
@@ -53,9 +55,10 @@ from scangate.core.notify import (
     webhook_headers,
     webhook_payload,
 )
-from scangate.core.policy import Decision, Verdict
-from scangate.core.scanstate import ScanIndex, ScanState, parse_time
-from scangate.core.trivy import decode_index
+from scangate.core.policy import ImageResult, Verdict
+from scangate.core.rules import matching_rules, registry_host
+from scangate.core.rulestate import RuleState
+from scangate.core.scanstate import ScanState, parse_time
 from scangate.kube import Kube, Obj, now
 from scangate.outbound import Resolver, pinned_client
 from scangate.registry.auth import CredentialsError, secret_field
@@ -113,18 +116,14 @@ class ReceiverState:
     task: asyncio.Task[None] | None = None
 
 
-Covering = Callable[[str], list[tuple[str, str, list[Obj]]]]
-"""An image -> the ScanRules covering it: (namespace, name, notifications)."""
-
-
 class Notifier:
-    def __init__(self, kube: Kube, settings: Settings, index: ScanIndex,
-                 destinations: Destinations, covering: Covering) -> None:
-        self.kube, self.settings, self.index = kube, settings, index
+    def __init__(self, kube: Kube, settings: Settings, cache: Cache,
+                 destinations: Destinations) -> None:
+        self.kube, self.settings, self.cache = kube, settings, cache
+        self.index = cache.scans
         self.destinations = destinations
         self.resolver: Resolver | None = None
         """Replaces the system's resolver for receivers' names (tests)."""
-        self.covering = covering
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader): only the leader sends."""
         self.receivers: dict[Receiver, ReceiverState] = {}
@@ -137,11 +136,42 @@ class Notifier:
         self._secrets: dict[tuple[str, str], tuple[float, Obj | None]] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._flusher: asyncio.Task[None] | None = None
-        self.policy_uid: Callable[[str], str | None] = lambda _: None
-        """A ScanPolicy's uid, for Events on it (the gate holds the policies)."""
         self._tasks: set[asyncio.Task[None]] = set()
+        cache.scanrules.subscribe(self._rule)
+        cache.imagescans.subscribe(lambda scan, gone: None if gone else self.scan_changed(scan))
+        cache.refusals.subscribe(self.blocked)
 
-    # -- what there is to send ---------------------------------------------------------
+    def _rule(self, rule: RuleState, gone: bool) -> None:
+        """A ScanRule changed or went: its receivers follow. What fails is the rule's."""
+        try:
+            if gone:
+                self.rule_deleted(rule.namespace, rule.name)
+            else:
+                self.rule_changed(rule.namespace, rule.name, rule.uid, rule.spec,
+                                  {"notifications": rule.receivers})
+        except Exception as e:
+            log.exception("ScanRule %s/%s: its notifications could not be updated", *rule.ref)
+            self._trouble("ScanRule", rule.namespace, rule.name,
+                          f"its notifications could not be updated: {_describe(e)}")
+
+    def covering(self, image: str) -> list[tuple[str, str, list[Obj]]]:
+        """The rules whose registry, scope and tag filter cover an image, with their
+        notifications (for Blocked events)."""
+        try:
+            ref = parse_image(image)
+        except InvalidReference:
+            return []
+        rules = self.cache.scanrules.items
+        candidates = [(f"{r.namespace}/{r.name}", registry_host(r.host), r.scope, f, True)
+                      for r in rules.values() if r.spec.get("notifications")
+                      and (f := r.tag_filter) is not None]
+        found = []
+        for match in matching_rules(candidates, registry_host(ref.registry), ref.repository,
+                                    ref.tag or ""):
+            namespace, _, name = match.partition("/")
+            rule = rules[(namespace, name)]
+            found.append((namespace, name, list(rule.spec.get("notifications") or [])))
+        return found
 
     def rule_changed(self, namespace: str, name: str, uid: str, spec: Obj, status: Obj
                      ) -> None:
@@ -222,12 +252,16 @@ class Notifier:
                 time=finished or datetime.now(UTC), reason=None, message=None), scan))
             self._start(receiver, state)
 
-    def blocked(self, decision: Decision, namespace: str,
-                policy_notifications: Mapping[str, list[Obj]]) -> None:
+    def blocked(self, refusal: Refusal) -> None:
         """Admission refused a workload: tell the failing policies' receivers and those of
         the rules covering each refused image that subscribe to Blocked. What fails for
         one policy's verdict is that policy's."""
         stamp = datetime.now(UTC)
+        decision, namespace = refusal.decision, refusal.namespace
+        policy_notifications = {
+            p.name: [n.dump() for n in p.policy.spec.notifications or []]
+            for p in self.cache.scanpolicies.items.values()
+            if p.policy is not None and p.policy.spec.notifications}
         for verdict in decision.violations:
             if verdict.overridden or verdict.effect.label != "Enforce":
                 continue
@@ -337,12 +371,15 @@ class Notifier:
         if ((status.get("notified") or {}).get(receiver.name) or {}).get(
                 "key") == pending.event.key:
             pending.delivered = True  # by another replica, before it stopped leading
-        worst = tuple(f for f in status.get("findings") or [] if isinstance(f, dict))[:5]
-        index = decode_index(status.get("vulnerabilityIndex"))
+        result = ImageResult.from_status(status)  # the one reading of a stored result
+        worst = tuple({"id": f.id, "severity": f.severity, "package": f.package,
+                       "installedVersion": f.installed_version,
+                       "fixedVersion": f.fixed_version} for f in result.findings[:5])
+        index = result.index
         pending.current_ids = frozenset(index) if index is not None else None
-        pending.event = replace(pending.event, counts=status.get("summary") or {},
-                                fixable=status.get("fixable"), worst=worst,
-                                reason=status.get("reason"), message=status.get("message"))
+        pending.event = replace(pending.event, counts=result.summary or {},
+                                fixable=result.fixable, worst=worst,
+                                reason=result.reason, message=result.message)
         pending.previous = ((status.get("notified") or {}).get(receiver.name) or {}).get("ids")
 
     async def _send(self, receiver: Receiver, state: ReceiverState, kind: str,
@@ -419,12 +456,16 @@ class Notifier:
                           f"{pending.event.image} not delivered after {MAX_ATTEMPTS} "
                           f"attempts: {state.last_error}")
 
+    def _policy_uid(self, name: str) -> str | None:
+        held = self.cache.scanpolicies.items.get(("", name))
+        return held.uid if held is not None else None
+
     async def _event(self, kind: str, namespace: str, name: str, reason: str,
                      message: str) -> None:
         """A Warning Event on a ScanRule or ScanPolicy (cluster-scoped: `namespace` is
         ignored) the notifier knows the uid of; never failing."""
         uid = (self.rules.get((namespace, name)) if kind == "ScanRule"
-               else self.policy_uid(name))
+               else self._policy_uid(name))
         if not uid:
             return
         metadata = {"name": name, "uid": uid}

@@ -1,7 +1,8 @@
 """The ImageScan lifecycle: Pending -> Queued -> Scanning -> Completed | Failed.
 
-The operator holds ImageScans and scan Jobs in memory (scangate.core.scanstate),
-fed by watches (scangate.watch), and each pass acts only on what needs it: Pending
+The operator holds ImageScans, scan Jobs and their pods in the shared cache
+(scangate.cache, its ScanIndex: scangate.core.scanstate), fed by kopf's watches, and
+each pass acts only on what needs it: Pending
 scans due for digest resolution, Scanning scans whose Job finished or vanished,
 and the queue. Each piece of work runs as its own task with bounded concurrency,
 so that one slow registry or one bad object never holds up the others. All state
@@ -20,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
@@ -28,6 +28,7 @@ from urllib3.exceptions import HTTPError
 from scangate import metrics
 from scangate.api import GROUP, VERSION
 from scangate.api.imagescan import Phase
+from scangate.cache import Cache
 from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
@@ -35,23 +36,18 @@ from scangate.core.framing import FrameError, FrameTooLarge
 from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.scanstate import (
-    SCAN_LABEL,
     SCAN_UID_LABEL,
     JobState,
-    PodState,
     Ref,
     Requeue,
     Reuse,
-    ScanIndex,
     ScanState,
     Start,
     project_job,
-    project_pod,
-    project_scan,
 )
 from scangate.core.trivy import ReportError
 from scangate.core.validation import check_image_on_registry
-from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
+from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import RegistryClient, RegistryError
 from scangate.registry.configured import base_url, registry_client
@@ -63,7 +59,6 @@ from scangate.scanning.job import (
     credentials_secret,
     job_name,
 )
-from scangate.watch import Feed, Sink
 
 log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
@@ -96,8 +91,9 @@ def _owner(s: ScanState) -> Obj:
 
 
 class ScanReconciler:
-    def __init__(self, kube: Kube, settings: Settings) -> None:
-        self.kube = kube
+    def __init__(self, kube: Kube, settings: Settings, cache: Cache,
+                 destinations: Destinations) -> None:
+        self.kube, self.cache = kube, cache
         self.settings = settings
         self.trivy = TrivySettings(
             image=settings.trivy_image, mode=settings.trivy_mode,
@@ -108,15 +104,11 @@ class ScanReconciler:
         self.jobs_namespace = settings.namespace
         """Where scan Jobs run: the operator's namespace, never a tenant's."""
         self.retry_backoff = parse_duration(settings.retry_backoff)
-        self.index = ScanIndex(parse_duration(settings.rescan_interval))
-        self.destinations = Destinations.of(settings.allowed_networks, api_server_endpoints())
+        self.index = cache.scans
+        self.destinations = destinations
         self._wake = asyncio.Event()
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader)."""
-        self.scan_changed: list[Callable[[ScanState], None]] = []
-        """Called with each ImageScan as it is listed or changes (the notifier)."""
-        self.rule_scan_changed: list[Callable[[str, str], None]] = []
-        """Called with (namespace, rule) when one of a ScanRule's ImageScans changes."""
         self._results: dict[tuple[str, str, int], Obj] = {}
         self._busy: set[Ref] = set()
         self._forbidden: dict[Ref, int] = {}
@@ -125,75 +117,22 @@ class ScanReconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._registry_slots = asyncio.Semaphore(settings.registry_concurrency)
         self._api_slots = asyncio.Semaphore(settings.api_concurrency)
-        self.feeds: list[Feed[Any]] = [
-            Feed("imagescans", partial(kube.custom.list_cluster_custom_object, GROUP, VERSION,
-                                       PLURAL),
-                 project_scan, Sink(self._on_scans, self._on_scan, self._on_scan_deleted)),
-            Feed("scan-jobs", partial(kube.batch.list_namespaced_job, self.jobs_namespace),
-                 project_job, Sink(self._on_jobs, self._on_job, self._on_job_deleted),
-                 label_selector=SCAN_LABEL),
-            # A Job is marked complete up to a second after its pod succeeds (the Job
-            # controller batches its syncs): the pods say first that a result is ready.
-            Feed("scan-pods", partial(kube.core.list_namespaced_pod, self.jobs_namespace),
-                 project_pod, Sink(self._on_pods, self._on_pod, self._on_pod_deleted),
-                 label_selector=SCAN_LABEL),
-        ]
+        for store in (cache.imagescans, cache.scan_jobs, cache.scan_pods):
+            store.subscribe(self._changed)
         metrics.watch_index(self.index, per_image=settings.per_image_metrics)
 
-    # -- the cache, fed by the watches (on the event loop) -----------------------------
-
-    def _changed(self, changed: bool) -> None:
-        if changed:
-            self._wake.set()
-
-    def _on_scans(self, states: list[ScanState]) -> None:
-        self.index.replace_scans(states)
+    def _changed(self, _: object, gone: bool) -> None:
+        """What the reconciler acts on changed (the cache says only when it did)."""
         self._wake.set()
-        for state in states:
-            for hook in self.scan_changed:
-                hook(state)
-
-    def _on_scan(self, state: ScanState) -> None:
-        changed = self.index.upsert_scan(state)
-        self._changed(changed)
-        if changed:
-            for hook in self.scan_changed:
-                hook(state)
-        if changed and state.owner:
-            for touch in self.rule_scan_changed:
-                touch(state.namespace, state.owner)
-
-    def _on_scan_deleted(self, state: ScanState) -> None:
-        self._changed(self.index.delete_scan(state.ref))
-
-    def _on_jobs(self, jobs: list[JobState]) -> None:
-        self.index.replace_jobs(jobs)
-        self._wake.set()
-
-    def _on_job(self, job: JobState) -> None:
-        self._changed(self.index.upsert_job(job))
-
-    def _on_job_deleted(self, job: JobState) -> None:
-        self._changed(self.index.delete_job(job.name))
-
-    def _on_pods(self, pods: list[PodState]) -> None:
-        self.index.replace_pods(pods)
-        self._wake.set()
-
-    def _on_pod(self, pod: PodState) -> None:
-        self._changed(self.index.upsert_pod(pod))
-
-    def _on_pod_deleted(self, pod: PodState) -> None:
-        self.index.delete_pod(pod)
 
     # -- the loop ------------------------------------------------------------------
 
     async def run(self) -> None:
-        feeds = [asyncio.create_task(f.run()) for f in self.feeds]
         try:
             # Acting on half a picture could start a second scan of a digest whose first
             # is not listed yet, or exceed the running-Job limit.
-            await asyncio.gather(*(f.synced.wait() for f in self.feeds))
+            await asyncio.gather(*(store.synced.wait() for store in (
+                self.cache.imagescans, self.cache.scan_jobs, self.cache.scan_pods)))
             log.info("scan state loaded", extra={"imagescans": len(self.index.scans),
                                                  "jobs": len(self.index.jobs)})
             # What is loaded now lives as long as the process: keep it out of the garbage
@@ -210,7 +149,7 @@ class ScanReconciler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval)
         finally:
-            for task in (*feeds, *self._tasks):
+            for task in self._tasks:
                 task.cancel()
 
     def reconcile(self) -> None:
@@ -226,6 +165,9 @@ class ScanReconciler:
         for scan in self.index.orphaned(current, JOB_GRACE):
             self._spawn(scan, partial(self._attempt_failed, scan, "JobLost",
                                       f"scan Job {scan.job_name} is gone"))
+        for scan in self.index.rescans_requested():
+            self._spawn(scan, partial(self.rescan, scan,
+                                      f"rescan requested: {scan.rescan_request}"))
         for scan in self.index.due_pending(current):
             # Lookups wait for registry slots only: a slow registry must not hold up the
             # collection of finished scans.
@@ -342,7 +284,7 @@ class ScanReconciler:
             # the scan from retrying the same write forever.
             return await self._fail(scan, "InvalidResult",
                                     f"the API server refused the result: {e.reason}")
-        self._on_scan(project_scan(obj))
+        self.cache.imagescans.apply(obj)
 
     # -- Pending: resolve the digest -----------------------------------------------
 
@@ -365,13 +307,15 @@ class ScanReconciler:
             "phase": Phase.QUEUED, "digest": resolved.digest, "indexDigest": resolved.index_digest,
             "platform": platform,
             "queuedAt": now(), "attempts": 0, "reason": None, "message": None,
-            "retryAfter": None}, False, Phase.QUEUED, f"waiting to scan {resolved.digest}")
+            "retryAfter": None, **self._answered(scan)}, False, Phase.QUEUED,
+            f"waiting to scan {resolved.digest}")
 
     async def _rule_registry(self, scan: ScanState) -> tuple[Obj | None, Obj, Obj | None]:
-        """The scan's ScanRule (if any), its registry spec, and its credentials Secret."""
-        rule = (await self.kube.get_custom("scanrules", scan.namespace, scan.rule)
-                if scan.rule else None)
-        registry: Obj = (rule or {}).get("spec", {}).get("registry", {})
+        """The scan's ScanRule (if any, from the cache), its registry spec, and its
+        credentials Secret (read when needed: Secrets are not cached)."""
+        held = self.cache.scanrules.items.get((scan.namespace, scan.rule)) if scan.rule else None
+        rule: Obj | None = {"spec": held.spec} if held is not None else None
+        registry: Obj = held.registry if held is not None else {}
         secret_ref = registry.get("credentialsSecretRef")
         if not secret_ref:
             return rule, registry, None
@@ -531,10 +475,18 @@ class ScanReconciler:
                               f"reused the result of {origin} for digest {source.digest}")
 
     async def rescan(self, scan: ScanState, message: str) -> None:
-        """Resolve the tag again and scan: the result is stale, or the tag was pushed or
-        moved to another digest. The result held stays until a new one replaces it."""
+        """Resolve the tag again and scan: the result is stale, or a rescan was asked for
+        (the tag was pushed or moved, or a user asked). The result held stays until a new
+        one replaces it."""
         await self._set(scan, {"phase": Phase.PENDING, "attempts": 0, "retryAfter": None,
-                               "reason": None, "message": None}, True, "Rescanning", message)
+                               "reason": None, "message": None, **self._answered(scan)},
+                        True, "Rescanning", message)
+
+    @staticmethod
+    def _answered(scan: ScanState) -> Obj:
+        """A lookup of the tag answers every rescan asked for so far."""
+        return ({"rescanAnswered": scan.rescan_request} if scan.rescan_request is not None
+                else {})
 
     async def _requeue(self, scan: ScanState) -> None:
         """A stale result: resolve the tag again (it may have moved) and scan."""

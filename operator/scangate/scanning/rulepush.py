@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from scangate.api.imagescan import Phase
 from scangate.core.patterns import TagFilter
 from scangate.core.rules import Wanted, matching_rules, registry_host, scan_name
+from scangate.core.rulestate import RuleState
 from scangate.core.scanstate import Ref, ScanState
 from scangate.registry.events import PushedImage
-from scangate.scanning.rulestate import RuleState
 
 
 @dataclass(frozen=True)

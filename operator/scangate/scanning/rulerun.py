@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
 
@@ -18,13 +18,15 @@ from kubernetes.client.exceptions import ApiException
 from scangate import metrics
 from scangate.api import GROUP, VERSION
 from scangate.api.imagescan import Phase
+from scangate.cache import Cache
 from scangate.config import Settings
 from scangate.core.conditions import condition
 from scangate.core.destinations import Destinations
 from scangate.core.images import InvalidReference, parse_image
 from scangate.core.patterns import PatternError, TagFilter, check_tag_filter, tag_matches
 from scangate.core.rules import Plan, Scope, Selection, Wanted, reconcile, rule_totals, wanted
-from scangate.core.scanstate import ScanIndex, ScanState
+from scangate.core.rulestate import PLURAL, RULE_LABEL, RuleState
+from scangate.core.scanstate import ScanState
 from scangate.kube import Kube, Obj, now
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import (
@@ -37,7 +39,6 @@ from scangate.registry.configured import registry_client
 from scangate.scanning.bounded import Work, each
 from scangate.scanning.job import scan_label
 from scangate.scanning.ruleschedule import RuleSchedule
-from scangate.scanning.rulestate import PLURAL, RULE_LABEL, RuleState, project_rule
 
 REQUEST_RETRIES = 3
 """Retries of one registry request answered 429 or 5xx during a run (Retry-After honoured)."""
@@ -49,17 +50,12 @@ SCAN_TRIGGER = {"Create": "Manual", "Manual": "Manual", "Schedule": "Schedule",
 class RuleRunner:
     """Runs rules and writes what they own: their ImageScans and their status."""
 
-    def __init__(self, kube: Kube, settings: Settings, index: ScanIndex,
-                 destinations: Destinations, schedule: RuleSchedule,
-                 rescan: Callable[[ScanState, str], Awaitable[None]],
-                 stored: Callable[[RuleState], None]) -> None:
-        self.kube, self.settings, self.index = kube, settings, index
+    def __init__(self, kube: Kube, settings: Settings, cache: Cache,
+                 destinations: Destinations, schedule: RuleSchedule) -> None:
+        self.kube, self.settings, self.cache = kube, settings, cache
+        self.index = cache.scans
         self.destinations = destinations
         self.schedule = schedule
-        self.rescan = rescan
-        """Sends a settled ImageScan back to Pending (the scan reconciler's own write)."""
-        self.stored = stored
-        """Called with the rule as a status write returned it."""
         self._registry_slots: dict[str, asyncio.Semaphore] = {}
         self.api_slots = asyncio.Semaphore(settings.api_concurrency)
 
@@ -188,6 +184,13 @@ class RuleRunner:
                    and s.phase in (Phase.COMPLETED, Phase.FAILED)]
         await each(self.slots(rule.host), (partial(check, s) for s in settled))
 
+    async def rescan(self, scan: ScanState, why: str) -> None:
+        """Ask for an ImageScan to be scanned again: a new status.rescanRequest, the one
+        field of its status the rule writes (the scan reconciler answers it)."""
+        obj = await self.kube.patch_status("imagescans", scan.namespace, scan.name,
+                                           {"rescanRequest": f"{why} ({now()})"[:512]})
+        self.cache.imagescans.apply(obj)
+
     async def create_scan(self, rule: RuleState, scan: Wanted, host: str,
                           trigger: str) -> None:
         options = rule.spec.get("scan") or {}
@@ -214,7 +217,7 @@ class RuleRunner:
 
     async def patch(self, rule: RuleState, status: Obj) -> None:
         obj = await self.kube.patch_status(PLURAL, rule.namespace, rule.name, status)
-        self.stored(project_rule(obj))
+        self.cache.scanrules.apply(obj)
 
     async def _status(self, rule: RuleState, trigger: str, started: str,
                       scheduled: datetime | None, last_run: Obj | None,

@@ -16,9 +16,9 @@ from scangate.core.rules import (
     schedule_due,
     trigger_of,
 )
+from scangate.core.rulestate import RuleState, describe
 from scangate.core.scanstate import Ref
 from scangate.registry.client import RegistryUnavailable
-from scangate.scanning.rulestate import RuleState, describe
 
 MAX_RUN_BACKOFF = timedelta(minutes=5)
 MAX_FAILURES = 5

@@ -1,22 +1,21 @@
-"""What the ScanRule controller holds of one rule, projected from the watch, and the
-names it reads and writes a rule's objects under."""
+"""What the operator holds of one ScanRule (the shared cache's projection), and the
+names a rule's objects are read and written under."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
-from kubernetes.client.exceptions import ApiException
-
 from scangate.api import GROUP, VERSION
+from scangate.core.patterns import PatternError, TagFilter, check_tag_filter
 from scangate.core.rules import Scope
-from scangate.core.scanstate import SEVERITY_KEYS, Ref, parse_time, resource_version
-from scangate.kube import Obj
+from scangate.core.scanstate import SCAN_NOW, SEVERITY_KEYS, Ref, parse_time, resource_version
 
+Obj = dict[str, Any]
 PLURAL = "scanrules"
-SCAN_NOW = "scangate.dev/scan-now"
 RULE_LABEL = "scangate.dev/scanrule"
 
 
@@ -46,6 +45,15 @@ class RuleState:
     @property
     def ref(self) -> Ref:
         return (self.namespace, self.name)
+
+    @cached_property
+    def tag_filter(self) -> TagFilter | None:
+        """spec.tagFilter compiled (once per version held); None when it does not compile
+        (the webhook refuses such a filter, and a run of the rule reports it)."""
+        try:
+            return check_tag_filter(self.spec.get("tagFilter") or ".*")
+        except PatternError:
+            return None
 
     @property
     def registry(self) -> Obj:
@@ -100,6 +108,7 @@ def project_rule(obj: Obj) -> RuleState:
 
 def describe(error: BaseException) -> str:
     """A failure in one line for a condition or an Event (never a traceback)."""
-    if isinstance(error, ApiException):
-        return f"the API server answered {error.status} {error.reason}"
+    status = getattr(error, "status", None)
+    if isinstance(status, int):  # the API server's answer (kubernetes' ApiException)
+        return f"the API server answered {status} {getattr(error, 'reason', '')}"
     return f"{type(error).__name__}: {str(error)[:500]}"

@@ -1,0 +1,185 @@
+"""The shared cache and the kopf handlers that feed it, without an API server: what a
+store holds and tells, when it is synced, what a relist removes, and which kopf handlers
+importing the handler modules registers."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import kopf
+import pytest
+from kopf._cogs.clients import watching
+
+from scangate.cache import Cache, Store
+from scangate.core.scanstate import ScanIndex
+
+
+def _obj(name: str, version: int, namespace: str = "ns", **extra: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": namespace, "name": name, "uid": f"uid-{name}",
+                         "resourceVersion": str(version), **extra}}
+
+
+def _names(store: Store[Any]) -> list[str]:
+    return sorted(name for _, name in store.items)
+
+
+def _store() -> tuple[Store[dict[str, Any]], list[tuple[str, bool]]]:
+    told: list[tuple[str, bool]] = []
+    store: Store[dict[str, Any]] = Store("things", lambda obj: obj)
+    store.subscribe(lambda obj, gone: told.append((obj["metadata"]["name"], gone)))
+    return store, told
+
+
+def test_a_store_holds_the_newest_and_tells_its_subscribers() -> None:
+    store, told = _store()
+    store.event(None, _obj("a", 5))
+    store.event("MODIFIED", _obj("a", 7))
+    store.apply(_obj("a", 6))  # older than held: the watch's late news
+    assert store.items[("ns", "a")]["metadata"]["resourceVersion"] == "7"
+    store.event("DELETED", _obj("a", 8))
+    assert store.items == {}
+    assert told == [("a", False), ("a", False), ("a", True)]
+
+
+def test_one_failing_subscriber_does_not_keep_the_news_from_the_others() -> None:
+    store, told = _store()
+
+    def broken(obj: dict[str, Any], gone: bool) -> None:
+        raise RuntimeError("boom")
+
+    store._subscribers.insert(0, broken)
+    store.event(None, _obj("a", 1))
+    assert told == [("a", False)]
+
+
+def test_an_unreadable_object_is_left_out_and_the_listing_still_syncs() -> None:
+    def project(obj: dict[str, Any]) -> str:
+        if obj["metadata"]["name"] == "bad":
+            raise ValueError("cannot read")
+        return str(obj["metadata"]["name"])
+
+    store: Store[str] = Store("things", project)
+    store.listing_started()
+    store.event(None, _obj("good", 1))
+    store.event(None, _obj("bad", 2))
+    store.listed({("ns", "good"), ("ns", "bad")})
+    assert store.synced.is_set()
+    assert _names(store) == ["good"]
+
+
+def test_synced_only_once_every_listed_object_is_handled() -> None:
+    store, _ = _store()
+    store.listing_started()
+    store.event(None, _obj("a", 1))  # handled before the listing ends (kopf's workers)
+    store.listed({("ns", "a"), ("ns", "b"), ("ns", "c")})
+    assert not store.synced.is_set()
+    store.event(None, _obj("b", 2))
+    assert not store.synced.is_set()
+    store.event("DELETED", _obj("c", 3))  # deleted before its listing event was handled
+    assert store.synced.is_set()
+    assert _names(store) == ["a", "b"]
+
+
+def test_an_empty_listing_is_synced_at_once() -> None:
+    store, _ = _store()
+    store.listing_started()
+    store.listed(set())
+    assert store.synced.is_set()
+
+
+def test_a_relist_removes_what_was_deleted_while_the_watch_was_down() -> None:
+    store, told = _store()
+    store.listing_started()
+    for name in ("a", "b"):
+        store.event(None, _obj(name, 1))
+    store.listed({("ns", "a"), ("ns", "b")})
+    told.clear()
+    store.listing_started()  # the watch expired: kopf lists again, with no DELETED for b
+    store.event(None, _obj("a", 1))
+    store.listed({("ns", "a")})
+    assert _names(store) == ["a"]
+    assert ("b", True) in told
+
+
+def test_scan_jobs_of_someone_else_are_not_held() -> None:
+    cache = Cache(ScanIndex(timedelta(hours=1)))
+    job = {**_obj("other", 1, namespace="scangate-system"), "spec": {}, "status": {}}
+    cache.scan_jobs.event(None, job)
+    assert cache.scan_jobs.items == {}
+    assert cache.scans.jobs == {}
+
+
+def test_imagescans_reach_the_scan_index() -> None:
+    cache = Cache(ScanIndex(timedelta(hours=1)))
+    cache.imagescans.event(None, {**_obj("s", 3), "spec": {"image": "reg/app:1"}})
+    assert ("ns", "s") in cache.scans.scans
+    cache.imagescans.event("DELETED", {**_obj("s", 4), "spec": {"image": "reg/app:1"}})
+    assert cache.scans.scans == {}
+
+
+def test_the_listing_hook_reports_each_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook over kopf's list-then-watch (scangate.handlers.listing) passes every event
+    on and tells the store what each listing held; kopf's private function it wraps must
+    still take the arguments kopf's watcher passes."""
+    from scangate.handlers import listing
+
+    params = inspect.signature(listing._kopf_continuous_watch).parameters
+    assert {"settings", "resource", "namespace", "operator_pause_waiter"} <= set(params)
+
+    async def upstream(**_: Any) -> AsyncIterator[Any]:
+        yield {"type": None, "object": _obj("a", 1)}
+        yield {"type": None, "object": _obj("b", 2)}
+        yield watching.Bookmark.LISTED
+        yield {"type": "ADDED", "object": _obj("c", 3)}
+
+    monkeypatch.setattr(listing, "_kopf_continuous_watch", upstream)
+    store, _ = _store()
+    store.event(None, _obj("stale", 1))
+    listing.follow("example.dev", "things", store)
+    assert watching.continuous_watch is listing._listing_watch
+
+    class Resource:
+        group, plural = "example.dev", "things"
+
+    async def consume() -> list[Any]:
+        stream = watching.continuous_watch(
+            resource=Resource(), settings=None, namespace=None,  # type: ignore[arg-type]
+            operator_pause_waiter=None)  # type: ignore[arg-type]
+        return [e async for e in stream]
+
+    events = asyncio.run(consume())
+    assert len(events) == 4 and events[2] is watching.Bookmark.LISTED
+    assert _names(store) == []  # "stale" was not listed; a and b not handled yet
+    assert not store.synced.is_set()
+    for name in ("a", "b"):
+        store.event(None, _obj(name, 1))
+    assert store.synced.is_set()
+
+
+def _handlers(registry: kopf.OperatorRegistry, group: str, plural: str) -> list[str]:
+    """The ids of the handlers of one resource in a kopf registry (as kopf lists them)."""
+    return [str(h.id) for kind in (registry._watching, registry._changing, registry._webhooks)
+            for h in kind.get_all_handlers()
+            if h.selector is not None and h.selector.group == group
+            and plural in (h.selector.plural, h.selector.any_name)]
+
+
+def test_importing_the_handler_modules_registers_kopf_handlers() -> None:
+    from scangate.handlers import scanrules, validation, watches  # noqa: F401
+
+    registry = kopf.get_default_registry()
+    scanrule = _handlers(registry, "scangate.dev", "scanrules")
+    imagescan = _handlers(registry, "scangate.dev", "imagescans")
+    assert any("scanrule_event" in h for h in scanrule)
+    assert any("scanrule_changed" in h for h in scanrule)
+    assert any("scanrule_scan_now" in h for h in scanrule)
+    assert any("imagescan_event" in h for h in imagescan)
+    assert any("scanpolicy_event" in h
+               for h in _handlers(registry, "scangate.dev", "scanpolicies"))
+    jobs = _handlers(watches.SCAN_JOBS, "batch", "jobs")
+    assert any("scan_job_event" in h for h in jobs)
+    assert any("scan_pod_event" in h for h in _handlers(watches.SCAN_JOBS, "", "pods"))
