@@ -25,7 +25,7 @@ testbin: deps
 	hack/testbin
 
 lint: venv
-	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff check operator tests bench sandbox
 	$(BIN)/mypy
 
 unit: venv

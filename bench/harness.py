@@ -24,7 +24,7 @@ from typing import Any, NoReturn, Protocol
 import httpx
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox.controlplane import Sandbox, load_env
 

@@ -2,7 +2,7 @@
 //
 // It is the only part of the offline Trivy DB build that needs Go: bbolt is
 // Trivy's storage format. The layout (which buckets, which values) is decided by
-// tests/sandbox/trivydb.py; this program only writes it:
+// sandbox/trivydb.py; this program only writes it:
 //
 //	trivydb -in entries.json -out trivy.db
 //

@@ -145,7 +145,7 @@ def test_with_client_auth_the_gate_answers_only_the_api_server(
     operator: Callable[..., None], tmp_path: Path,
 ) -> None:
     # The sandbox's API server presents a client certificate of the sandbox CA to the
-    # gate's port (tests/sandbox/controlplane.py gate_client_auth, the README's
+    # gate's port (sandbox/controlplane.py gate_client_auth, the README's
     # AdmissionConfiguration); only now does the gate ask for one.
     env, ns = sandbox_env, tenant.namespace
     operator("--admission-client-ca-file", env["SANDBOX_CA"])

@@ -568,7 +568,7 @@ def test_the_cli_refuses_bad_reports_in_one_line_without_a_traceback(tmp_path: P
 
 def inject_command(env: dict[str, str], scan: str, command: list[str]) -> None:
     """The node agent runs `command` instead of Trivy in the next scan pod of `scan`
-    (tests/sandbox/nodeagent.py, the faults file's replaceCommand)."""
+    (sandbox/nodeagent.py, the faults file's replaceCommand)."""
     path = Path(env["SANDBOX_DIR"]) / "faults.json"
     faults = json.loads(path.read_text() or "{}") if path.exists() else {}
     faults.setdefault("replaceCommand", []).append(

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from univers.versions import AlpineLinuxVersion, DebianVersion, PypiVersion, SemverVersion
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 Decl = dict[str, Any]
 SEVERITY_NUMBER = {"UNKNOWN": 0, "LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4}

@@ -41,7 +41,7 @@ from typing import Any
 
 from sandbox.images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Image, layer, sha256
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CGROUPS = Path("/sys/fs/cgroup")
 LOCK = Path("/run/scangate-realnode")
 SERVICE_RANGE = "10.0.0.0/24"

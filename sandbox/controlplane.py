@@ -38,7 +38,7 @@ from sandbox.realnode import (
     pause_image,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NODE_NAME = "sandbox-node"
 
 
@@ -302,7 +302,7 @@ class Sandbox:
                 "--port", str(node_port), "--node-name", NODE_NAME,
                 "--work-dir", str(self.dir / "node"), "--faults", str(self.dir / "faults.json"),
                 "--image-map", str(self._image_map()),
-            ], env={"PYTHONPATH": str(REPO / "tests"), "PATH": self._node_path()})
+            ], env={"PYTHONPATH": str(REPO), "PATH": self._node_path()})
 
         self.env = {
             "SANDBOX_DIR": str(self.dir),
