@@ -31,6 +31,7 @@ from scangate.core.policystate import (
 )
 from scangate.core.rulestate import RuleState, project_rule
 from scangate.core.scanstate import (
+    RESULT_DETAIL,
     SCAN_LABEL,
     JobState,
     PodState,
@@ -66,8 +67,12 @@ class Store(Generic[T]):
     def __init__(self, kind: str, project: Callable[[Obj], T],
                  hold: Callable[[T], bool] | None = None,
                  release: Callable[[T], object] | None = None,
-                 wanted: Callable[[Obj], bool] | None = None) -> None:
+                 wanted: Callable[[Obj], bool] | None = None,
+                 unused: Iterable[str] = ()) -> None:
         self.kind = kind
+        self.unused = tuple(unused)
+        """Status fields the projection never reads: dropped from each body as kopf's
+        stream delivers it (scangate.handlers.listing), before kopf queues it."""
         self.items: dict[Key, T] = {}
         self.synced = asyncio.Event()
         self._project, self._hold, self._release = project, hold, release
@@ -78,6 +83,19 @@ class Store(Generic[T]):
         """Keys handled since the current listing began (None outside one)."""
         self._waiting: set[Key] = set()
         """Keys listed whose events have not been handled yet."""
+
+    def trim(self, obj: Obj) -> None:
+        """Drop from a body, in place, what the projection never reads: the fields
+        managers keep (`managedFields`) and `unused` status fields. kopf keeps each body
+        in its object's worker until the worker idles out: with 10,000 ImageScans of
+        58 KiB findings each, cold start held 480 MiB where the projections take 200."""
+        meta = obj.get("metadata")
+        if isinstance(meta, dict):
+            meta.pop("managedFields", None)
+        status = obj.get("status")
+        if isinstance(status, dict):
+            for name in self.unused:
+                status.pop(name, None)
 
     def subscribe(self, fn: Subscriber[T]) -> None:
         self._subscribers.append(fn)
@@ -205,7 +223,7 @@ class Cache:
     def __post_init__(self) -> None:
         index = self.scans
         self.imagescans = Store("imagescans", project_scan, index.upsert_scan,
-                                lambda s: index.delete_scan(s.ref))
+                                lambda s: index.delete_scan(s.ref), unused=RESULT_DETAIL)
         # Scan Jobs and pods carry scangate.dev/scan; anything else in the operator's
         # namespace is not scangate's to look at.
         self.scan_jobs = Store("scan-jobs", project_job, index.upsert_job,

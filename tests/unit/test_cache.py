@@ -183,3 +183,39 @@ def test_importing_the_handler_modules_registers_kopf_handlers() -> None:
     jobs = _handlers(watches.SCAN_JOBS, "batch", "jobs")
     assert any("scan_job_event" in h for h in jobs)
     assert any("scan_pod_event" in h for h in _handlers(watches.SCAN_JOBS, "", "pods"))
+
+
+def test_a_trimmed_imagescan_projects_as_the_whole_one() -> None:
+    """What kopf queues is the trimmed body: its projection must not change, and what is
+    dropped is the bulk (findings, the per-ID index, managedFields)."""
+    from scangate.core.scanstate import project_scan
+
+    whole = {"metadata": {"namespace": "ns", "name": "s", "uid": "u", "resourceVersion": "9",
+                          "generation": 2, "annotations": {"a": "b"},
+                          "ownerReferences": [{"kind": "ScanRule", "name": "r",
+                                               "controller": True}],
+                          "managedFields": [{"manager": "scangate", "fieldsV1": {}}] * 20},
+             "spec": {"image": "reg/app:1", "scanners": ["vuln"], "ruleRef": {"name": "r"}},
+             "status": {"phase": "Completed", "digest": "sha256:1", "indexDigest": "sha256:2",
+                        "summary": {"critical": 1, "high": 0, "medium": 0, "low": 0,
+                                    "unknown": 0, "total": 1},
+                        "fixable": {"critical": 1, "high": 0, "medium": 0, "low": 0,
+                                    "unknown": 0, "total": 1},
+                        "findings": [{"id": f"CVE-{i}", "severity": "CRITICAL"}
+                                     for i in range(500)],
+                        "vulnerabilityIndex": "x" * 100_000,
+                        "scannedAt": "2026-12-01T00:00:00Z", "completionTime":
+                        "2026-12-01T00:00:00Z", "queuedAt": "2026-12-01T00:00:00Z",
+                        "attempts": 1, "jobName": "j", "jobUID": "ju",
+                        "scannedWith": {"scanners": ["vuln"], "ignoreUnfixed": False},
+                        "notified": {"hook": {"key": "k"}}, "rescanRequest": "pushed (t)",
+                        "rescanAnswered": "pushed (t)",
+                        "conditions": [{"type": "Ready", "status": "True",
+                                        "lastTransitionTime": "2026-12-01T00:00:00Z"}]}}
+    import copy
+    import json
+
+    trimmed = copy.deepcopy(whole)
+    Cache(ScanIndex(timedelta(hours=1))).imagescans.trim(trimmed)
+    assert project_scan(trimmed) == project_scan(whole)
+    assert len(json.dumps(trimmed)) < len(json.dumps(whole)) / 20

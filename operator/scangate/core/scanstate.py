@@ -17,6 +17,9 @@ from typing import Any
 from scangate.api.imagescan import Phase
 
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
+RESULT_DETAIL = ("findings", "vulnerabilityIndex")
+"""The ImageScan status fields of a result's detail, read only from the API server when
+needed (a reused result, a notification, admission's message), never held here."""
 SCAN_LABEL = "scangate.dev/imagescan"
 SCAN_NOW = "scangate.dev/scan-now"
 """The annotation whose each new value runs a ScanRule again."""

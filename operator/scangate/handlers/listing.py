@@ -6,13 +6,15 @@ after a relist (the watch's resourceVersion expired while the API server was awa
 sends no DELETED for objects deleted meanwhile. This wraps kopf's own list-then-watch
 (`kopf._cogs.clients.watching.continuous_watch`, a private function of kopf 1.45; if a
 kopf release renames it, `follow` raises at start-up and tests/unit/test_handlers.py
-fails) and tells the Store of each watched resource what the listing held.
+fails) and tells the Store of each watched resource what the listing held. It also trims each
+body (Store.trim) before kopf queues it: kopf holds a body in its object's worker until
+the worker idles out, so at a cold start with 10,000 ImageScans every body at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from kopf._cogs.clients import watching
 
@@ -45,6 +47,8 @@ async def _listing_watch(*, resource: Any, **kwargs: Any) -> AsyncIterator[Any]:
     store.listing_started()
     listed: set[Key] | None = set()
     async for event in events:
+        if isinstance(event, dict) and isinstance(event.get("object"), dict):
+            store.trim(cast(dict[str, Any], event["object"]))
         if event is watching.Bookmark.LISTED and listed is not None:
             store.listed(listed)
             listed = None
