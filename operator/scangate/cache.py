@@ -234,8 +234,3 @@ class Cache:
         self.scanpolicies = Store("scanpolicies", project_policy)
         self.namespaces = Store("namespaces", project_namespace)
         self.refusals = Topic("refusals")
-
-    @property
-    def stores(self) -> Iterable[Store[Any]]:
-        return (self.imagescans, self.scan_jobs, self.scan_pods, self.scanrules,
-                self.scanpolicies, self.namespaces)
