@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -72,6 +72,34 @@ def webhook_server(settings: Settings) -> kopf.WebhookServer:
     return ServiceWebhookServer(settings.webhook_service, settings.namespace, **tls)
 
 
+class ChangeHandledDiffBase(kopf.StatusDiffBaseStorage):
+    """kopf's record of what the change handlers last handled, built for the kinds that
+    have change handlers only. kopf builds every object's essence (a deep copy of its body,
+    copied twice more) on every event of every resource, to compare it with the record,
+    whether or not anything compares it: in a drain of 1,000 new scans that was 8% of the
+    operator's kopf time, for ImageScans, Jobs and pods that only feed the cache. The
+    others get one empty essence (kopf then sees no change, which no handler asks about)."""
+
+    def __init__(self, kinds: frozenset[str], field: str) -> None:
+        super().__init__(field=field)
+        self.kinds = kinds
+
+    def build(self, *, body: kopf.Body,
+              extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
+        if body.get("kind") not in self.kinds:
+            return kopf.BodyEssence()
+        return super().build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        if body.get("kind") not in self.kinds:
+            return kopf.BodyEssence()
+        return super().fetch(body=body)
+
+
+CHANGE_HANDLED_KINDS = frozenset({"ScanRule"})
+"""The kinds with kopf change handlers (handlers.scanrules); a test pins it."""
+
+
 def kopf_settings() -> kopf.OperatorSettings:
     """What both kopf operators share."""
     settings = kopf.OperatorSettings()
@@ -92,8 +120,8 @@ def kopf_settings() -> kopf.OperatorSettings:
     settings.persistence.finalizer = "scangate.dev/finalizer"
     settings.persistence.progress_storage = kopf.StatusProgressStorage(
         field="status.kopf.progress")
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
-        field="status.kopf.lastHandledConfiguration")
+    settings.persistence.diffbase_storage = ChangeHandledDiffBase(
+        CHANGE_HANDLED_KINDS, field="status.kopf.lastHandledConfiguration")
     return settings
 
 

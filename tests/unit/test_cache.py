@@ -8,7 +8,7 @@ import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
@@ -219,3 +219,28 @@ def test_a_trimmed_imagescan_projects_as_the_whole_one() -> None:
     Cache(ScanIndex(timedelta(hours=1))).imagescans.trim(trimmed)
     assert project_scan(trimmed) == project_scan(whole)
     assert len(json.dumps(trimmed)) < len(json.dumps(whole)) / 20
+
+
+def test_only_the_kinds_with_change_handlers_get_an_essence_built() -> None:
+    """kopf builds an essence (deep copies of the body) on every event; scangate has it
+    built only for the kinds whose change handlers compare it. A change handler on another
+    kind would see no change at all: the set is pinned against the registries."""
+    from scangate.handlers import scanrules, validation, watches  # noqa: F401
+    from scangate.operator import CHANGE_HANDLED_KINDS, kopf_settings
+
+    changed = {h.selector.plural or h.selector.any_name
+               for registry in (kopf.get_default_registry(), watches.SCAN_JOBS)
+               for h in registry._changing.get_all_handlers() if h.selector is not None}
+    assert changed == {"scanrules"}
+    assert {"ScanRule"} == CHANGE_HANDLED_KINDS
+
+    storage = kopf_settings().persistence.diffbase_storage
+    rule = kopf.Body(cast(kopf.RawBody, {"apiVersion": "scangate.dev/v1alpha1",
+                                         "kind": "ScanRule", **_obj("r", 1),
+                                         "spec": {"schedule": "@daily"}}))
+    scan = kopf.Body(cast(kopf.RawBody, {"apiVersion": "scangate.dev/v1alpha1",
+                                         "kind": "ImageScan", **_obj("s", 1),
+                                         "spec": {"image": "reg/app:1"}}))
+    assert storage.build(body=rule).get("spec") == {"schedule": "@daily"}
+    assert storage.build(body=scan) == {}
+    assert storage.fetch(body=scan) == {}
