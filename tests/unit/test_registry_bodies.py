@@ -473,3 +473,58 @@ def test_a_tag_listing_stops_reading_after_the_list_limit(
     listing = asyncio.run(go())
     assert "read up to 3 KiB, the rest not" in listing.truncated
     assert len(registry.seen) == 4 and len(listing.tags) == 4
+
+
+# -- connections kept open across lookups (scangate.registry.configured) -------------------
+
+class KeptAlive(Handler):
+    """HTTP/1.1: a connection stays open for the next request, as a registry's does."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # type: ignore[attr-defined]
+
+
+def test_lookups_share_connections_but_no_cookies() -> None:
+    """Each lookup is a RegistryClient of its own (its own tokens), sending through one
+    kept-open httpx client: a second lookup opens no connection, and a cookie the registry
+    set for one lookup does not travel with the next (which may be another tenant's)."""
+    from scangate.config import Settings
+    from scangate.core.destinations import Destinations
+    from scangate.registry.configured import registry_client, shared_connections
+
+    server = Registry(("127.0.0.1", 0), KeptAlive)
+    server.answers, server.seen, server.written = {}, [], 0
+    server.connections = 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.answer(MANIFEST, {"mediaType": IMAGE}, Content_Type=IMAGE,
+                  Docker_Content_Digest=DIGEST, Set_Cookie="session=tenant-a; Path=/")
+    settings = Settings(insecure_registries=["127.0.0.1"])
+    destinations = Destinations.of(["127.0.0.0/8"], [])
+
+    async def lookups(shared: bool) -> list[Resolved]:
+        connections = shared_connections(settings, destinations) if shared else None
+        found = []
+        for _ in range(3):
+            async with registry_client(url, {}, None, "127.0.0.1", settings, destinations,
+                                       connections) as client:
+                found.append(await client.resolve(REF))
+        if connections is not None:
+            await connections.aclose()
+        return found
+
+    try:
+        assert asyncio.run(lookups(shared=True)) == [Resolved(DIGEST, IMAGE)] * 3
+        assert server.connections == 1  # type: ignore[attr-defined]
+        assert [s for s in server.seen if "Cookie" in s.headers] == []
+        # Without them, each lookup connects again (what the count above is against).
+        asyncio.run(lookups(shared=False))
+        assert server.connections == 4  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

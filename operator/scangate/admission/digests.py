@@ -29,7 +29,7 @@ from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.images import ImageRef
 from scangate.registry.client import RegistryError
-from scangate.registry.configured import base_url, registry_client
+from scangate.registry.configured import base_url, registry_client, shared_connections
 
 log = logging.getLogger("scangate.admission")
 PER_REVIEW = 4
@@ -50,6 +50,7 @@ class DigestLookups:
                  resolve: Resolve | None = None) -> None:
         self.settings = settings
         self.destinations = destinations
+        self._connections = shared_connections(settings, destinations)
         self.resolve = resolve or self._from_registry
         self.digest_ttl = parse_duration(settings.admission_digest_ttl).total_seconds()
         self.failed_ttl = parse_duration(settings.admission_failed_lookup_ttl).total_seconds()
@@ -172,7 +173,7 @@ class DigestLookups:
 
     async def _from_registry(self, ref: ImageRef) -> str:
         client = registry_client(base_url(ref, None, self.settings), {}, None, ref.registry,
-                                 self.settings, self.destinations)
+                                 self.settings, self.destinations, self._connections)
         async with client:
             resolved = await client.resolve(ref)
         # A multi-platform tag by its index's digest: what the node resolves, whatever its

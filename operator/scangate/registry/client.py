@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import heapq
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -187,6 +188,21 @@ async def _read(response: httpx.Response, limit: int, what: str) -> bytes:
     return bytes(body)
 
 
+DRAIN_LIMIT = 4096
+"""An answer not needed is still read when it says it is at most this long."""
+
+
+async def _drain(response: httpx.Response) -> None:
+    """Read an answer that is not needed (a HEAD's, a 401's, a redirect's) when it is known
+    to be small, so that its connection can serve the next request: httpx closes a
+    connection whose answer was not read to its end. A large, endless or lying one is left
+    unread (its connection is closed)."""
+    length = response.headers.get("Content-Length", "")
+    if response.request.method == "HEAD" or (length.isdigit() and int(length) <= DRAIN_LIMIT):
+        with contextlib.suppress(RegistryError, httpx.HTTPError):
+            await _read(response, DRAIN_LIMIT, "an answer")
+
+
 @dataclass(frozen=True)
 class Credentials:
     username: str
@@ -242,6 +258,7 @@ class RegistryClient:
         retries: int = 0,
         backoff: float = 0.5,
         resolver: Resolver | None = None,
+        connections: httpx.AsyncClient | None = None,
     ) -> None:
         """`timeout`: the deadline of each whole request (connecting, the headers and the
         body together, redirects included), not only of each read: a registry trickling
@@ -250,7 +267,9 @@ class RegistryClient:
         sent again, after `backoff` seconds doubling each time or the registry's
         Retry-After (at most MAX_RETRY_DELAY).
         `destinations`: every connection goes to an address this policy allows, the one
-        checked (scangate.outbound); `resolver` replaces the system's resolver there."""
+        checked (scangate.outbound); `resolver` replaces the system's resolver there.
+        `connections`: an open httpx client (see shared_connections) to send through
+        instead of one of its own; it is left open on exit."""
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = retries, backoff
         self.credentials = credentials
@@ -258,10 +277,11 @@ class RegistryClient:
         self.timeout = timeout
         self._insecure = self.base_url.lower().startswith("http://")
         # Redirects are followed in _send, which decides where Authorization may go.
-        self._http = (pinned_client(destinations, verify=verify, timeout=timeout,
-                                    resolver=resolver) if destinations else
-                      httpx.AsyncClient(verify=verify, timeout=timeout,
-                                        follow_redirects=False, trust_env=False))
+        self._owns_http = connections is None
+        self._http = connections or (
+            pinned_client(destinations, verify=verify, timeout=timeout, resolver=resolver)
+            if destinations else httpx.AsyncClient(verify=verify, timeout=timeout,
+                                                   follow_redirects=False, trust_env=False))
         self._tokens: dict[str, str] = {}
         self._withheld_from: str | None = None
         """The plain-HTTP token realm host the credentials were withheld from, if any."""
@@ -270,7 +290,8 @@ class RegistryClient:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()
 
     # -- where requests go -----------------------------------------------------------
 
@@ -316,12 +337,15 @@ class RegistryClient:
                 try:
                     location = response.headers.get("Location")
                     if response.status_code in _REDIRECTS and location:
+                        await _drain(response)
                         url = _url(location, f"{who} redirected to", error, base=url)
                         continue
                     body = b""
                     if limit and response.status_code == 200:
                         body = await _read(response, limit,
                                            f"{who}'s answer for {url.path[:200]}")
+                    else:
+                        await _drain(response)
                 finally:
                     await response.aclose()
             except httpx.HTTPError as e:

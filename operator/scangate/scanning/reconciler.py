@@ -51,7 +51,7 @@ from scangate.core.validation import check_image_on_registry
 from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import RegistryClient, RegistryError
-from scangate.registry.configured import base_url, registry_client
+from scangate.registry.configured import base_url, registry_client, shared_connections
 from scangate.scanning.job import (
     ATTEMPT_ANNOTATION,
     ScanJobSpec,
@@ -107,6 +107,7 @@ class ScanReconciler:
         self.retry_backoff = parse_duration(settings.retry_backoff)
         self.index = cache.scans
         self.destinations = destinations
+        self._connections = shared_connections(settings, destinations)
         self._wake = asyncio.Event()
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader)."""
@@ -363,7 +364,8 @@ class ScanReconciler:
                 scan.image, str(registry.get("url", "")), scan.rule or "")[0]))
         rule_url = str(registry.get("url", "")) if rule is not None else None
         return registry_client(base_url(ref, rule_url, self.settings), registry, secret,
-                               ref.registry, self.settings, self.destinations)
+                               ref.registry, self.settings, self.destinations,
+                               self._connections)
 
     # -- Queued: start, reuse, or requeue a stale result ------------------------------
 
