@@ -159,11 +159,8 @@ async def main(settings: Settings) -> None:
     rules = RuleController(kube, settings, cache, destinations)
     notifier = Notifier(Kube(8), settings, cache, destinations)
     reconciler.active = rules.active = notifier.active = lambda: leader.is_leader
-    validation.use_rules(
-        lambda ns, name: held.registry
-        if (held := cache.scanrules.items.get((ns, name))) is not None else None,
-        settings.namespace)
-    memo = kopf.Memo(cache=cache, rules=rules)
+    memo = kopf.Memo(cache=cache, rules=rules,
+                     reviewer=validation.Reviewer(cache, settings.namespace))
     if settings.metrics_port and not settings.metrics_secure:
         prometheus_client.start_http_server(settings.metrics_port, settings.listen_address)
     liveness = (f"http://{settings.listen_address}:{settings.health_port}/healthz"

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from scangate.api import GROUP, VERSION
-from scangate.config import Settings
+from scangate.cache import Cache
 from scangate.core.validation import (
     VALIDATORS,
     FieldError,
@@ -41,44 +42,37 @@ def _refuse(kind: str, errors: list[FieldError]) -> None:
                                   code=422)
 
 
-_kube: Kube | None = None
-_known_registry: Callable[[str, str], Obj | None] | None = None
-"""The spec.registry of a ScanRule the operator holds in memory (set by scangate.operator)."""
-_operator_namespace = Settings.model_fields["namespace"].default
-_operator_user: str | None = None
+@dataclass
+class Reviewer:
+    """What the webhooks read, in kopf's memo as `reviewer` (scangate.operator): the
+    cache's ScanRules (a rule's run creates thousands of ImageScans at once, which then
+    cost the webhook no API call), the operator's namespace, and an API client of their
+    own for what the cache cannot say."""
 
+    cache: Cache
+    operator_namespace: str
+    kube: Kube = field(default_factory=lambda: Kube(threads=4))
+    operator_user: str | None = None
+    """Who the operator is (asked once)."""
 
-def use_rules(registry_of: Callable[[str, str], Obj | None], operator_namespace: str) -> None:
-    """Answer from the operator's watch-fed ScanRules: the operator's own ImageScans
-    (a rule's run creates thousands at once) then cost the webhook no API call."""
-    global _known_registry, _operator_namespace
-    _known_registry = registry_of
-    _operator_namespace = operator_namespace
-
-
-def _api() -> Kube:
-    global _kube
-    _kube = _kube or Kube(threads=4)
-    return _kube
-
-
-async def _rule_registry(namespace: str, rule: str) -> Obj | None:
-    """The spec.registry of ScanRule `rule`, None when there is no such rule."""
-    registry = _known_registry(namespace, rule) if _known_registry else None
-    if registry is None:  # a rule created a moment ago: not seen by the watch yet
-        found = await _api().get_custom("scanrules", namespace, rule)
-        registry = found["spec"]["registry"] if found is not None else None
-    return registry
+    async def rule_registry(self, namespace: str, rule: str) -> Obj | None:
+        """The spec.registry of ScanRule `rule`, None when there is no such rule."""
+        held = self.cache.scanrules.items.get((namespace, rule))
+        if held is not None:
+            return held.registry
+        # A rule created a moment ago: not seen by the watch yet.
+        found = await self.kube.get_custom("scanrules", namespace, rule)
+        return found["spec"]["registry"] if found is not None else None
 
 
 @kopf.on.validate(GROUP, VERSION, "imagescans", id="validate-imagescan-registry",
                   operations=["CREATE", "UPDATE"])
 async def imagescan_on_its_rules_registry(spec: kopf.Spec, namespace: str | None,
-                                          **_: Any) -> None:
+                                          memo: kopf.Memo, **_: Any) -> None:
     rule_ref = spec.get("ruleRef")
     if not rule_ref:
         return
-    registry = await _rule_registry(namespace or "", rule_ref["name"])
+    registry = await memo.reviewer.rule_registry(namespace or "", rule_ref["name"])
     if registry is None:
         errors = [FieldError("spec.ruleRef", f"ScanRule {rule_ref['name']} not found")]
     else:
@@ -86,31 +80,31 @@ async def imagescan_on_its_rules_registry(spec: kopf.Spec, namespace: str | None
     _refuse("ImageScan", errors)
 
 
-async def _is_operator(username: str) -> bool:
+async def _is_operator(reviewer: Reviewer, username: str) -> bool:
     """The operator's own writes (a rule's ImageScans) name what was checked when the rule
     was admitted: no review per ImageScan of a run."""
-    global _operator_user
-    if _operator_user is None:
+    if reviewer.operator_user is None:
         try:
-            _operator_user = await _api().whoami()
+            reviewer.operator_user = await reviewer.kube.whoami()
         except Exception as e:  # asked again next time; meanwhile the review decides
             log.warning("could not learn the operator's own user: %s", type(e).__name__)
             return False
-    return username == _operator_user
+    return username == reviewer.operator_user
 
 
-async def _uses(kind: str, spec: Mapping[str, Any], namespace: str) -> list[SecretUse]:
+async def _uses(reviewer: Reviewer, kind: str, spec: Mapping[str, Any],
+                namespace: str) -> list[SecretUse]:
     registry = None
     if kind == "ImageScan" and (spec.get("ruleRef") or {}).get("name"):
-        registry = await _rule_registry(namespace, spec["ruleRef"]["name"])
-    return secret_uses(kind, spec, namespace, _operator_namespace, registry)
+        registry = await reviewer.rule_registry(namespace, spec["ruleRef"]["name"])
+    return secret_uses(kind, spec, namespace, reviewer.operator_namespace, registry)
 
 
-async def _may_read(userinfo: kopf.UserInfo, use: SecretUse) -> str | None:
+async def _may_read(reviewer: Reviewer, userinfo: kopf.UserInfo, use: SecretUse) -> str | None:
     """None when the user may get the Secret; else why the object is refused."""
     who = str(userinfo.get("username") or "?")
     try:
-        allowed, _ = await asyncio.wait_for(_api().may(dict(userinfo), {
+        allowed, _ = await asyncio.wait_for(reviewer.kube.may(dict(userinfo), {
             "namespace": use.namespace, "verb": "get", "group": "", "resource": "secrets",
             "name": use.name}), REVIEW_TIMEOUT)
     except Exception as e:
@@ -123,19 +117,21 @@ async def _may_read(userinfo: kopf.UserInfo, use: SecretUse) -> str | None:
 
 
 async def _secrets_readable_by_requester(
-        kind: str, spec: Mapping[str, Any], namespace: str, userinfo: kopf.UserInfo,
-        old: kopf.Body | None, operation: str | None) -> list[FieldError]:
-    if await _is_operator(str(userinfo.get("username") or "")):
+        reviewer: Reviewer, kind: str, spec: Mapping[str, Any], namespace: str,
+        userinfo: kopf.UserInfo, old: kopf.Body | None, operation: str | None
+) -> list[FieldError]:
+    if await _is_operator(reviewer, str(userinfo.get("username") or "")):
         return []
-    uses = await _uses(kind, spec, namespace)
+    uses = await _uses(reviewer, kind, spec, namespace)
     if operation == "UPDATE" and old is not None:
-        uses = secrets_to_check(uses, await _uses(kind, old.get("spec") or {}, namespace))
+        uses = secrets_to_check(uses, await _uses(reviewer, kind, old.get("spec") or {},
+                                                  namespace))
     answers: dict[tuple[str, str], str | None] = {}
     errors = []
     for use in uses:
         key = (use.namespace, use.name)
         if key not in answers:
-            answers[key] = await _may_read(userinfo, use)
+            answers[key] = await _may_read(reviewer, userinfo, use)
         if answers[key] is not None:
             errors.append(FieldError(use.path, str(answers[key])))
     return errors
@@ -146,11 +142,11 @@ def _register(kind: str) -> None:
     check = VALIDATORS[kind]
 
     async def validate(spec: kopf.Spec, namespace: str | None, userinfo: kopf.UserInfo,
-                       old: kopf.Body | None = None, operation: str | None = None,
-                       **_: Any) -> None:
+                       memo: kopf.Memo, old: kopf.Body | None = None,
+                       operation: str | None = None, **_: Any) -> None:
         _refuse(kind, check(spec))
         _refuse(kind, await _secrets_readable_by_requester(
-            kind, spec, namespace or "", userinfo, old, operation))
+            memo.reviewer, kind, spec, namespace or "", userinfo, old, operation))
 
     kopf.on.validate(GROUP, VERSION, PLURALS[kind], id=f"validate-{PLURALS[kind]}",
                      operations=["CREATE", "UPDATE"])(validate)
