@@ -305,10 +305,12 @@ class Gate:
                                               self.digests.review_deadline())
         now = datetime.now(UTC)
         results: dict[str, ImageResult | None] = {}
+        # The scanners the policies need (secret, misconfig): a result made with them wins.
+        wanted = frozenset[str]().union(*(p.scanners for p in policies))
         # An image whose digest the registry would not tell is unscanned: the scan the
         # gate starts for it keeps trying, and its status says why.
         for name, (digest, _) in zip(refs, resolved, strict=True):
-            results[name] = await self._result(digest) if digest else None
+            results[name] = await self._result(digest, wanted) if digest else None
         for error in images.errors:  # refused by every Enforce policy of the namespace
             results[error] = ImageResult(phase=Phase.FAILED, reason=Kind.INVALID_REFERENCE,
                                          message=error)
@@ -338,7 +340,8 @@ class Gate:
         for image in decision.needs_scan:
             if image in refs:
                 self._request_scan(namespace, refs[image],
-                                   resolved[list(refs).index(image)][0])
+                                   resolved[list(refs).index(image)][0],
+                                   decision.scanners.get(image, ()))
         self._record(decision, request, kind, namespace, meta)
         return Review(decision, tuple(results))
 
@@ -405,10 +408,12 @@ class Gate:
 
     # -- results ---------------------------------------------------------------------
 
-    async def _result(self, digest: str) -> ImageResult | None:
-        """The digest's best result: the newest completed scan, else one in progress
-        (unscanned for now), else a failed one."""
-        done = self.index.newest_vulnerabilities(digest)
+    async def _result(self, digest: str, scanners: frozenset[str] = frozenset()
+                      ) -> ImageResult | None:
+        """The digest's best result: the newest completed scan (of those made with
+        `scanners`, if any is), else one in progress (unscanned for now), else a failed
+        one."""
+        done = self.index.newest_vulnerabilities(digest, scanners)
         if done is not None:
             return await self._full(done)
         running = self.index.in_phase(digest, IN_FLIGHT_PHASES)
@@ -433,10 +438,13 @@ class Gate:
 
     # -- side effects ----------------------------------------------------------------
 
-    def _request_scan(self, namespace: str, ref: ImageRef, digest: str | None) -> None:
-        """An ImageScan for an image with no result, once per digest however many
-        requests name it (and none while one of that digest is in progress)."""
-        key = digest or str(ref)
+    def _request_scan(self, namespace: str, ref: ImageRef, digest: str | None,
+                      scanners: tuple[str, ...] = ()) -> None:
+        """An ImageScan for an image with no result, running `scanners` (default vuln),
+        once per digest and scanners however many requests name it (and none while one of
+        that digest is in progress)."""
+        extra = tuple(s for s in scanners if s != "vuln")
+        key = (digest or str(ref)) + (f"|{','.join(scanners)}" if extra else "")
         if key in self._requested or (digest and self.index.in_phase(
                 digest, (*IN_FLIGHT_PHASES, None)) is not None):
             return
@@ -452,7 +460,8 @@ class Gate:
         name = f"admission-{readable[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageScan",
                 "metadata": {"name": name, "namespace": namespace},
-                "spec": {"image": image, "trigger": "Admission"}}
+                "spec": {"image": image, "trigger": "Admission",
+                         **({"scanners": list(scanners)} if extra else {})}}
         self._background(self.kube.create_custom("imagescans", namespace, body),
                          f"the admission scan of {image}", key)
 

@@ -76,10 +76,22 @@ class Kind(StrEnum):
 
     PASSED = "Passed"
     VULNERABLE = "Vulnerable"
+    MISCONFIGURED = "Misconfigured"
+    """Failed configuration checks over the policy's misconfig thresholds, or a check it
+    denies."""
+    SECRETS_FOUND = "SecretsFound"
     UNSCANNED = "Unscanned"
     SCAN_FAILED = "ScanFailed"
     INVALID_REFERENCE = "InvalidReference"
     """The reference could not be parsed: nothing can be known of the image."""
+
+
+FINDING_KINDS = frozenset({Kind.VULNERABLE, Kind.MISCONFIGURED, Kind.SECRETS_FOUND})
+"""Failures that say something of the image's findings (each policy's story is its own)."""
+SCANNER_NAMES = {"vuln": "vulnerability", "misconfig": "misconfig (configuration checks)",
+                 "secret": "secret"}
+TOP_BASELINE = 5
+"""Failed checks and secrets named in a message."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +107,25 @@ class Policy:
     def effect(self) -> Effect:
         """What failing this policy does."""
         return Effect[self.spec.action.name]
+
+    @cached_property
+    def scanners(self) -> frozenset[str]:
+        """The scanners a result must have been made with for this policy to judge it."""
+        needed = {"vuln"}
+        misconfig = self.spec.misconfig
+        if misconfig is not None and (misconfig.deny_checks or any(
+                getattr(misconfig.thresholds, s) is not None for s in SEVERITY_KEYS)):
+            needed.add("misconfig")
+        if self.spec.secrets in ("Deny", "Warn"):
+            needed.add("secret")
+        return frozenset(needed)
+
+    @cached_property
+    def denied_checks(self) -> frozenset[str]:
+        """spec.misconfig.denyChecks, upper-cased."""
+        misconfig = self.spec.misconfig
+        return frozenset(c.upper() for c in (misconfig.deny_checks if misconfig else None)
+                         or ())
 
 
 def parse_policy(obj: Mapping[str, Any]) -> Policy:
@@ -128,6 +159,36 @@ class TopFinding:
     package: str = ""
     installed_version: str | None = None
     fixed_version: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    """A failed configuration check kept in status."""
+
+    id: str
+    severity: str
+    title: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class SecretHit:
+    """A secret found, as kept in status: the rule and where, never the value."""
+
+    rule_id: str
+    severity: str
+    category: str = ""
+    target: str = ""
+    line: int | None = None
+    field: str = ""
+
+    def where(self) -> str:
+        place = _clip(self.target or "the image", 120)
+        if self.field:
+            place += f" ({_clip(self.field, 80)})"
+        elif self.line:
+            place += f" line {self.line}"
+        return place
 
 
 def _text(value: object) -> str | None:
@@ -170,6 +231,19 @@ class ImageResult:
     index_text: str | None = field(default=None, repr=False)
     """status.vulnerabilityIndex: exact counts per ID (see scangate.core.trivy)."""
     index_truncated: bool = False
+    scanners: frozenset[str] | None = None
+    """The scanners the result was made with (status.scannedWith); None when it does not
+    say (results made before it did were vulnerability scans)."""
+    misconfig: Mapping[str, int] | None = None
+    """Failed configuration checks by severity (None: the misconfig scanner did not run)."""
+    checks: tuple[CheckFailure, ...] = ()
+    """The failed checks kept in status, most severe first."""
+    secret_counts: Mapping[str, int] | None = None
+    """Secrets found by severity, with "total" (None: the secret scanner did not run)."""
+    secrets: tuple[SecretHit, ...] = ()
+    """The secrets kept in status, most severe first."""
+    baseline_truncated: bool = False
+    """Some failed checks or secrets were left out of status."""
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> ImageResult:
@@ -180,7 +254,28 @@ class ImageResult:
                 findings.append(TopFinding(
                     raw["id"], raw["severity"], _text(raw.get("package")) or "",
                     _text(raw.get("installedVersion")), _text(raw.get("fixedVersion"))))
+        checks = tuple(
+            CheckFailure(raw["id"], raw["severity"], _text(raw.get("title")) or "",
+                         _text(raw.get("target")) or "")
+            for raw in status.get("failedChecks") or () if isinstance(raw, Mapping)
+            and _text(raw.get("id")) and _text(raw.get("severity")))
+        secrets = tuple(
+            SecretHit(raw["ruleID"], raw["severity"], _text(raw.get("category")) or "",
+                      _text(raw.get("target")) or "", _count(raw.get("line")) or None,
+                      _text(raw.get("field")) or "")
+            for raw in status.get("secrets") or () if isinstance(raw, Mapping)
+            and _text(raw.get("ruleID")) and _text(raw.get("severity")))
+        used = status.get("scannedWith")
+        listed = used.get("scanners") if isinstance(used, Mapping) else None
+        secret_counts = _counts(status.get("secretSummary"))
+        if secret_counts is not None:
+            secret_counts["total"] = _count((status.get("secretSummary") or {}).get("total"))
         return cls(
+            scanners=frozenset(x for x in listed if isinstance(x, str))
+            if isinstance(listed, list) else None,
+            misconfig=_counts(status.get("misconfigurations")), checks=checks,
+            secret_counts=secret_counts, secrets=secrets,
+            baseline_truncated=status.get("baselineTruncated") is True,
             phase=_text(status.get("phase")), digest=_text(status.get("digest")),
             index_digest=_text(status.get("indexDigest")),
             summary=_counts(status.get("summary")), fixable=_counts(status.get("fixable")),
@@ -347,6 +442,12 @@ def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | Non
     if wanted and result.digest and wanted not in (result.digest, result.index_digest):
         # The caller looks results up by digest; never judge one digest by another's.
         return f"has no result for digest {wanted}", "not scanned yet, scan started"
+    missing = sorted(policy.scanners - (result.scanners or {"vuln"}))
+    if missing:
+        names = " and ".join(SCANNER_NAMES.get(m, m) for m in missing)
+        return (f"was scanned without the {names} scanner{'s' if len(missing) > 1 else ''} "
+                f"that ScanPolicy {policy.name} needs",
+                f"not scanned for {', '.join(missing)} yet, scan started")
     if policy.max_scan_age is not None:
         if result.scanned_at is None:
             return "has a scan result of unknown age", "scan result too old, rescan started"
@@ -434,29 +535,86 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
             counts[key] = max(counts[key] - (c.fixable if spec.fixable_only else c.total), 0)
     over = [(s, counts[s], limit) for s in SEVERITY_KEYS
             if (limit := getattr(spec.thresholds, s)) is not None and counts[s] > limit]
-    if not over:
+    checks_over, checks_named = _judge_checks(policy, result)
+    secrets_text = _judge_secrets(policy, result)
+    if not over and not checks_over and not secrets_text:
         return verdict
-    texts = tuple(f"{s} {n} > {limit}" for s, n, limit in over)
+    scope = " (findings with a fix only)" if spec.fixable_only and over else ""
+    vuln_texts = [f"{s} {n} > {limit}" for s, n, limit in over]
+    texts = tuple([*vuln_texts, *checks_over, *([secrets_text] if secrets_text else [])])
+    listed = ", ".join(vuln_texts) + scope
+    listed = ", ".join(filter(None, [listed, *checks_over, secrets_text]))
     subject = _subject(verdict.image, verdict.digest)
-    scope = " (findings with a fix only)" if spec.fixable_only else ""
-    parts = [f"{subject} fails ScanPolicy {policy.name} ({spec.action}): "
-             f"{', '.join(texts)}{scope}."]
+    parts = [f"{subject} fails ScanPolicy {policy.name} ({spec.action}): {listed}."]
     worst = _worst(result.findings, {s.upper() for s, _, _ in over}, exempt, spec.fixable_only)
     if worst:
         parts.append(f"Worst: {'; '.join(worst)}.")
-    if uncounted:
+    if uncounted and over:
         why = ("the result's per-ID index is truncated and does not hold them"
                if index is not None else
                "the result has no exact per-ID counts (scan the image again to get them)")
         parts.append(f"Allowlist entries not applied to this image: "
                      f"{', '.join(uncounted[:5])}{' …' if len(uncounted) > 5 else ''}: {why}.")
-    parts.append(f"To pass: upgrade the packages to the fixed versions and rebuild, or "
-                 f"allowlist the IDs in ScanPolicy {policy.name} (spec.allowlist, with an "
-                 f"expiry){_break_glass_hint(policy)}.")
-    return replace(verdict, kind=Kind.VULNERABLE, effect=policy.effect, counts=texts,
+    if checks_named:
+        parts.append(f"Failed checks: {'; '.join(checks_named)}.")
+    if secrets_text:
+        hits = [f"{_clip(h.rule_id, 64)} ({h.severity}"
+                f"{', ' + _clip(h.category, 32) if h.category else ''}) in {h.where()}"
+                for h in result.secrets[:TOP_BASELINE]]
+        more = (result.secret_counts or {}).get("total", 0) - len(hits)
+        if hits:
+            parts.append(f"Secrets: {'; '.join(hits)}{f' and {more} more' if more > 0 else ''}"
+                         f" (the values are never stored).")
+    fixes = []
+    if over:
+        fixes.append(f"upgrade the packages to the fixed versions and rebuild, or allowlist "
+                     f"the IDs in ScanPolicy {policy.name} (spec.allowlist, with an expiry)")
+    if checks_over:
+        fixes.append("fix the image's configuration (e.g. a non-root USER) and rebuild")
+    if secrets_text:
+        fixes.append("remove the secrets from the image (files, ENV, build history), "
+                     "rotate them, and rebuild")
+    parts.append(f"To pass: {'; '.join(fixes)}{_break_glass_hint(policy)}.")
+    kind = (Kind.VULNERABLE if over else Kind.MISCONFIGURED if checks_over
+            else Kind.SECRETS_FOUND)
+    effect = policy.effect
+    if not over and not checks_over and spec.secrets == "Warn":
+        effect = min(policy.effect, Effect.WARN)
+    return replace(verdict, kind=kind, effect=effect, counts=texts,
                    message=_clip(" ".join(parts), VERDICT_MESSAGE_LIMIT),
-                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: "
-                                 f"{', '.join(texts)}{scope}", WARNING_LIMIT))
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: {listed}",
+                                 WARNING_LIMIT))
+
+
+def _judge_checks(policy: Policy, result: ImageResult) -> tuple[list[str], list[str]]:
+    """What fails the policy's spec.misconfig: ("misconfig high 2 > 0", "check DS-0002
+    failed", ...), and the failed checks to name, those denied first."""
+    misconfig = policy.spec.misconfig
+    if misconfig is None or result.misconfig is None:
+        return [], []
+    counts = result.misconfig
+    over = [(s, counts.get(s, 0), limit) for s in SEVERITY_KEYS
+            if (limit := getattr(misconfig.thresholds, s)) is not None
+            and counts.get(s, 0) > limit]
+    denied = [c for c in result.checks if c.id.upper() in policy.denied_checks]
+    texts = [f"misconfig {s} {n} > {limit}" for s, n, limit in over]
+    texts += [f"check {_clip(c.id, 64)} failed" for c in
+              {c.id.upper(): c for c in denied}.values()]
+    severities = {s.upper() for s, _, _ in over}
+    named = list(dict.fromkeys([*denied, *(c for c in result.checks
+                                           if c.severity in severities)]))
+    return texts, [f"{_clip(c.id, 64)} ({c.severity}) {_clip(c.title, 120)} in "
+                   f"{_clip(c.target or 'the image', 120)}".replace("  ", " ")
+                   for c in named[:TOP_BASELINE]]
+
+
+def _judge_secrets(policy: Policy, result: ImageResult) -> str:
+    """"2 secrets found" when the policy's spec.secrets is Deny or Warn and the result has
+    secrets; empty otherwise."""
+    total = (result.secret_counts or {}).get("total", 0)
+    if policy.spec.secrets not in ("Deny", "Warn") or not total:
+        return ""
+    return f"{total} secret{'' if total == 1 else 's'} found"
 
 
 def _worst(findings: Sequence[TopFinding], severities: set[str], exempt: set[str],
@@ -519,6 +677,9 @@ class Decision:
     """Policies whose break-glass the workload asks for, with no answer yet on whether its
     requester may use it, when that answer would change the outcome: decide again with
     `break_glass` for them."""
+    scanners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """For each image in needs_scan: the scanners its scan should run, all that the policies
+    judging it need (sorted)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"allowed": self.allowed, "action": self.action,
@@ -541,6 +702,7 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
     grants = break_glass or {}
     failing: list[Verdict] = []
     needs_scan: list[str] = []
+    scanners: dict[str, set[str]] = {}
     ordered = sorted(policies, key=lambda p: p.name)
     for image, result in images.items():
         invalid = result is not None and result.reason == Kind.INVALID_REFERENCE
@@ -549,8 +711,10 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
                 continue
             verdict = judge(policy, result, image, now,
                             scans_namespace=scans_namespace or namespace)
-            if verdict.needs_scan and image not in needs_scan:
-                needs_scan.append(image)
+            if verdict.needs_scan:
+                if image not in needs_scan:
+                    needs_scan.append(image)
+                scanners.setdefault(image, set()).update(policy.scanners)
             grant = grants.get(policy.name)
             if (verdict.effect is Effect.ENFORCE and verdict.break_glass and reason
                     and grant is not None and grant.allowed):
@@ -581,7 +745,8 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
         message=_denial_message(denied, failing, not_honoured) if denied else "",
         audit=tuple(v for v in failing if v.effect is Effect.AUDIT),
         break_glass=BreakGlassUse(reason, broken) if broken else None,
-        needs_scan=tuple(needs_scan), break_glass_wanted=wanted)
+        needs_scan=tuple(needs_scan), break_glass_wanted=wanted,
+        scanners={image: tuple(sorted(used)) for image, used in scanners.items()})
 
 
 def _bounded_warnings(lines: list[str]) -> tuple[str, ...]:
@@ -604,7 +769,7 @@ def _denial_message(denied: list[Verdict], failing: list[Verdict],
     # An image unscanned (or failed) under several policies is one story: tell it once.
     groups: dict[tuple[str, Kind] | int, list[Verdict]] = {}
     for i, verdict in enumerate(denied):
-        key = i if verdict.kind is Kind.VULNERABLE else (verdict.image, verdict.kind)
+        key = i if verdict.kind in FINDING_KINDS else (verdict.image, verdict.kind)
         groups.setdefault(key, []).append(verdict)
     paragraphs = [group[0].message + (
         f" The same holds for ScanPolicy {', '.join(v.policy for v in group[1:])}."

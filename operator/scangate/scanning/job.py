@@ -39,6 +39,28 @@ _EMIT = f"""emit() {{
 }}"""
 
 
+# What of Trivy's report may hold a secret's value leaves the pod blanked: the lines of
+# code around a secret's match (Trivy masks the match, not its neighbours), the build
+# commands of layers, and the image's config (its Env, its history). Of a match's line only
+# the masked assignment is kept ("ENV NAME=****"), for the name of the variable. The
+# report is pretty-printed one field to a line (Go's MarshalIndent), so a field's value is
+# the rest of its line, and ImageConfig's object ends at the first line indented as its key.
+SCRUB = r"""awk '
+skip { if (index($0, ind "}") == 1) {
+    print ind "\"ImageConfig\": {}" substr($0, length(ind) + 2); skip = 0 }
+  next }
+/^ *"ImageConfig": \{$/ { ind = substr($0, 1, index($0, "\"") - 1); skip = 1; next }
+/^ *"Match": "/ { v = ""
+  if (match($0, /(ENV +)?[A-Za-z_][A-Za-z0-9_.-]* *[=:] *\*\*\*\*/)) v = substr($0, RSTART, RLENGTH)
+  sub(/": ".*"/, "\": \"" v "\"") }
+/^ *"(Content|Highlighted|CreatedBy|created_by)": "/ { sub(/": ".*"/, "\": \"\"") }
+{ print }
+END { if (skip) exit 1 }'"""
+IMAGE_CONFIG_SCANNERS = ("misconfig", "secret")
+"""The scanners Trivy also runs over the image's config (its Env, its history rebuilt as a
+Dockerfile): the baseline check, and secrets set in ENV."""
+
+
 @dataclass(frozen=True)
 class ScanJobSpec:
     """Everything that decides the Job of one scan attempt."""
@@ -144,6 +166,13 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
             "--skip-version-check", "--no-progress"]
     if spec.ignore_unfixed:
         args.append("--ignore-unfixed")
+    config_scanners = [s for s in IMAGE_CONFIG_SCANNERS if s in spec.scanners]
+    if config_scanners:
+        args += ["--image-config-scanners", ",".join(config_scanners)]
+    if "misconfig" in spec.scanners:
+        # The checks embedded in the binary: offline, and the same for every scan of a
+        # Trivy release (a bundle pulled from ghcr.io would be neither).
+        args.append("--skip-check-update")
     if trivy.mode == "ClientServer":
         args += ["--server", trivy.server_url]
     else:
@@ -167,7 +196,8 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
         "set -eu", _EMIT,
         f"mkdir -p {WORK}/tmp {WORK}/cache", *trust,
         shlex.join(args), *versioned,
-        f"emit report {WORK}/report.json",
+        f"{SCRUB} {WORK}/report.json > {WORK}/result.json",
+        f"emit report {WORK}/result.json",
     ])
 
 

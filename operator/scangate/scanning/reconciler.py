@@ -49,7 +49,7 @@ from scangate.core.scanstate import (
     project_pod,
     project_scan,
 )
-from scangate.core.trivy import ReportError
+from scangate.core.trivy import BASELINE_FIELDS, ReportError
 from scangate.core.validation import check_image_on_registry
 from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
 from scangate.registry.auth import CredentialsError
@@ -68,7 +68,8 @@ from scangate.watch import Feed, Sink
 log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
 RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "vulnerabilityIndex",
-                 "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith")
+                 "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith",
+                 *BASELINE_FIELDS)
 MESSAGE_LIMIT = 4096  # status.message in the CRD
 JOB_GRACE = timedelta(seconds=60)
 """How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
@@ -571,7 +572,7 @@ class ScanReconciler:
             # Off the event loop: a large report takes a while to decompress and parse.
             result = await asyncio.to_thread(result_from_log, text,
                                              self.settings.findings_budget_bytes,
-                                             self.settings.max_result_bytes)
+                                             self.settings.max_result_bytes, scan.scanners)
         except FrameTooLarge as e:
             # Intact but too large (a decompression bomb, or a report past
             # MAX_RESULT_BYTES): another attempt would print the same.
@@ -597,8 +598,9 @@ class ScanReconciler:
         if scan.start_time:
             metrics.SCAN_DURATION.observe((finished - scan.start_time).total_seconds())
         counts = ", ".join(f"{summary[s]} {s}" for s in ("critical", "high", "medium", "low"))
+        baseline = f"; {result['baseline']}" if result.get("baseline") else ""
         await self.kube.event(_owner(scan), "Normal", "ScanCompleted",
-                              f"{counts} ({summary['total']} findings in all)")
+                              f"{counts} ({summary['total']} findings in all){baseline}")
 
     async def _attempt_failed(self, scan: ScanState, reason: str, message: str) -> None:
         # A scan that failed before its Job started has not counted the attempt yet.
