@@ -41,10 +41,11 @@ _EMIT = f"""emit() {{
 
 # What of Trivy's report may hold a secret's value leaves the pod blanked: the lines of
 # code around a secret's match (Trivy masks the match, not its neighbours), the build
-# commands of layers, and the image's config (its Env, its history). Of a match's line only
-# the masked assignment is kept ("ENV NAME=****"), for the name of the variable. The
-# report is pretty-printed one field to a line (Go's MarshalIndent), so a field's value is
-# the rest of its line, and ImageConfig's object ends at the first line indented as its key.
+# commands of layers, the messages of checks (they quote build commands), and the image's
+# config (its Env, its history). Of a match's line only the masked assignment is kept
+# ("ENV NAME=****"), for the name of the variable. The report is pretty-printed one field
+# to a line (Go's MarshalIndent), so a field's value is the rest of its line, and
+# ImageConfig's object ends at the first line indented as its key.
 SCRUB = r"""awk '
 skip { if (index($0, ind "}") == 1) {
     print ind "\"ImageConfig\": {}" substr($0, length(ind) + 2); skip = 0 }
@@ -53,7 +54,7 @@ skip { if (index($0, ind "}") == 1) {
 /^ *"Match": "/ { v = ""
   if (match($0, /(ENV +)?[A-Za-z_][A-Za-z0-9_.-]* *[=:] *\*\*\*\*/)) v = substr($0, RSTART, RLENGTH)
   sub(/": ".*"/, "\": \"" v "\"") }
-/^ *"(Content|Highlighted|CreatedBy|created_by)": "/ { sub(/": ".*"/, "\": \"\"") }
+/^ *"(Content|Highlighted|Message|CreatedBy|created_by)": "/ { sub(/": ".*"/, "\": \"\"") }
 { print }
 END { if (skip) exit 1 }'"""
 IMAGE_CONFIG_SCANNERS = ("misconfig", "secret")
