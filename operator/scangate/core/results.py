@@ -19,6 +19,11 @@ def result_from_log(log: str, budget_bytes: int, max_bytes: int = MAX_FRAME_BYTE
     if "report" not in frames:
         raise ReportError("the scan log holds no report frame")
     report = parse_report(frames["report"])
+    if "checks" in frames:
+        # The image's configuration checks, run apart from a Trivy server (scanning.job).
+        checks = parse_report(frames["checks"])
+        report.results = [*(report.results or []),
+                          *(r for r in checks.results or [] if r.misconfigurations is not None)]
     result = summarize(report, budget_bytes, scanners=scanners)
     scanner: dict[str, Any] = {"name": "trivy"}
     # Standalone: the Job's own DB (`trivy version`); client/server: the server's, in the report.

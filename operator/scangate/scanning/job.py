@@ -160,27 +160,48 @@ def job_name(scan_namespace: str, scan_name: str, scan_uid: str, queued_at: str,
     return f"scan-{readable}-{suffix}"
 
 
-def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
-    args = ["trivy", "image", "--format", "json", "--output", f"{WORK}/report.json",
-            "--scanners", ",".join(spec.scanners), "--platform", spec.platform,
-            "--timeout", f"{spec.timeout_seconds}s", "--cache-dir", f"{WORK}/cache",
+def _trivy_args(spec: ScanJobSpec, scanners: list[str], output: str, cache: str
+                ) -> list[str]:
+    args = ["trivy", "image", "--format", "json", "--output", output,
+            "--scanners", ",".join(scanners), "--platform", spec.platform,
+            "--timeout", f"{spec.timeout_seconds}s", "--cache-dir", cache,
             "--skip-version-check", "--no-progress"]
-    if spec.ignore_unfixed:
+    if spec.ignore_unfixed and "vuln" in scanners:
         args.append("--ignore-unfixed")
-    config_scanners = [s for s in IMAGE_CONFIG_SCANNERS if s in spec.scanners]
+    config_scanners = [s for s in IMAGE_CONFIG_SCANNERS if s in scanners]
     if config_scanners:
         args += ["--image-config-scanners", ",".join(config_scanners)]
-    if "misconfig" in spec.scanners:
+    if "misconfig" in scanners:
         # The checks embedded in the binary: offline, and the same for every scan of a
         # Trivy release (a bundle pulled from ghcr.io would be neither).
         args.append("--skip-check-update")
-    if trivy.mode == "ClientServer":
+    return args
+
+
+def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
+    scanners = list(spec.scanners)
+    # A Trivy 0.76 client drops the misconfigurations of the image's config on their way
+    # through its server (the secrets of the config come back; measured on the sandbox):
+    # in ClientServer mode the checks run in a second, local Trivy, which needs no
+    # vulnerability DB, and its report travels in a frame of its own ("checks").
+    local_checks = trivy.mode == "ClientServer" and "misconfig" in scanners and len(
+        scanners) > 1
+    if local_checks:
+        scanners.remove("misconfig")
+    args = _trivy_args(spec, scanners, f"{WORK}/report.json", f"{WORK}/cache")
+    if trivy.mode == "ClientServer" and scanners != ["misconfig"]:
         args += ["--server", trivy.server_url]
-    else:
+    elif trivy.mode != "ClientServer":
         args += ["--skip-java-db-update"]
         if trivy.db_repository:
             args += ["--db-repository", trivy.db_repository]
     args.append(spec.image)
+    checks = []
+    if local_checks:
+        checks = [shlex.join([*_trivy_args(spec, ["misconfig"], f"{WORK}/checks.json",
+                                           f"{WORK}/cache-checks"), spec.image]),
+                  f"{SCRUB} {WORK}/checks.json > {WORK}/checks.clean.json",
+                  f"emit checks {WORK}/checks.clean.json"]
     version = ["trivy", "version", "--format", "json", "--cache-dir", f"{WORK}/cache"]
     # Standalone: which DB this Job downloaded is told by `trivy version` only. A
     # server's report says its own version and DB, so a client spares the second run.
@@ -196,7 +217,7 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
     return "\n".join([
         "set -eu", _EMIT,
         f"mkdir -p {WORK}/tmp {WORK}/cache", *trust,
-        shlex.join(args), *versioned,
+        shlex.join(args), *versioned, *checks,
         f"{SCRUB} {WORK}/report.json > {WORK}/result.json",
         f"emit report {WORK}/result.json",
     ])

@@ -4,6 +4,9 @@ report, and ScanPolicy's misconfig thresholds, denyChecks and `secrets`."""
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -11,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from scangate.core.framing import BEGIN, END
 from scangate.core.policy import Effect, ImageResult, Kind, Policy, decide, judge, parse_policy
+from scangate.core.results import result_from_log
 from scangate.core.scanstate import ScanIndex, ScanState, scan_key
 from scangate.core.trivy import parse_report, summarize
 from scangate.scanning.job import SCRUB, ScanJobSpec, TrivySettings, trivy_command
@@ -120,17 +125,40 @@ SPEC = ScanJobSpec(scan_name="api", scan_namespace="ns", scan_uid="u1",
 def test_the_job_runs_the_config_scanners_offline_only_when_asked() -> None:
     plain = trivy_command(SPEC, TrivySettings())
     assert "--image-config-scanners" not in plain and "--skip-check-update" not in plain
-    both = trivy_command(ScanJobSpec(**{**SPEC.__dict__, "scanners": ("vuln", "misconfig",
-                                                                      "secret")}),
-                         TrivySettings())
-    assert "--scanners vuln,misconfig,secret" in both
-    assert "--image-config-scanners misconfig,secret" in both and "--skip-check-update" in both
-    secret = trivy_command(ScanJobSpec(**{**SPEC.__dict__, "scanners": ("vuln", "secret")}),
-                           TrivySettings())
-    assert "--image-config-scanners secret " in secret and "--skip-check-update" not in secret
-    # Whatever the scanners, the report is scrubbed before it is printed.
-    assert all("result.json > " not in s and "emit report /var/run/scangate/result.json" in s
-               for s in (plain, both, secret))
+    every = ScanJobSpec(**{**SPEC.__dict__, "scanners": ("vuln", "misconfig", "secret")})
+    alone = trivy_command(every, TrivySettings(mode="Standalone")).splitlines()
+    main = next(line for line in alone if line.startswith("trivy image"))
+    assert "--scanners vuln,misconfig,secret" in main
+    assert "--image-config-scanners misconfig,secret" in main and "--skip-check-update" in main
+    assert "emit checks" not in "\n".join(alone)
+    # A Trivy server loses the config's checks: they run in a local Trivy of their own.
+    client = trivy_command(every, TrivySettings()).splitlines()
+    served, local = [line for line in client if line.startswith("trivy image")]
+    assert "--scanners vuln,secret" in served and "--server" in served
+    assert "--image-config-scanners secret " in served and "--skip-check-update" not in served
+    assert "--scanners misconfig --" in local and "--server" not in local
+    assert "--image-config-scanners misconfig" in local and "--skip-check-update" in local
+    assert "emit checks /var/run/scangate/checks.clean.json" in client
+    # Whatever the scanners, each report is scrubbed before it is printed.
+    assert all("emit report /var/run/scangate/result.json" in s
+               for s in (plain, "\n".join(alone), "\n".join(client)))
+
+
+def test_the_checks_of_a_local_run_join_the_servers_report() -> None:
+    served = report(with_checks=False)
+    checks = {"SchemaVersion": 2, "ArtifactName": "img",
+              "Results": [r for r in report()["Results"] if r["Class"] == "config"]}
+    log = "\n".join(_frame(name, json.dumps(body).encode())
+                    for name, body in (("checks", checks), ("report", served)))
+    out = result_from_log(log, 64 * 1024, scanners=["vuln", "misconfig", "secret"])
+    assert out["baseline"] == "3 checks, 2 secrets" and out["summary"]["high"] == 1
+
+
+def _frame(name: str, data: bytes) -> str:
+    packed = gzip.compress(data)
+    return "\n".join([f"{BEGIN} name={name} size={len(packed)} "
+                      f"sha256={hashlib.sha256(packed).hexdigest()}",
+                      base64.encodebytes(packed).decode().rstrip("\n"), f"{END} name={name}"])
 
 
 @pytest.mark.parametrize("awk", ["awk", "busybox awk"])
