@@ -139,6 +139,27 @@ class SecretFinding(Model):
     value)."""
 
 
+class SuppressedFinding(Model):
+    """A vulnerability finding a VEX statement suppressed at scan time."""
+
+    id: str = Field(max_length=128)
+    """Vulnerability ID."""
+    severity: Severity
+    """Severity as the scanner reports it."""
+    package: str = Field(max_length=256)
+    """Affected package name."""
+    installed_version: str | None = Field(default=None, max_length=128)
+    """Installed version of the package."""
+    fixed_version: str | None = Field(default=None, max_length=256)
+    """First version with a fix."""
+    status: str = Field(max_length=32)
+    """The statement's status: not_affected or fixed."""
+    justification: str | None = Field(default=None, max_length=256)
+    """The statement's justification, e.g. vulnerable_code_not_in_execute_path."""
+    source: str = Field(max_length=512)
+    """The document: <configmap>/<key> in the operator's namespace."""
+
+
 class ScannedWith(Model):
     """The options a result was produced with: only a scan asking for the same ones may
     reuse it."""
@@ -233,6 +254,14 @@ class ImageScanStatus(StatusBase):
     first, bounded in size; secretSummary covers all of them."""
     baseline_truncated: bool | None = None
     """True when failed checks or secrets were left out of their lists to bound the size."""
+    suppressed: SeverityCounts | None = None
+    """Counts of the vulnerability findings VEX statements suppressed at scan time (not in
+    summary)."""
+    suppressed_findings: list[SuppressedFinding] | None = None
+    """Those findings with the statement's status, justification and document, bounded in
+    size; .status.suppressed counts all of them."""
+    suppressed_truncated: bool | None = None
+    """True when some suppressed findings were left out to bound the size."""
     baseline: str | None = Field(default=None, max_length=64)
     """The misconfig and secret results at a glance, e.g. "5 checks, 1 secret" (empty when
     the scan ran neither scanner)."""

@@ -59,6 +59,7 @@ class Thresholds(Model):
     """Allowed UNKNOWN findings."""
 
 
+CONFIGMAP_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 CHECK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 
 
@@ -77,6 +78,17 @@ class Misconfig(Model):
                   "pattern": CHECK_ID_PATTERN}})
     """Check IDs that refuse an image on their own when it fails them, e.g. DS-0002
     (case-insensitive)."""
+
+
+class VexReference(Model):
+    """An OpenVEX document: a key of a ConfigMap in the operator's namespace (a ScanPolicy
+    has no namespace of its own; tenants' ConfigMaps are never read)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=CONFIGMAP_NAME_PATTERN)
+    """The ConfigMap's name."""
+    key: str = Field(default="openvex.json", min_length=1, max_length=253,
+                     pattern=r"^[-._a-zA-Z0-9]+$")
+    """The key holding the document (default openvex.json)."""
 
 
 class AllowlistEntry(Model):
@@ -122,6 +134,10 @@ class ScanPolicySpec(Model):
     misconfig: Misconfig | None = None
     """Thresholds and refused check IDs for the image's configuration checks (scanner
     misconfig)."""
+    vex: list[VexReference] | None = Field(default=None, max_length=32)
+    """OpenVEX documents whose not_affected and fixed statements suppress findings under
+    this policy: Trivy applies them at scan time (the suppressed findings are kept apart in
+    the ImageScan's status), and admission judges by what they say now."""
     secrets: Literal["Deny", "Warn", "Allow"] | None = None
     """What to do with an image in which secrets were found (scanner secret): Deny refuses it
     (as the action says), Warn admits it with a warning, Allow (or unset) does not look. Deny

@@ -40,6 +40,7 @@ from scangate.core.durations import parse_duration
 from scangate.core.errors import describe_validation
 from scangate.core.scanstate import parse_time
 from scangate.core.trivy import SEVERITIES, VulnIndex, decode_index
+from scangate.core.vex import VexState, applicable, document_name, scope_in
 
 BREAK_GLASS_ANNOTATION = "scangate.dev/break-glass"
 SEVERITY_KEYS = tuple(s.lower() for s in SEVERITIES)
@@ -121,6 +122,11 @@ class Policy:
         return frozenset(needed)
 
     @cached_property
+    def vex_documents(self) -> tuple[str, ...]:
+        """spec.vex as document names (configmap/key)."""
+        return tuple(dict.fromkeys(document_name(r.name, r.key) for r in self.spec.vex or ()))
+
+    @cached_property
     def denied_checks(self) -> frozenset[str]:
         """spec.misconfig.denyChecks, upper-cased."""
         misconfig = self.spec.misconfig
@@ -191,6 +197,24 @@ class SecretHit:
         return place
 
 
+@dataclass(frozen=True)
+class SuppressedHit:
+    """A finding VEX suppressed at scan time, as kept in status."""
+
+    id: str
+    severity: str
+    package: str = ""
+    fixed_version: str | None = None
+    status: str = ""
+    justification: str = ""
+    source: str = ""
+
+    def describe(self) -> str:
+        why = ", ".join(filter(None, [self.status, _clip(self.justification, 80)]))
+        return (f"{_clip(self.id, 64)} in {_clip(self.package, 60) or 'the image'} "
+                f"({_clip(self.source, 120)}: {why})")
+
+
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -244,6 +268,12 @@ class ImageResult:
     """The secrets kept in status, most severe first."""
     baseline_truncated: bool = False
     """Some failed checks or secrets were left out of status."""
+    findings_truncated: bool = False
+    """Some findings were left out of status.findings."""
+    suppressed: tuple[SuppressedHit, ...] = ()
+    """The findings VEX suppressed at scan time, as kept in status."""
+    suppressed_counts: Mapping[str, int] | None = None
+    suppressed_truncated: bool = False
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> ImageResult:
@@ -270,7 +300,16 @@ class ImageResult:
         secret_counts = _counts(status.get("secretSummary"))
         if secret_counts is not None:
             secret_counts["total"] = _count((status.get("secretSummary") or {}).get("total"))
+        suppressed = tuple(
+            SuppressedHit(raw["id"], raw["severity"], _text(raw.get("package")) or "",
+                          _text(raw.get("fixedVersion")), _text(raw.get("status")) or "",
+                          _text(raw.get("justification")) or "", _text(raw.get("source")) or "")
+            for raw in status.get("suppressedFindings") or () if isinstance(raw, Mapping)
+            and _text(raw.get("id")) and raw.get("severity") in SEVERITIES)
         return cls(
+            findings_truncated=status.get("findingsTruncated") is True,
+            suppressed=suppressed, suppressed_counts=_counts(status.get("suppressed")),
+            suppressed_truncated=status.get("suppressedTruncated") is True,
             scanners=frozenset(x for x in listed if isinstance(x, str))
             if isinstance(listed, list) else None,
             misconfig=_counts(status.get("misconfigurations")), checks=checks,
@@ -364,6 +403,9 @@ class Verdict:
     """The policy lets the break-glass annotation admit the workload."""
     overridden: bool = False
     """Admitted by break-glass although the policy denies it."""
+    vex_note: str = ""
+    """Which findings VEX documents suppressed under this policy (a kubectl warning when
+    the workload is admitted)."""
 
     @property
     def failed(self) -> bool:
@@ -406,7 +448,7 @@ def _break_glass_hint(policy: Policy) -> str:
 
 
 def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime, *,
-          scans_namespace: str | None = None) -> Verdict:
+          scans_namespace: str | None = None, vex: VexState | None = None) -> Verdict:
     """The policy's verdict on one image (a normalised reference) and its stored result.
 
     `scans_namespace` is where the image's ImageScans are watched, for the hint in the
@@ -424,7 +466,7 @@ def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime,
         return _judge_invalid(policy, verdict, result)
     if result.phase == Phase.FAILED:
         return _judge_failed(policy, verdict, result)
-    return _judge_findings(policy, verdict, result, now)
+    return _judge_findings(policy, verdict, result, now, vex)
 
 
 def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | None,
@@ -514,7 +556,7 @@ def _allowlisted_ids(policy: Policy, image: str, now: datetime) -> list[str]:
 
 
 def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
-                    now: datetime) -> Verdict:
+                    now: datetime, vex: VexState | None = None) -> Verdict:
     spec = policy.spec
     basis = (result.fixable if spec.fixable_only else result.summary) or {}
     counts = {s: basis.get(s, 0) for s in SEVERITY_KEYS}
@@ -533,6 +575,14 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
         for severity, c in by_severity.items():
             key = severity.lower()
             counts[key] = max(counts[key] - (c.fixable if spec.fixable_only else c.total), 0)
+    applied = _apply_vex(policy, result, verdict.image, counts, set(ids), vex)
+    exempt |= applied.exempt
+    vex_note = ""
+    if applied.suppressed:
+        vex_note = _clip(f"ScanPolicy {policy.name}: {verdict.image}: VEX suppressed "
+                         f"{'; '.join(applied.suppressed[:3])}"
+                         f"{' …' if len(applied.suppressed) > 3 else ''}", WARNING_LIMIT)
+    verdict = replace(verdict, vex_note=vex_note)
     over = [(s, counts[s], limit) for s in SEVERITY_KEYS
             if (limit := getattr(spec.thresholds, s)) is not None and counts[s] > limit]
     checks_over, checks_named = _judge_checks(policy, result)
@@ -555,6 +605,12 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
                "the result has no exact per-ID counts (scan the image again to get them)")
         parts.append(f"Allowlist entries not applied to this image: "
                      f"{', '.join(uncounted[:5])}{' …' if len(uncounted) > 5 else ''}: {why}.")
+    if over and applied.suppressed:
+        parts.append(f"Suppressed by VEX: {'; '.join(applied.suppressed[:3])}"
+                     f"{' …' if len(applied.suppressed) > 3 else ''}.")
+    if over and applied.notes:
+        parts.append(f"VEX: {'; '.join(applied.notes[:3])}"
+                     f"{' …' if len(applied.notes) > 3 else ''}.")
     if checks_named:
         parts.append(f"Failed checks: {'; '.join(checks_named)}.")
     if secrets_text:
@@ -584,6 +640,87 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
                    message=_clip(" ".join(parts), VERDICT_MESSAGE_LIMIT),
                    summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: {listed}",
                                  WARNING_LIMIT))
+
+
+@dataclass
+class _VexOutcome:
+    exempt: set[str] = field(default_factory=set)
+    """IDs whose findings VEX statements in force suppress (left out of "Worst")."""
+    suppressed: list[str] = field(default_factory=list)
+    """What is suppressed, and by which document, described."""
+    notes: list[str] = field(default_factory=list)
+    """Suppressions not honoured, and why."""
+
+
+def _apply_vex(policy: Policy, result: ImageResult, image: str, counts: dict[str, int],
+               allowlisted: set[str], vex: VexState | None) -> _VexOutcome:
+    """Adjust `counts` (by severity, fixable only if the policy says so) to the VEX
+    documents the policy applies *now* (scangate.core.vex): a finding suppressed at scan
+    time counts again unless a document of the policy still suppresses it; a statement made
+    since the scan subtracts the findings of its ID."""
+    out = _VexOutcome()
+    fixable_only = policy.spec.fixable_only
+    names = tuple(dict.fromkeys((*policy.vex_documents, *(vex.cluster_wide if vex else ()))))
+    documents = vex.documents if vex else {}
+    digests = tuple(d for d in (result.digest, result.index_digest) if d)
+    for name in names:
+        if name not in documents:
+            why = (vex.errors.get(name) if vex else None) or "no such ConfigMap key in the " \
+                "operator's namespace"
+            out.notes.append(f"document {name} not applied: {_clip(why, 160)}")
+    for hit in result.suppressed:
+        vid = hit.id.upper()
+        held = applicable(documents, (hit.source,), vid, image, digests) \
+            if hit.source in names else []
+        if any(scope.packages is None or hit.package.lower() in scope.packages
+               for _, scope in held):
+            out.exempt.add(vid)
+            out.suppressed.append(hit.describe())
+        elif vid not in allowlisted and (hit.fixed_version or not fixable_only):
+            counts[hit.severity.lower()] += 1
+            out.notes.append(f"{_clip(hit.id, 64)} in {_clip(hit.package, 60)} counts again: "
+                             + (f"{hit.source} no longer suppresses it" if hit.source in names
+                                else f"ScanPolicy {policy.name} does not apply {hit.source}"))
+    if result.suppressed_truncated and result.suppressed_counts:
+        # Not listed, so not known to be in force for this policy: counted (stricter).
+        listed = {k: 0 for k in SEVERITY_KEYS}
+        for hit in result.suppressed:
+            listed[hit.severity.lower()] += 1
+        for key in SEVERITY_KEYS:
+            counts[key] += max(result.suppressed_counts.get(key, 0) - listed[key], 0)
+        out.notes.append("suppressed findings left out of status count again")
+    index = result.index if names and documents else None
+    for name in names:
+        document = documents.get(name)
+        if document is None or index is None:
+            continue
+        for vid in sorted(index.keys() & document.statements.keys()):
+            if vid in out.exempt or vid in allowlisted:
+                continue
+            scopes = [sc for st in document.statements[vid]
+                      if (sc := scope_in(st, image, digests)) is not None]
+            if not scopes:
+                continue
+            if any(sc.packages is None for sc in scopes):
+                for severity, c in index[vid].items():
+                    key = severity.lower()
+                    counts[key] = max(counts[key] - (c.fixable if fixable_only else c.total), 0)
+            elif not result.findings_truncated:
+                packages = frozenset().union(*(sc.packages or () for sc in scopes))
+                for f in result.findings:
+                    if (f.id.upper() == vid and f.package.lower() in packages
+                            and (f.fixed_version or not fixable_only)):
+                        key = f.severity.lower()
+                        counts[key] = max(counts[key] - 1, 0)
+            else:
+                out.notes.append(f"{vid} ({name}) names packages and this result's findings "
+                                 "are truncated: it applies from the next scan")
+                continue
+            out.exempt.add(vid)
+            statement = scopes[0].statement
+            why = ", ".join(filter(None, [statement.status, _clip(statement.justification, 80)]))
+            out.suppressed.append(f"{_clip(vid, 64)} ({name}: {why}; since the scan)")
+    return out
 
 
 def _judge_checks(policy: Policy, result: ImageResult) -> tuple[list[str], list[str]]:
@@ -690,26 +827,29 @@ class Decision:
 def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
            namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str],
            now: datetime, *, scans_namespace: str | None = None,
-           break_glass: Mapping[str, BreakGlassGrant] | None = None) -> Decision:
+           break_glass: Mapping[str, BreakGlassGrant] | None = None,
+           vex: VexState | None = None) -> Decision:
     """Judge every image (normalised reference -> its result, None if it has none) under
     every policy that applies in `namespace` (whose labels are `labels`); `annotations`
     are the workload's, for break-glass. The strictest result wins.
 
     Break-glass overrides a policy only where `break_glass` grants it for that policy;
     where it has no answer and one would change the outcome, the decision names the
-    policies to ask about (`break_glass_wanted`)."""
+    policies to ask about (`break_glass_wanted`). `vex`: the VEX documents as they are now
+    (scangate.core.vex); without it, no suppression made at scan time is trusted."""
     reason = _clip((annotations.get(BREAK_GLASS_ANNOTATION) or "").strip(), 200)
     grants = break_glass or {}
     failing: list[Verdict] = []
     needs_scan: list[str] = []
     scanners: dict[str, set[str]] = {}
+    vex_noted: list[Verdict] = []
     ordered = sorted(policies, key=lambda p: p.name)
     for image, result in images.items():
         invalid = result is not None and result.reason == Kind.INVALID_REFERENCE
         for policy in ordered:
             if not applies(policy, namespace, labels, None if invalid else image):
                 continue
-            verdict = judge(policy, result, image, now,
+            verdict = judge(policy, result, image, now, vex=vex,
                             scans_namespace=scans_namespace or namespace)
             if verdict.needs_scan:
                 if image not in needs_scan:
@@ -721,6 +861,8 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
                 verdict = replace(verdict, overridden=True)
             if verdict.failed:
                 failing.append(verdict)
+            elif verdict.vex_note:
+                vex_noted.append(verdict)
     failing.sort(key=lambda v: (-v.effect, v.overridden, v.policy, v.image))
     denied = [v for v in failing if v.effect is Effect.ENFORCE and not v.overridden]
     # Break-glass can change the outcome only if every denying policy enables it.
@@ -733,6 +875,7 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
     broken = tuple(v for v in failing if v.overridden)
     warnings = [f"break-glass used ({reason}): {v.summary}" for v in broken]
     warnings += [v.summary for v in failing if v.effect is Effect.WARN]
+    warnings += [v.vex_note for v in vex_noted if v.vex_note]
     if denied:
         action = Effect.ENFORCE.label
     elif broken:

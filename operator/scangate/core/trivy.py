@@ -25,9 +25,16 @@ from typing import Any, NamedTuple, TypeVar
 from annotated_types import MaxLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scangate.api.imagescan import FailedCheck, Finding, ImageScanStatus, SecretFinding
+from scangate.api.imagescan import (
+    FailedCheck,
+    Finding,
+    ImageScanStatus,
+    SecretFinding,
+    SuppressedFinding,
+)
 from scangate.api.scanpolicy import ALLOWLIST_ID_MAX_LENGTH, ALLOWLIST_ID_PATTERN
 from scangate.core.errors import describe_validation
+from scangate.core.vex import source_of
 
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -45,6 +52,7 @@ FINDING_MAX_LENGTHS = _max_lengths(Finding)
 # The CRD's maxLength of status.vulnerabilityIndex: the index's byte budget (base64 is ASCII).
 _CHECK_LIMITS = _max_lengths(FailedCheck)
 _SECRET_LIMITS = _max_lengths(SecretFinding)
+_SUPPRESSED_LIMITS = _max_lengths(SuppressedFinding)
 INDEX_MAX_BYTES = next(m.max_length for m in
                        ImageScanStatus.model_fields["vulnerability_index"].metadata
                        if isinstance(m, MaxLen))
@@ -107,6 +115,24 @@ class Secret(_Trivy):
         return raw
 
 
+class ModifiedFinding(_Trivy):
+    """A finding a VEX statement suppressed (`--show-suppressed`)."""
+
+    type: str | None = Field(default=None, alias="Type")
+    status: str = Field(default="", alias="Status")
+    statement: str | None = Field(default=None, alias="Statement")
+    source: str = Field(default="", alias="Source")
+    finding: Vulnerability | None = Field(default=None, alias="Finding")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vulnerabilities_only(cls, raw: Any) -> Any:
+        # A suppressed misconfiguration or secret has another Finding shape: not read.
+        if isinstance(raw, dict) and raw.get("Type") != "vulnerability":
+            raw = {k: v for k, v in raw.items() if k != "Finding"}
+        return raw
+
+
 class Result(_Trivy):
     target: str = Field(default="", alias="Target")
     class_: str | None = Field(default=None, alias="Class")
@@ -115,6 +141,8 @@ class Result(_Trivy):
     misconfigurations: list[Misconfiguration] | None = Field(default=None,
                                                              alias="Misconfigurations")
     secrets: list[Secret] | None = Field(default=None, alias="Secrets")
+    modified: list[ModifiedFinding] | None = Field(default=None,
+                                                   alias="ExperimentalModifiedFindings")
 
 
 class OS(_Trivy):
@@ -243,8 +271,9 @@ def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET,
     # The checks and secrets take their share of the budget first (there are few of them,
     # and each may refuse an image on its own); the vulnerabilities get what is left.
     baseline = summarize_baseline(report, scanners, budget_bytes // BASELINE_SHARE)
+    baseline |= summarize_suppressed(report, budget_bytes // BASELINE_SHARE)
     spent = sum(len(json.dumps(baseline.get(k) or [], separators=(",", ":")))
-                for k in ("failedChecks", "secrets"))
+                for k in ("failedChecks", "secrets", "suppressedFindings"))
     if spent:
         out["findings"], truncated = bound_findings(findings, max(budget_bytes - spent, 2))
         out["findingsTruncated"] = truncated
@@ -325,6 +354,33 @@ def summarize_baseline(report: Report, scanners: Iterable[str] | None = None,
         out["baselineTruncated"] = truncated
         out["baseline"] = ", ".join(glance)
     return out
+
+
+SUPPRESSED_FIELDS = ("suppressed", "suppressedFindings", "suppressedTruncated")
+
+
+def summarize_suppressed(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET
+                         ) -> dict[str, Any]:
+    """The vulnerability findings VEX statements suppressed (scangate.core.vex): counts by
+    severity and the findings with status, justification and document, bounded. None in
+    each field when nothing was suppressed, so that a rescan clears what is gone."""
+    found: list[dict[str, Any]] = []
+    for result in report.results or []:
+        for m in result.modified or []:
+            v = m.finding
+            if m.type != "vulnerability" or v is None:
+                continue
+            entry = {"id": v.vulnerability_id, "severity": normalise_severity(v.severity),
+                     "package": v.pkg_name, "installedVersion": v.installed_version,
+                     "fixedVersion": v.fixed_version or None, "status": m.status or "unknown",
+                     "justification": m.statement or None, "source": source_of(m.source)}
+            found.append(_clipped(entry, _SUPPRESSED_LIMITS))
+    if not found:
+        return dict.fromkeys(SUPPRESSED_FIELDS)
+    found.sort(key=lambda f: (_RANK[f["severity"]], f["id"], f["package"]))
+    kept, truncated = bound_findings(found, budget_bytes)
+    return {"suppressed": _tally(found), "suppressedFindings": kept,
+            "suppressedTruncated": truncated}
 
 
 def _plural(n: int, what: str) -> str:

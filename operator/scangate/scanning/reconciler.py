@@ -49,7 +49,7 @@ from scangate.core.scanstate import (
     project_pod,
     project_scan,
 )
-from scangate.core.trivy import BASELINE_FIELDS, ReportError
+from scangate.core.trivy import BASELINE_FIELDS, SUPPRESSED_FIELDS, ReportError
 from scangate.core.validation import check_image_on_registry
 from scangate.kube import Kube, LogTooLarge, Obj, api_server_endpoints, now, stamp
 from scangate.registry.auth import CredentialsError
@@ -69,7 +69,7 @@ log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
 RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "vulnerabilityIndex",
                  "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith",
-                 *BASELINE_FIELDS)
+                 *BASELINE_FIELDS, *SUPPRESSED_FIELDS)
 MESSAGE_LIMIT = 4096  # status.message in the CRD
 JOB_GRACE = timedelta(seconds=60)
 """How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
