@@ -23,6 +23,7 @@ from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
 from scangate.secure_metrics import SecureMetrics
+from scangate.vexdocs import VexDocuments
 
 log = logging.getLogger("scangate")
 KOPF_CONFIGURATION = "scangate.dev"
@@ -116,10 +117,15 @@ async def main(settings: Settings) -> None:
         # not export its Identity type, a NewType of str).
         kopf.operator(clusterwide=True, liveness_endpoint=liveness, identity=leader.me),  # type: ignore[arg-type]
         leader.run(), reconciler.run(), rules.run()]
+    vex = VexDocuments(Kube(8), settings)
+    reconciler.vex_documents = vex.wanted
+    work.append(vex.run())
     if settings.admission_port:
         gate = Gate(Kube(8), settings, reconciler.index, reconciler.destinations)
         gate.active = lambda: leader.is_leader
         gate.on_blocked = notifier.blocked
+        gate.vex = vex.state
+        vex.policies = lambda: [p.policy for p in gate.policies.values() if p.policy]
         notifier.policy_uid = gate.policy_uid
         server = AdmissionServer(gate, settings)
         work += [gate.run(), server.run()]

@@ -55,6 +55,7 @@ from scangate.core.policy import (
 )
 from scangate.core.ratelimit import TokenBucket
 from scangate.core.scanstate import Ref, ScanIndex, ScanState, resource_version
+from scangate.core.vex import VexState
 from scangate.core.workloads import (
     new_images,
     normalise,
@@ -154,6 +155,8 @@ class Gate:
         self.on_blocked: Callable[[Decision, str, dict[str, list[Obj]]], None] | None = None
         """Called with each refusal (not on dry runs): the notifier's Blocked events."""
         self.namespaces: dict[str, dict[str, str]] = {}
+        self.vex: Callable[[], VexState] | None = None
+        """The VEX documents as they are now (scangate.vexdocs)."""
         self.digests = DigestLookups(settings, destinations)
         """Tags' digests: cached, single-flight and bounded lookups (admission.digests)."""
         self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
@@ -317,7 +320,8 @@ class Gate:
         meta = obj.get("metadata") or {}
         judge = partial(decide, policies, results, namespace,
                         self.namespaces.get(namespace, {}), meta.get("annotations") or {},
-                        now, scans_namespace=namespace)
+                        now, scans_namespace=namespace,
+                        vex=self.vex() if self.vex is not None else None)
         decision = judge()
         if decision.break_glass_wanted:  # only then: other reviews never pay for it
             decision = judge(break_glass=await self._break_glass_grants(

@@ -24,6 +24,7 @@ from scangate.core.scanstate import (
     SCAN_UID_LABEL,
     scan_key,
 )
+from scangate.core.vex import MOUNT as VEX_MOUNT
 
 ATTEMPT_ANNOTATION = "scangate.dev/attempt"
 WORK = "/var/run/scangate"
@@ -85,6 +86,9 @@ class ScanJobSpec:
     namespace (credentials_secret_name), owned by the Job."""
     ca_bundle: str | None = None
     """The ScanRule's registry CA (PEM), trusted by Trivy beside the system's roots."""
+    vex: tuple[str, ...] = ()
+    """OpenVEX documents (configmap/key, ConfigMaps of the Job's namespace) Trivy applies:
+    those of every ScanPolicy and of the vexConfigMap setting (scangate.core.vex)."""
 
     @property
     def name(self) -> str:
@@ -195,7 +199,14 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
         args += ["--skip-java-db-update"]
         if trivy.db_repository:
             args += ["--db-repository", trivy.db_repository]
-    args.append(spec.image)
+    vex = ""
+    if spec.vex and "vuln" in scanners:
+        # Each document that exists when the Job runs (a ConfigMap or key may be gone: the
+        # volume is optional); its suppressed findings are reported, to be counted apart.
+        paths = " ".join(shlex.quote(vex_path(d)) for d in spec.vex)
+        vex = (f'vex=""; for f in {paths}; do if [ -f "$f" ]; then vex="$vex --vex $f"; fi; '
+               f"done")
+        args += ["--show-suppressed"]
     checks = []
     if local_checks:
         checks = [shlex.join([*_trivy_args(spec, ["misconfig"], f"{WORK}/checks.json",
@@ -217,10 +228,17 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
     return "\n".join([
         "set -eu", _EMIT,
         f"mkdir -p {WORK}/tmp {WORK}/cache", *trust,
-        shlex.join(args), *versioned, *checks,
+        *([vex] if vex else []),
+        shlex.join(args) + (" $vex " if vex else " ") + shlex.quote(spec.image),
+        *versioned, *checks,
         f"{SCRUB} {WORK}/report.json > {WORK}/result.json",
         f"emit report {WORK}/result.json",
     ])
+
+
+def vex_path(document: str) -> str:
+    """Where a document (configmap/key) is in the scan pod."""
+    return f"{VEX_MOUNT}/{document}"
 
 
 def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[str, Any]:
@@ -251,6 +269,12 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[s
                        "readOnly": True})
     if spec.ca_bundle:
         env.append({"name": "SCANGATE_REGISTRY_CA", "value": spec.ca_bundle})
+    for i, configmap in enumerate(dict.fromkeys(d.split("/", 1)[0] for d in spec.vex)):
+        # In the operator's namespace, as the Job: a tenant's ConfigMap is never mounted.
+        volumes.append({"name": f"vex-{i}", "configMap": {"name": configmap,
+                                                          "optional": True}})
+        mounts.append({"name": f"vex-{i}", "mountPath": f"{VEX_MOUNT}/{configmap}",
+                       "readOnly": True})
     labels = {SCAN_LABEL: scan_label(spec.scan_name), SCAN_NAMESPACE_LABEL: spec.scan_namespace,
               SCAN_UID_LABEL: spec.scan_uid, "app.kubernetes.io/managed-by": "scangate"}
     return {

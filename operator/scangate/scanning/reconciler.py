@@ -116,6 +116,8 @@ class ScanReconciler:
         """Whether this replica leads (scangate.leader)."""
         self.scan_changed: list[Callable[[ScanState], None]] = []
         """Called with each ImageScan as it is listed or changes (the notifier)."""
+        self.vex_documents: Callable[[], tuple[str, ...]] = lambda: ()
+        """The OpenVEX documents (configmap/key) scan Jobs apply (scangate.vexdocs)."""
         self.rule_scan_changed: list[Callable[[str, str], None]] = []
         """Called with (namespace, rule) when one of a ScanRule's ImageScans changes."""
         self._results: dict[tuple[str, str, int], Obj] = {}
@@ -469,7 +471,8 @@ class ScanReconciler:
                                        self.settings).startswith("http://") or (
                 on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
             ca_bundle=registry.get("caBundle") if on_rule_registry else None,
-            credentials_type=str(credentials.get("type")) if credentials else None)
+            credentials_type=str(credentials.get("type")) if credentials else None,
+            vex=self.vex_documents())
         body = build_job(job_spec, self.trivy, self.jobs_namespace)
         assert body["metadata"]["name"] == name
         job = await self.kube.create_job(self.jobs_namespace, body)
