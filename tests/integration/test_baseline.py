@@ -13,16 +13,28 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from test_local_scan import scan as local_scan
 
+import sarif_schema
 from conftest import Kubectl, wait_for
-from sandbox.advisories import load_images
+from sandbox.advisories import expected_findings, load_images
 from sandbox.images import Pusher, build_image
 from scangate.core.framing import decode
-from scans import OPERATOR_NAMESPACE, Policy, admit, deployment, jobs, operator_log, scans
+from scans import (
+    OPERATOR_NAMESPACE,
+    Policy,
+    admit,
+    deployment,
+    jobs,
+    operator_log,
+    push_variant,
+    scans,
+)
 
 pytestmark = pytest.mark.sandbox
 BASE = "/bin/sh -c #(nop) ADD file:5d673d25da3a14ce1f6cf66e4c7fd4f4b85a3759a9d9 in / "
@@ -199,3 +211,57 @@ def test_a_root_image_with_a_key_in_env_is_refused_by_secrets_deny_and_by_ds_000
         assert len(places) >= 7
         for where, text in places.items():
             assert key not in text, f"the key's value is in the {where}"
+
+
+def test_a_local_scan_reports_checks_secrets_and_vex_in_json_table_and_sarif(
+    sandbox_env: dict[str, str], tmp_path: Path,
+) -> None:
+    key = random_key()
+    risky, clean = risky_and_clean(sandbox_env, key)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: scangate.dev/v1alpha1\nkind: ScanPolicy\n"
+                      "metadata: {name: baseline}\nspec: {secrets: Deny, misconfig: "
+                      "{denyChecks: [DS-0002]}}\n")
+    # The policy asks for the scanners it needs: no --scanners.
+    blocked = local_scan(sandbox_env, risky, "--policy", str(policy), "--format", "json")
+    assert blocked.returncode == 1, blocked.stderr
+    found = json.loads(blocked.stdout)
+    assert "DS-0002" in {c["id"] for c in found["failedChecks"]}
+    assert "aws-secret-access-key" in {s["ruleID"] for s in found["secrets"]}
+    assert {"check DS-0002 failed", f"{len(found['secrets'])} secrets found"} <= set(
+        found["decision"]["violations"][0]["counts"]), found["decision"]
+    table = local_scan(sandbox_env, risky, "--policy", str(policy))
+    assert table.returncode == 1 and "DS-0002" in table.stdout and "BLOCKED" in table.stdout
+    sarif = local_scan(sandbox_env, risky, "--policy", str(policy), "--format", "sarif")
+    log = json.loads(sarif.stdout)
+    assert [e.message for e in sarif_schema.validator().iter_errors(log)] == []
+    rules = {r["ruleId"] for r in log["runs"][0]["results"]}
+    assert {"DS-0002", "secret/aws-secret-access-key"} <= rules, rules
+    for out in (blocked, table, sarif):
+        assert key not in out.stdout + out.stderr
+    passed = local_scan(sandbox_env, clean, "--policy", str(policy))
+    assert passed.returncode == 0 and "PASS" in passed.stdout, passed.stdout + passed.stderr
+
+    # --vex: a not_affected statement suppresses a CVE, counted apart and named.
+    bad, variants = push_variant(sandbox_env, "debian-critical")
+    critical = sorted({f["id"] for f in expected_findings(variants["linux/amd64"])
+                       if f["severity"] == "CRITICAL"})
+    document = tmp_path / "app.openvex.json"
+    document.write_text(json.dumps({
+        "@context": "https://openvex.dev/ns/v0.2.0", "@id": "https://scangate.dev/vex/t",
+        "author": "tests", "timestamp": "2026-12-01T00:00:00Z", "version": 1,
+        "statements": [{"vulnerability": {"name": vid},
+                        "products": [{"@id": "pkg:oci/debian-critical"}],
+                        "status": "not_affected", "justification": "component_not_present"}
+                       for vid in critical]}))
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("apiVersion: scangate.dev/v1alpha1\nkind: ScanPolicy\n"
+                      "metadata: {name: strict}\nspec: {thresholds: {critical: 0}}\n")
+    assert local_scan(sandbox_env, bad, "--policy", str(strict)).returncode == 1
+    vexed = local_scan(sandbox_env, bad, "--policy", str(strict), "--vex", str(document),
+                       "--format", "json")
+    assert vexed.returncode == 0, vexed.stdout + vexed.stderr
+    found = json.loads(vexed.stdout)
+    assert sorted(f["id"] for f in found["suppressedFindings"]) == critical
+    assert {f["source"] for f in found["suppressedFindings"]} == {"app.openvex.json"}
+    assert found["summary"]["critical"] == 0
