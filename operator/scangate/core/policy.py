@@ -707,11 +707,19 @@ def _apply_vex(policy: Policy, result: ImageResult, image: str, counts: dict[str
                     counts[key] = max(counts[key] - (c.fixable if fixable_only else c.total), 0)
             elif not result.findings_truncated:
                 packages = frozenset().union(*(sc.packages or () for sc in scopes))
-                for f in result.findings:
-                    if (f.id.upper() == vid and f.package.lower() in packages
-                            and (f.fixed_version or not fixable_only)):
+                matched = [f for f in result.findings
+                           if f.id.upper() == vid and f.package.lower() in packages]
+                if not matched:
+                    continue  # the ID is in other packages only: nothing suppressed
+                for f in matched:
+                    if f.fixed_version or not fixable_only:
                         key = f.severity.lower()
                         counts[key] = max(counts[key] - 1, 0)
+                if len(matched) < sum(c.total for c in index[vid].values()):
+                    # Other packages still have the ID: it is not exempt from "Worst".
+                    out.suppressed.append(f"{_clip(vid, 64)} in "
+                                          f"{', '.join(sorted(packages))[:80]} ({name})")
+                    continue
             else:
                 out.notes.append(f"{vid} ({name}) names packages and this result's findings "
                                  "are truncated: it applies from the next scan")
