@@ -139,19 +139,9 @@ class SecretFinding(Model):
     value)."""
 
 
-class SuppressedFinding(Model):
+class SuppressedFinding(Finding):
     """A vulnerability finding a VEX statement suppressed at scan time."""
 
-    id: str = Field(max_length=128)
-    """Vulnerability ID."""
-    severity: Severity
-    """Severity as the scanner reports it."""
-    package: str = Field(max_length=256)
-    """Affected package name."""
-    installed_version: str | None = Field(default=None, max_length=128)
-    """Installed version of the package."""
-    fixed_version: str | None = Field(default=None, max_length=256)
-    """First version with a fix."""
     status: str = Field(max_length=32)
     """The statement's status: not_affected or fixed."""
     justification: str | None = Field(default=None, max_length=256)
