@@ -140,7 +140,11 @@ def _policy_check(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"scangate: {e}", file=sys.stderr)
         return 2
-    decision = _judge(report, image, policies, args.namespace, labels)[1]
+    scanners = None
+    if args.scanners:
+        # A scanner that found nothing leaves no trace in a report: say that it ran.
+        scanners = sorted({"vuln", *(x.strip() for x in args.scanners.split(",") if x.strip())})
+    decision = _judge(report, image, policies, args.namespace, labels, scanners)[1]
     json.dump(decision.to_json(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if decision.allowed else 1
@@ -274,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a label of that namespace, for namespaceSelector (repeatable)")
     check.add_argument("--image", help="the image reference (default: the report's "
                                        "ArtifactName)")
+    check.add_argument("--scanners", metavar="LIST",
+                       help="the scanners the report was made with, e.g. vuln,secret,misconfig "
+                            "(default: those whose findings it holds; one that found nothing "
+                            "leaves no trace)")
     check.set_defaults(func=_policy_check)
 
     scan = sub.add_parser(

@@ -272,3 +272,25 @@ def test_admission_prefers_the_newest_result_made_with_the_scanners_it_needs() -
     index.delete_scan(("ns", "full"))
     fallback = index.newest_vulnerabilities(DIGEST, {"secret"})
     assert fallback is not None and fallback.name == "newer"
+
+
+def test_policy_check_takes_the_scanners_a_clean_report_cannot_show(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from scangate.cli import main
+
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(report(with_secrets=False, with_checks=False)))
+    risky = tmp_path / "risky.json"
+    risky.write_text(json.dumps(report()))
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("apiVersion: scangate.dev/v1alpha1\nkind: ScanPolicy\n"
+                           "metadata: {name: s}\nspec: {secrets: Deny}\n")
+    check = ["policy", "check", "--policy", str(policy_file), "--image", IMAGE, "--report"]
+    # No secret results: the report alone cannot tell the scanner ran.
+    assert main([*check, str(clean)]) == 1
+    assert "without the secret scanner" in capsys.readouterr().out
+    assert main([*check, str(clean), "--scanners", "vuln,secret"]) == 0
+    capsys.readouterr()
+    assert main([*check, str(risky)]) == 1
+    out = capsys.readouterr().out
+    assert "2 secrets found" in out and KEY not in out
