@@ -238,8 +238,3 @@ class Cache:
         self.namespaces = Store("namespaces", project_namespace)
         self.configmaps = Store("vex-configmaps", project_configmap)
         self.refusals = Topic("refusals")
-
-    @property
-    def stores(self) -> Iterable[Store[Any]]:
-        return (self.imagescans, self.scan_jobs, self.scan_pods, self.scanrules,
-                self.scanpolicies, self.namespaces, self.configmaps)

@@ -35,6 +35,7 @@ from scangate.core.durations import parse_duration
 from scangate.core.framing import FrameError, FrameTooLarge
 from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.results import log_tail, result_from_log
+from scangate.core.rulestate import RuleState
 from scangate.core.scanstate import (
     SCAN_UID_LABEL,
     JobState,
@@ -313,12 +314,12 @@ class ScanReconciler:
             "retryAfter": None, **self._answered(scan)}, False, Phase.QUEUED,
             f"waiting to scan {resolved.digest}")
 
-    async def _rule_registry(self, scan: ScanState) -> tuple[Obj | None, Obj, Obj | None]:
+    async def _rule_registry(self, scan: ScanState
+                             ) -> tuple[RuleState | None, Obj, Obj | None]:
         """The scan's ScanRule (if any, from the cache), its registry spec, and its
         credentials Secret (read when needed: Secrets are not cached)."""
-        held = self.cache.scanrules.items.get((scan.namespace, scan.rule)) if scan.rule else None
-        rule: Obj | None = {"spec": held.spec} if held is not None else None
-        registry: Obj = held.registry if held is not None else {}
+        rule = self.cache.scanrules.items.get((scan.namespace, scan.rule)) if scan.rule else None
+        registry: Obj = rule.registry if rule is not None else {}
         secret_ref = registry.get("credentialsSecretRef")
         if not secret_ref:
             return rule, registry, None
@@ -363,7 +364,7 @@ class ScanReconciler:
             # ImageScan naming another host must never hand them over.
             raise CredentialsError(str(check_image_on_registry(
                 scan.image, str(registry.get("url", "")), scan.rule or "")[0]))
-        rule_url = str(registry.get("url", "")) if rule else None
+        rule_url = str(registry.get("url", "")) if rule is not None else None
         return registry_client(base_url(ref, rule_url, self.settings), registry, secret,
                                ref.registry, self.settings, self.destinations)
 
@@ -411,7 +412,7 @@ class ScanReconciler:
             attempt=attempt, timeout_seconds=int(timeout.total_seconds()),
             scanners=scan.scanners, ignore_unfixed=scan.ignore_unfixed,
             platform=scan.platform or "linux/amd64",
-            insecure_registry=base_url(ref, registry.get("url") if rule else None,
+            insecure_registry=base_url(ref, registry.get("url") if rule is not None else None,
                                        self.settings).startswith("http://") or (
                 on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
             ca_bundle=registry.get("caBundle") if on_rule_registry else None,
