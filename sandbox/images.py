@@ -136,22 +136,29 @@ class Image:
 
 
 def build_image(decl: Decl, platform: str = "linux/amd64",
-                extra_layers: list[tuple[bytes, str]] | None = None) -> Image:
-    """`extra_layers` (gzip'd blob, diff id) go on top, e.g. executables for a real node."""
+                extra_layers: list[tuple[bytes, str]] | None = None,
+                config: dict[str, Any] | None = None,
+                history: list[dict[str, Any]] | None = None) -> Image:
+    """`extra_layers` (gzip'd blob, diff id) go on top, e.g. executables for a real node.
+    `config` replaces fields of the image's run config (e.g. {"User": ""} runs it as root),
+    `history` is the config's build history (what Trivy's misconfig checks rebuild the
+    Dockerfile from)."""
     os_name, arch = platform.split("/")[:2]
     layers = [layer(files) for files in (os_files(decl, arch), app_files(decl)) if files]
     layers += extra_layers or []
-    config = json.dumps({
+    config_file = json.dumps({
         "architecture": arch, "os": os_name,
         "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["/bin/sh"],
-                   "User": "65532"},
+                   "User": "65532", **(config or {})},
         "rootfs": {"type": "layers", "diff_ids": [diff for _, diff in layers]},
+        **({"history": history} if history else {}),
     }, sort_keys=True).encode()
-    blobs = {sha256(config): config}
+    blobs = {sha256(config_file): config_file}
     blobs.update({sha256(blob): blob for blob, _ in layers})
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
+        "config": {"mediaType": OCI_CONFIG, "digest": sha256(config_file),
+                   "size": len(config_file)},
         "layers": [{"mediaType": OCI_LAYER, "digest": sha256(blob), "size": len(blob)}
                    for blob, _ in layers],
     }, sort_keys=True).encode()

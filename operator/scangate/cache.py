@@ -42,6 +42,7 @@ from scangate.core.scanstate import (
     project_scan,
     resource_version,
 )
+from scangate.core.vex import ConfigMapDocuments, project_configmap
 
 log = logging.getLogger("scangate.cache")
 T = TypeVar("T")
@@ -218,6 +219,8 @@ class Cache:
     scanrules: Store[RuleState] = field(init=False)
     scanpolicies: Store[PolicyState] = field(init=False)
     namespaces: Store[NamespaceState] = field(init=False)
+    configmaps: Store[ConfigMapDocuments] = field(init=False)
+    """The operator's namespace's ConfigMaps, read as VEX documents (scangate.vexdocs)."""
     refusals: Topic[Refusal] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -233,4 +236,5 @@ class Cache:
         self.scanrules = Store("scanrules", project_rule)
         self.scanpolicies = Store("scanpolicies", project_policy)
         self.namespaces = Store("namespaces", project_namespace)
+        self.configmaps = Store("vex-configmaps", project_configmap)
         self.refusals = Topic("refusals")

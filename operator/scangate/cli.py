@@ -18,6 +18,7 @@ from scangate.core.trivy import DEFAULT_FINDINGS_BUDGET
 if TYPE_CHECKING:
     from scangate.core.policy import Decision, Policy
     from scangate.core.trivy import Report
+    from scangate.core.vex import VexState
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -139,35 +140,42 @@ def _policy_check(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"scangate: {e}", file=sys.stderr)
         return 2
-    decision = _judge(report, image, policies, args.namespace, labels)[1]
+    scanners = None
+    if args.scanners:
+        # A scanner that found nothing leaves no trace in a report: say that it ran.
+        scanners = sorted({"vuln", *(x.strip() for x in args.scanners.split(",") if x.strip())})
+    decision = _judge(report, image, policies, args.namespace, labels, scanners)[1]
     json.dump(decision.to_json(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if decision.allowed else 1
 
 
 def _judge(report: Report, image: str, policies: list[Policy], namespace: str,
-           labels: dict[str, str]) -> tuple[dict[str, Any], Decision]:
-    """What the operator would store for the report, scanned now, and the decision of
-    the policies on it."""
+           labels: dict[str, str], scanners: Sequence[str] | None = None,
+           vex: VexState | None = None) -> tuple[dict[str, Any], Decision]:
+    """What the operator would store for the report, scanned now (with `scanners`; None:
+    what the report shows), and the decision of the policies on it."""
     from datetime import UTC, datetime
 
     from scangate.api.imagescan import Phase
     from scangate.core.policy import ImageResult, decide
-    from scangate.core.trivy import summarize
+    from scangate.core.trivy import ran, summarize
 
     now = datetime.now(UTC)
     repo_digests = (report.metadata.repo_digests if report.metadata else None) or []
     digest = image.partition("@")[2] or next(
         (d.partition("@")[2] for d in repo_digests if "@" in d), None)
-    status = {**summarize(report), "phase": Phase.COMPLETED, "digest": digest,
-              "scannedAt": now.isoformat()}
+    used = sorted(ran(report, scanners))
+    status = {**summarize(report, scanners=used), "phase": Phase.COMPLETED, "digest": digest,
+              "scannedAt": now.isoformat(), "scannedWith": {"scanners": used}}
     return status, decide(policies, {image: ImageResult.from_status(status)}, namespace,
-                          labels, {}, now)
+                          labels, {}, now, vex=vex)
 
 
 def _scan(args: argparse.Namespace) -> int:
     from scangate.core.images import InvalidReference, parse_image
-    from scangate.core.trivy import ReportError, parse_report
+    from scangate.core.trivy import BASELINE_FIELDS, SUPPRESSED_FIELDS, ReportError, parse_report
+    from scangate.core.vex import VexError, VexState, parse_openvex, source_of
     from scangate.localscan import ScanError, shown, table, trivy_report
 
     try:
@@ -179,35 +187,57 @@ def _scan(args: argparse.Namespace) -> int:
         policies = _policies_from(args.policy) if args.policy else []
         severities = ({s.strip().upper() for s in args.severity.split(",") if s.strip()}
                       if args.severity else None)
-        raw = trivy_report(args.image, args.trivy)
+        scanners = sorted({"vuln", *(s.strip() for s in (args.scanners or "").split(",")
+                                     if s.strip())}.union(*(p.scanners for p in policies)))
+        unknown = set(scanners) - {"vuln", "misconfig", "secret"}
+        if unknown:
+            raise UsageError(f"--scanners: unknown {', '.join(sorted(unknown))} (vuln, "
+                             "misconfig, secret)")
+        documents = {}
+        for path in args.vex:
+            try:
+                documents[source_of(path)] = parse_openvex(source_of(path),
+                                                           Path(path).read_bytes())
+            except OSError as e:
+                raise UsageError(f"--vex {path}: {e}") from None
+            except VexError as e:
+                raise UsageError(f"--vex {path}: {e}") from None
+        # Local documents apply under every policy, as the vexConfigMap setting's do.
+        vex = VexState(documents, {}, tuple(documents))
+        raw = trivy_report(args.image, args.trivy, scanners, args.vex)
         report = parse_report(raw)
     except (UsageError, ScanError, ReportError) as e:
         print(f"scangate: {_one_line(e)}", file=sys.stderr)
         return 2
     status, decision = _judge(report, image, policies, args.namespace,
-                              {"kubernetes.io/metadata.name": args.namespace})
+                              {"kubernetes.io/metadata.name": args.namespace}, scanners, vex)
+    baseline = {k: status.get(k) for k in (*BASELINE_FIELDS, *SUPPRESSED_FIELDS)}
     findings = shown(status["findings"], severities)
     if args.format == "json":
         json.dump({"image": image, "digest": status["digest"], "summary": status["summary"],
                    "fixable": status["fixable"], "findings": findings,
                    "findingsTruncated": status["findingsTruncated"],
+                   **{k: v for k, v in baseline.items() if v is not None},
                    "decision": decision.to_json() if policies else None},
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.format == "sarif":
         from scangate.core.sarif import advisories_of, sarif_log
-        from scangate.core.trivy import summarize
+        from scangate.core.trivy import summarize, summarize_baseline
 
         # Every finding, not only those the bounded list of status keeps.
         every = shown(summarize(report, budget_bytes=sys.maxsize)["findings"], severities)
+        every_baseline = summarize_baseline(report, scanners, sys.maxsize)
         json.dump(sarif_log(ref, every, version=__version__, digest=status["digest"],
                             summary=status["summary"], decision=decision if policies else None,
-                            advisories=advisories_of(json.loads(raw))),
+                            advisories=advisories_of(json.loads(raw)),
+                            checks=every_baseline["failedChecks"] or [],
+                            secrets=every_baseline["secrets"] or []),
                   sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(table(image, status["summary"], findings, decision if policies else None,
-                    colour=sys.stdout.isatty()))
+                    colour=sys.stdout.isatty(), baseline=baseline))
     return 0 if decision.allowed else 1
 
 
@@ -248,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a label of that namespace, for namespaceSelector (repeatable)")
     check.add_argument("--image", help="the image reference (default: the report's "
                                        "ArtifactName)")
+    check.add_argument("--scanners", metavar="LIST",
+                       help="the scanners the report was made with, e.g. vuln,secret,misconfig "
+                            "(default: those whose findings it holds; one that found nothing "
+                            "leaves no trace)")
     check.set_defaults(func=_policy_check)
 
     scan = sub.add_parser(
@@ -264,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--namespace", default="default",
                       help="the namespace the policies are matched in (default %(default)s)")
     scan.add_argument("--trivy", metavar="PATH", help="the trivy binary (default: on PATH)")
+    scan.add_argument("--scanners", metavar="LIST",
+                      help="also run these: misconfig (the image config's checks), secret "
+                           "(vuln always runs; the policies add what they need)")
+    scan.add_argument("--vex", metavar="FILE", action="append", default=[],
+                      help="an OpenVEX document Trivy applies (repeatable); it applies under "
+                           "every policy")
     scan.set_defaults(func=_scan)
 
     status = sub.add_parser(

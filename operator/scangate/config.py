@@ -12,6 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scangate.api.common import Duration
+from scangate.api.scanpolicy import CONFIGMAP_NAME_PATTERN
 
 
 class Settings(BaseSettings):
@@ -138,6 +139,10 @@ class Settings(BaseSettings):
     trivy_token_secret: str | None = None
     """A Secret in the operator's namespace whose `token` the Trivy server requires
     (ClientServer). Scan Jobs run in that namespace and read it there: it never leaves."""
+    vex_config_map: str | None = Field(default=None, max_length=253,
+                                       pattern=CONFIGMAP_NAME_PATTERN)
+    """A ConfigMap in the operator's namespace whose every key is an OpenVEX document
+    applied under every ScanPolicy (beside each policy's own spec.vex)."""
     trivy_db_repository: str | None = None
     """OCI repository of the vulnerability DB in Standalone mode (an air-gapped mirror)."""
     trivy_insecure_db_repository: bool = False

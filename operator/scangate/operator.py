@@ -27,6 +27,7 @@ from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
 from scangate.secure_metrics import SecureMetrics
+from scangate.vexdocs import VexDocuments
 
 log = logging.getLogger("scangate")
 KOPF_CONFIGURATION = "scangate.dev"
@@ -177,9 +178,12 @@ async def main(settings: Settings) -> None:
         kopf.operator(registry=watches.SCAN_JOBS, namespaces=[settings.namespace],
                       identity=leader.me, settings=namespaced_settings(), memo=memo),  # type: ignore[arg-type]
         leader.run(), reconciler.run(), rules.run()]
+    vex = VexDocuments(cache, settings)
+    reconciler.vex_documents = vex.wanted
     if settings.admission_port:
         gate = Gate(Kube(8), settings, cache, destinations)
         gate.active = lambda: leader.is_leader
+        gate.vex = vex.state
         server = AdmissionServer(gate, settings)
         work += [gate.run(), server.run()]
         if settings.manage_admission_configuration and settings.webhook_ca_file:

@@ -56,6 +56,7 @@ from scangate.core.policy import (
 from scangate.core.policystate import PolicyState
 from scangate.core.ratelimit import TokenBucket
 from scangate.core.scanstate import Ref, ScanState
+from scangate.core.vex import VexState
 from scangate.core.workloads import (
     new_images,
     normalise,
@@ -98,6 +99,8 @@ class Gate:
         """The operator's own user: its scan Jobs are never judged (a gate that refused
         them would refuse every scan that could lift a denial)."""
         self.policies_changed = asyncio.Event()
+        self.vex: Callable[[], VexState] | None = None
+        """The VEX documents as they are now (scangate.vexdocs)."""
         self.digests = DigestLookups(settings, destinations)
         """Tags' digests: cached, single-flight and bounded lookups (admission.digests)."""
         self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
@@ -219,17 +222,20 @@ class Gate:
                                               self.digests.review_deadline())
         now = datetime.now(UTC)
         results: dict[str, ImageResult | None] = {}
+        # The scanners the policies need (secret, misconfig): a result made with them wins.
+        wanted = frozenset[str]().union(*(p.scanners for p in policies))
         # An image whose digest the registry would not tell is unscanned: the scan the
         # gate starts for it keeps trying, and its status says why.
         for name, (digest, _) in zip(refs, resolved, strict=True):
-            results[name] = await self._result(digest) if digest else None
+            results[name] = await self._result(digest, wanted) if digest else None
         for error in images.errors:  # refused by every Enforce policy of the namespace
             results[error] = ImageResult(phase=Phase.FAILED, reason=Kind.INVALID_REFERENCE,
                                          message=error)
         meta = obj.get("metadata") or {}
         judge = partial(decide, policies, results, namespace,
                         (self.namespace_labels(namespace) or {}), meta.get("annotations") or {},
-                        now, scans_namespace=namespace)
+                        now, scans_namespace=namespace,
+                        vex=self.vex() if self.vex is not None else None)
         decision = judge()
         if decision.break_glass_wanted:  # only then: other reviews never pay for it
             decision = judge(break_glass=await self._break_glass_grants(
@@ -247,7 +253,8 @@ class Gate:
         for image in decision.needs_scan:
             if image in refs:
                 self._request_scan(namespace, refs[image],
-                                   resolved[list(refs).index(image)][0])
+                                   resolved[list(refs).index(image)][0],
+                                   decision.scanners.get(image, ()))
         self._record(decision, request, kind, namespace, meta)
         return Review(decision, tuple(results))
 
@@ -314,10 +321,12 @@ class Gate:
 
     # -- results ---------------------------------------------------------------------
 
-    async def _result(self, digest: str) -> ImageResult | None:
-        """The digest's best result: the newest completed scan, else one in progress
-        (unscanned for now), else a failed one."""
-        done = self.index.newest_vulnerabilities(digest)
+    async def _result(self, digest: str, scanners: frozenset[str] = frozenset()
+                      ) -> ImageResult | None:
+        """The digest's best result: the newest completed scan (of those made with
+        `scanners`, if any is), else one in progress (unscanned for now), else a failed
+        one."""
+        done = self.index.newest_vulnerabilities(digest, scanners)
         if done is not None:
             return await self._full(done)
         running = self.index.in_phase(digest, IN_FLIGHT_PHASES)
@@ -342,10 +351,13 @@ class Gate:
 
     # -- side effects ----------------------------------------------------------------
 
-    def _request_scan(self, namespace: str, ref: ImageRef, digest: str | None) -> None:
-        """An ImageScan for an image with no result, once per digest however many
-        requests name it (and none while one of that digest is in progress)."""
-        key = digest or str(ref)
+    def _request_scan(self, namespace: str, ref: ImageRef, digest: str | None,
+                      scanners: tuple[str, ...] = ()) -> None:
+        """An ImageScan for an image with no result, running `scanners` (default vuln),
+        once per digest and scanners however many requests name it (and none while one of
+        that digest is in progress)."""
+        extra = tuple(s for s in scanners if s != "vuln")
+        key = (digest or str(ref)) + (f"|{','.join(scanners)}" if extra else "")
         if key in self._requested or (digest and self.index.in_phase(
                 digest, (*IN_FLIGHT_PHASES, None)) is not None):
             return
@@ -361,7 +373,8 @@ class Gate:
         name = f"admission-{readable[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageScan",
                 "metadata": {"name": name, "namespace": namespace},
-                "spec": {"image": image, "trigger": "Admission"}}
+                "spec": {"image": image, "trigger": "Admission",
+                         **({"scanners": list(scanners)} if extra else {})}}
         self._background(self.kube.create_custom("imagescans", namespace, body),
                          f"the admission scan of {image}", key)
 

@@ -53,6 +53,7 @@ KINDS = (
         ("High", "integer", ".status.summary.high", 0),
         ("Medium", "integer", ".status.summary.medium", 0),
         ("Low", "integer", ".status.summary.low", 0),
+        ("Baseline", "string", ".status.baseline", 0),
         ("Digest", "string", ".status.digest", 1),
         ("Reused From", "string", ".status.reusedFrom", 1),
         _age(),

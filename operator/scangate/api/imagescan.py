@@ -103,6 +103,53 @@ class Finding(Model):
     """Where it was found: the OS, or a lock file or package directory."""
 
 
+class FailedCheck(Model):
+    """A configuration check (Trivy's misconfig scanner, the baseline check) the image
+    failed. The check's own message is not kept: it may quote a build command, and a build
+    command may hold a secret."""
+
+    id: str = Field(max_length=64)
+    """The check's ID, e.g. DS-0002 (Trivy's ID, or its AVDID when that is all it has)."""
+    title: str | None = Field(default=None, max_length=256)
+    """What the check asks, e.g. "Image user should not be 'root'"."""
+    severity: Severity
+    """Severity of the check."""
+    target: str | None = Field(default=None, max_length=512)
+    """Where: "image config" (the Dockerfile rebuilt from its config and history), or the
+    path of a configuration file in the image."""
+
+
+class SecretFinding(Model):
+    """A secret found in the image: its rule and where, never the matched value."""
+
+    rule_id: str = Field(alias="ruleID", max_length=128)
+    """The rule that matched, e.g. aws-secret-access-key."""
+    category: str | None = Field(default=None, max_length=64)
+    """The rule's category, e.g. AWS."""
+    severity: Severity
+    """Severity of the rule."""
+    title: str | None = Field(default=None, max_length=256)
+    """The rule's title, e.g. AWS Secret Access Key."""
+    target: str | None = Field(default=None, max_length=512)
+    """Where: the path of a file in the image, or "image config"."""
+    line: int | None = Field(default=None, ge=0)
+    """The line of the match in that file (in the image config: of its JSON)."""
+    field: str | None = Field(default=None, max_length=160)
+    """In the image config: the field, e.g. "Env AWS_SECRET_ACCESS_KEY" (a name, never a
+    value)."""
+
+
+class SuppressedFinding(Finding):
+    """A vulnerability finding a VEX statement suppressed at scan time."""
+
+    status: str = Field(max_length=32)
+    """The statement's status: not_affected or fixed."""
+    justification: str | None = Field(default=None, max_length=256)
+    """The statement's justification, e.g. vulnerable_code_not_in_execute_path."""
+    source: str = Field(max_length=512)
+    """The document: <configmap>/<key> in the operator's namespace."""
+
+
 class ScannedWith(Model):
     """The options a result was produced with: only a scan asking for the same ones may
     reuse it."""
@@ -191,6 +238,29 @@ class ImageScanStatus(StatusBase):
     vulnerability_index_truncated: bool | None = None
     """True when IDs were left out of .status.vulnerabilityIndex to bound its size (those of
     the most severe findings are kept); an allowlist entry for an ID not in it does not apply."""
+    misconfigurations: SeverityCounts | None = None
+    """Counts of the failed configuration checks by severity (scanner misconfig)."""
+    failed_checks: list[FailedCheck] | None = None
+    """The failed configuration checks, most severe first, bounded in size; the counts cover
+    all of them."""
+    secret_summary: SeverityCounts | None = None
+    """Counts of the secrets found by severity (scanner secret)."""
+    secrets: list[SecretFinding] | None = None
+    """The secrets found (rule, category, severity, where; never the value), most severe
+    first, bounded in size; secretSummary covers all of them."""
+    baseline_truncated: bool | None = None
+    """True when failed checks or secrets were left out of their lists to bound the size."""
+    suppressed: SeverityCounts | None = None
+    """Counts of the vulnerability findings VEX statements suppressed at scan time (not in
+    summary)."""
+    suppressed_findings: list[SuppressedFinding] | None = None
+    """Those findings with the statement's status, justification and document, bounded in
+    size; .status.suppressed counts all of them."""
+    suppressed_truncated: bool | None = None
+    """True when some suppressed findings were left out to bound the size."""
+    baseline: str | None = Field(default=None, max_length=64)
+    """The misconfig and secret results at a glance, e.g. "5 checks, 1 secret" (empty when
+    the scan ran neither scanner)."""
 
 
 class ImageScan(Model):

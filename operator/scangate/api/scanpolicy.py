@@ -59,6 +59,38 @@ class Thresholds(Model):
     """Allowed UNKNOWN findings."""
 
 
+CONFIGMAP_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+CHECK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+
+
+class Misconfig(Model):
+    """What the policy allows of the image's configuration checks (the baseline check: Trivy's
+    misconfig scanner over the image's config and history, e.g. DS-0002 "Image user should
+    not be 'root'"). Setting anything here makes the policy need results of the misconfig
+    scanner: an image scanned without it counts as unscanned, and the gate's scans ask for it."""
+
+    thresholds: Thresholds = Field(default_factory=Thresholds,
+                                   json_schema_extra={"default": {}})
+    """The largest allowed count of failed checks per severity; a severity left out is
+    unlimited."""
+    deny_checks: list[str] | None = Field(default=None, max_length=256, json_schema_extra={
+        "items": {"type": "string", "minLength": 1, "maxLength": 64,
+                  "pattern": CHECK_ID_PATTERN}})
+    """Check IDs that refuse an image on their own when it fails them, e.g. DS-0002
+    (case-insensitive)."""
+
+
+class VexReference(Model):
+    """An OpenVEX document: a key of a ConfigMap in the operator's namespace (a ScanPolicy
+    has no namespace of its own; tenants' ConfigMaps are never read)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=CONFIGMAP_NAME_PATTERN)
+    """The ConfigMap's name."""
+    key: str = Field(default="openvex.json", min_length=1, max_length=253,
+                     pattern=r"^[-._a-zA-Z0-9]+$")
+    """The key holding the document (default openvex.json)."""
+
+
 class AllowlistEntry(Model):
     """A finding that does not count against the thresholds, until it expires."""
 
@@ -99,6 +131,17 @@ class ScanPolicySpec(Model):
     """Results older than this count as unscanned, e.g. 24h or 7d."""
     failed_scan: Literal["Deny", "Allow"] = "Deny"
     """What to do with an image whose scan failed."""
+    misconfig: Misconfig | None = None
+    """Thresholds and refused check IDs for the image's configuration checks (scanner
+    misconfig)."""
+    vex: list[VexReference] | None = Field(default=None, max_length=32)
+    """OpenVEX documents whose not_affected and fixed statements suppress findings under
+    this policy: Trivy applies them at scan time (the suppressed findings are kept apart in
+    the ImageScan's status), and admission judges by what they say now."""
+    secrets: Literal["Deny", "Warn", "Allow"] | None = None
+    """What to do with an image in which secrets were found (scanner secret): Deny refuses it
+    (as the action says), Warn admits it with a warning, Allow (or unset) does not look. Deny
+    and Warn make the policy need results of the secret scanner."""
     notifications: list[Notification] | None = Field(default=None, max_length=16)
     """Receivers of this policy's Blocked events; their Secrets live in the operator's
     namespace (a ScanPolicy has none of its own)."""

@@ -45,7 +45,9 @@ def _convert(node: Schema, defs: dict[str, Schema]) -> Schema:
     if "const" in node:
         node["enum"] = [node.pop("const")]
         node.setdefault("type", "string")
-    out: Schema = {k: v for k, v in node.items() if k in _KEEP or k.startswith("x-kubernetes-")}
+    # Lists copied: an enum shared by two fields would come out of YAML as an anchor.
+    out: Schema = {k: list(v) if isinstance(v, list) else v for k, v in node.items()
+                   if k in _KEEP or k.startswith("x-kubernetes-")}
     if out.get("format") not in _FORMATS:
         out.pop("format", None)
     if "description" in out:  # docstrings wrap; kubectl explain re-wraps

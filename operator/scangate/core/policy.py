@@ -40,6 +40,7 @@ from scangate.core.durations import parse_duration
 from scangate.core.errors import describe_validation
 from scangate.core.scanstate import parse_time
 from scangate.core.trivy import SEVERITIES, VulnIndex, decode_index
+from scangate.core.vex import VexState, applicable, document_name, scope_in
 
 BREAK_GLASS_ANNOTATION = "scangate.dev/break-glass"
 SEVERITY_KEYS = tuple(s.lower() for s in SEVERITIES)
@@ -76,10 +77,22 @@ class Kind(StrEnum):
 
     PASSED = "Passed"
     VULNERABLE = "Vulnerable"
+    MISCONFIGURED = "Misconfigured"
+    """Failed configuration checks over the policy's misconfig thresholds, or a check it
+    denies."""
+    SECRETS_FOUND = "SecretsFound"
     UNSCANNED = "Unscanned"
     SCAN_FAILED = "ScanFailed"
     INVALID_REFERENCE = "InvalidReference"
     """The reference could not be parsed: nothing can be known of the image."""
+
+
+FINDING_KINDS = frozenset({Kind.VULNERABLE, Kind.MISCONFIGURED, Kind.SECRETS_FOUND})
+"""Failures that say something of the image's findings (each policy's story is its own)."""
+SCANNER_NAMES = {"vuln": "vulnerability", "misconfig": "misconfig (configuration checks)",
+                 "secret": "secret"}
+TOP_BASELINE = 5
+"""Failed checks and secrets named in a message."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +108,30 @@ class Policy:
     def effect(self) -> Effect:
         """What failing this policy does."""
         return Effect[self.spec.action.name]
+
+    @cached_property
+    def scanners(self) -> frozenset[str]:
+        """The scanners a result must have been made with for this policy to judge it."""
+        needed = {"vuln"}
+        misconfig = self.spec.misconfig
+        if misconfig is not None and (misconfig.deny_checks or any(
+                getattr(misconfig.thresholds, s) is not None for s in SEVERITY_KEYS)):
+            needed.add("misconfig")
+        if self.spec.secrets in ("Deny", "Warn"):
+            needed.add("secret")
+        return frozenset(needed)
+
+    @cached_property
+    def vex_documents(self) -> tuple[str, ...]:
+        """spec.vex as document names (configmap/key)."""
+        return tuple(dict.fromkeys(document_name(r.name, r.key) for r in self.spec.vex or ()))
+
+    @cached_property
+    def denied_checks(self) -> frozenset[str]:
+        """spec.misconfig.denyChecks, upper-cased."""
+        misconfig = self.spec.misconfig
+        return frozenset(c.upper() for c in (misconfig.deny_checks if misconfig else None)
+                         or ())
 
 
 def parse_policy(obj: Mapping[str, Any]) -> Policy:
@@ -128,6 +165,54 @@ class TopFinding:
     package: str = ""
     installed_version: str | None = None
     fixed_version: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    """A failed configuration check kept in status."""
+
+    id: str
+    severity: str
+    title: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class SecretHit:
+    """A secret found, as kept in status: the rule and where, never the value."""
+
+    rule_id: str
+    severity: str
+    category: str = ""
+    target: str = ""
+    line: int | None = None
+    field: str = ""
+
+    def where(self) -> str:
+        place = _clip(self.target or "the image", 120)
+        if self.field:
+            place += f" ({_clip(self.field, 80)})"
+        elif self.line:
+            place += f" line {self.line}"
+        return place
+
+
+@dataclass(frozen=True)
+class SuppressedHit:
+    """A finding VEX suppressed at scan time, as kept in status."""
+
+    id: str
+    severity: str
+    package: str = ""
+    fixed_version: str | None = None
+    status: str = ""
+    justification: str = ""
+    source: str = ""
+
+    def describe(self) -> str:
+        why = ", ".join(filter(None, [self.status, _clip(self.justification, 80)]))
+        return (f"{_clip(self.id, 64)} in {_clip(self.package, 60) or 'the image'} "
+                f"({_clip(self.source, 120)}: {why})")
 
 
 def _text(value: object) -> str | None:
@@ -170,6 +255,25 @@ class ImageResult:
     index_text: str | None = field(default=None, repr=False)
     """status.vulnerabilityIndex: exact counts per ID (see scangate.core.trivy)."""
     index_truncated: bool = False
+    scanners: frozenset[str] | None = None
+    """The scanners the result was made with (status.scannedWith); None when it does not
+    say (results made before it did were vulnerability scans)."""
+    misconfig: Mapping[str, int] | None = None
+    """Failed configuration checks by severity (None: the misconfig scanner did not run)."""
+    checks: tuple[CheckFailure, ...] = ()
+    """The failed checks kept in status, most severe first."""
+    secret_counts: Mapping[str, int] | None = None
+    """Secrets found by severity, with "total" (None: the secret scanner did not run)."""
+    secrets: tuple[SecretHit, ...] = ()
+    """The secrets kept in status, most severe first."""
+    baseline_truncated: bool = False
+    """Some failed checks or secrets were left out of status."""
+    findings_truncated: bool = False
+    """Some findings were left out of status.findings."""
+    suppressed: tuple[SuppressedHit, ...] = ()
+    """The findings VEX suppressed at scan time, as kept in status."""
+    suppressed_counts: Mapping[str, int] | None = None
+    suppressed_truncated: bool = False
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> ImageResult:
@@ -180,7 +284,37 @@ class ImageResult:
                 findings.append(TopFinding(
                     raw["id"], raw["severity"], _text(raw.get("package")) or "",
                     _text(raw.get("installedVersion")), _text(raw.get("fixedVersion"))))
+        checks = tuple(
+            CheckFailure(raw["id"], raw["severity"], _text(raw.get("title")) or "",
+                         _text(raw.get("target")) or "")
+            for raw in status.get("failedChecks") or () if isinstance(raw, Mapping)
+            and _text(raw.get("id")) and _text(raw.get("severity")))
+        secrets = tuple(
+            SecretHit(raw["ruleID"], raw["severity"], _text(raw.get("category")) or "",
+                      _text(raw.get("target")) or "", _count(raw.get("line")) or None,
+                      _text(raw.get("field")) or "")
+            for raw in status.get("secrets") or () if isinstance(raw, Mapping)
+            and _text(raw.get("ruleID")) and _text(raw.get("severity")))
+        used = status.get("scannedWith")
+        listed = used.get("scanners") if isinstance(used, Mapping) else None
+        secret_counts = _counts(status.get("secretSummary"))
+        if secret_counts is not None:
+            secret_counts["total"] = _count((status.get("secretSummary") or {}).get("total"))
+        suppressed = tuple(
+            SuppressedHit(raw["id"], raw["severity"], _text(raw.get("package")) or "",
+                          _text(raw.get("fixedVersion")), _text(raw.get("status")) or "",
+                          _text(raw.get("justification")) or "", _text(raw.get("source")) or "")
+            for raw in status.get("suppressedFindings") or () if isinstance(raw, Mapping)
+            and _text(raw.get("id")) and raw.get("severity") in SEVERITIES)
         return cls(
+            findings_truncated=status.get("findingsTruncated") is True,
+            suppressed=suppressed, suppressed_counts=_counts(status.get("suppressed")),
+            suppressed_truncated=status.get("suppressedTruncated") is True,
+            scanners=frozenset(x for x in listed if isinstance(x, str))
+            if isinstance(listed, list) else None,
+            misconfig=_counts(status.get("misconfigurations")), checks=checks,
+            secret_counts=secret_counts, secrets=secrets,
+            baseline_truncated=status.get("baselineTruncated") is True,
             phase=_text(status.get("phase")), digest=_text(status.get("digest")),
             index_digest=_text(status.get("indexDigest")),
             summary=_counts(status.get("summary")), fixable=_counts(status.get("fixable")),
@@ -269,6 +403,9 @@ class Verdict:
     """The policy lets the break-glass annotation admit the workload."""
     overridden: bool = False
     """Admitted by break-glass although the policy denies it."""
+    vex_note: str = ""
+    """Which findings VEX documents suppressed under this policy (a kubectl warning when
+    the workload is admitted)."""
 
     @property
     def failed(self) -> bool:
@@ -311,7 +448,7 @@ def _break_glass_hint(policy: Policy) -> str:
 
 
 def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime, *,
-          scans_namespace: str | None = None) -> Verdict:
+          scans_namespace: str | None = None, vex: VexState | None = None) -> Verdict:
     """The policy's verdict on one image (a normalised reference) and its stored result.
 
     `scans_namespace` is where the image's ImageScans are watched, for the hint in the
@@ -329,7 +466,7 @@ def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime,
         return _judge_invalid(policy, verdict, result)
     if result.phase == Phase.FAILED:
         return _judge_failed(policy, verdict, result)
-    return _judge_findings(policy, verdict, result, now)
+    return _judge_findings(policy, verdict, result, now, vex)
 
 
 def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | None,
@@ -347,6 +484,12 @@ def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | Non
     if wanted and result.digest and wanted not in (result.digest, result.index_digest):
         # The caller looks results up by digest; never judge one digest by another's.
         return f"has no result for digest {wanted}", "not scanned yet, scan started"
+    missing = sorted(policy.scanners - (result.scanners or {"vuln"}))
+    if missing:
+        names = " and ".join(SCANNER_NAMES.get(m, m) for m in missing)
+        return (f"was scanned without the {names} scanner{'s' if len(missing) > 1 else ''} "
+                f"that ScanPolicy {policy.name} needs",
+                f"not scanned for {', '.join(missing)} yet, scan started")
     if policy.max_scan_age is not None:
         if result.scanned_at is None:
             return "has a scan result of unknown age", "scan result too old, rescan started"
@@ -413,7 +556,7 @@ def _allowlisted_ids(policy: Policy, image: str, now: datetime) -> list[str]:
 
 
 def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
-                    now: datetime) -> Verdict:
+                    now: datetime, vex: VexState | None = None) -> Verdict:
     spec = policy.spec
     basis = (result.fixable if spec.fixable_only else result.summary) or {}
     counts = {s: basis.get(s, 0) for s in SEVERITY_KEYS}
@@ -432,31 +575,191 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
         for severity, c in by_severity.items():
             key = severity.lower()
             counts[key] = max(counts[key] - (c.fixable if spec.fixable_only else c.total), 0)
+    applied = _apply_vex(policy, result, verdict.image, counts, set(ids), vex)
+    exempt |= applied.exempt
+    vex_note = ""
+    if applied.suppressed:
+        vex_note = _clip(f"ScanPolicy {policy.name}: {verdict.image}: VEX suppressed "
+                         f"{'; '.join(applied.suppressed[:3])}"
+                         f"{' …' if len(applied.suppressed) > 3 else ''}", WARNING_LIMIT)
+    verdict = replace(verdict, vex_note=vex_note)
     over = [(s, counts[s], limit) for s in SEVERITY_KEYS
             if (limit := getattr(spec.thresholds, s)) is not None and counts[s] > limit]
-    if not over:
+    checks_over, checks_named = _judge_checks(policy, result)
+    secrets_text = _judge_secrets(policy, result)
+    if not over and not checks_over and not secrets_text:
         return verdict
-    texts = tuple(f"{s} {n} > {limit}" for s, n, limit in over)
+    scope = " (findings with a fix only)" if spec.fixable_only and over else ""
+    vuln_texts = [f"{s} {n} > {limit}" for s, n, limit in over]
+    texts = tuple([*vuln_texts, *checks_over, *([secrets_text] if secrets_text else [])])
+    listed = ", ".join(vuln_texts) + scope
+    listed = ", ".join(filter(None, [listed, *checks_over, secrets_text]))
     subject = _subject(verdict.image, verdict.digest)
-    scope = " (findings with a fix only)" if spec.fixable_only else ""
-    parts = [f"{subject} fails ScanPolicy {policy.name} ({spec.action}): "
-             f"{', '.join(texts)}{scope}."]
+    parts = [f"{subject} fails ScanPolicy {policy.name} ({spec.action}): {listed}."]
     worst = _worst(result.findings, {s.upper() for s, _, _ in over}, exempt, spec.fixable_only)
     if worst:
         parts.append(f"Worst: {'; '.join(worst)}.")
-    if uncounted:
+    if uncounted and over:
         why = ("the result's per-ID index is truncated and does not hold them"
                if index is not None else
                "the result has no exact per-ID counts (scan the image again to get them)")
         parts.append(f"Allowlist entries not applied to this image: "
                      f"{', '.join(uncounted[:5])}{' …' if len(uncounted) > 5 else ''}: {why}.")
-    parts.append(f"To pass: upgrade the packages to the fixed versions and rebuild, or "
-                 f"allowlist the IDs in ScanPolicy {policy.name} (spec.allowlist, with an "
-                 f"expiry){_break_glass_hint(policy)}.")
-    return replace(verdict, kind=Kind.VULNERABLE, effect=policy.effect, counts=texts,
+    if over and applied.suppressed:
+        parts.append(f"Suppressed by VEX: {'; '.join(applied.suppressed[:3])}"
+                     f"{' …' if len(applied.suppressed) > 3 else ''}.")
+    if over and applied.notes:
+        parts.append(f"VEX: {'; '.join(applied.notes[:3])}"
+                     f"{' …' if len(applied.notes) > 3 else ''}.")
+    if checks_named:
+        parts.append(f"Failed checks: {'; '.join(checks_named)}.")
+    if secrets_text:
+        hits = [f"{_clip(h.rule_id, 64)} ({h.severity}"
+                f"{', ' + _clip(h.category, 32) if h.category else ''}) in {h.where()}"
+                for h in result.secrets[:TOP_BASELINE]]
+        more = (result.secret_counts or {}).get("total", 0) - len(hits)
+        if hits:
+            parts.append(f"Secrets: {'; '.join(hits)}{f' and {more} more' if more > 0 else ''}"
+                         f" (the values are never stored).")
+    fixes = []
+    if over:
+        fixes.append(f"upgrade the packages to the fixed versions and rebuild, or allowlist "
+                     f"the IDs in ScanPolicy {policy.name} (spec.allowlist, with an expiry)")
+    if checks_over:
+        fixes.append("fix the image's configuration (e.g. a non-root USER) and rebuild")
+    if secrets_text:
+        fixes.append("remove the secrets from the image (files, ENV, build history), "
+                     "rotate them, and rebuild")
+    parts.append(f"To pass: {'; '.join(fixes)}{_break_glass_hint(policy)}.")
+    kind = (Kind.VULNERABLE if over else Kind.MISCONFIGURED if checks_over
+            else Kind.SECRETS_FOUND)
+    effect = policy.effect
+    if not over and not checks_over and spec.secrets == "Warn":
+        effect = min(policy.effect, Effect.WARN)
+    return replace(verdict, kind=kind, effect=effect, counts=texts,
                    message=_clip(" ".join(parts), VERDICT_MESSAGE_LIMIT),
-                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: "
-                                 f"{', '.join(texts)}{scope}", WARNING_LIMIT))
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: {listed}",
+                                 WARNING_LIMIT))
+
+
+@dataclass
+class _VexOutcome:
+    exempt: set[str] = field(default_factory=set)
+    """IDs whose findings VEX statements in force suppress (left out of "Worst")."""
+    suppressed: list[str] = field(default_factory=list)
+    """What is suppressed, and by which document, described."""
+    notes: list[str] = field(default_factory=list)
+    """Suppressions not honoured, and why."""
+
+
+def _apply_vex(policy: Policy, result: ImageResult, image: str, counts: dict[str, int],
+               allowlisted: set[str], vex: VexState | None) -> _VexOutcome:
+    """Adjust `counts` (by severity, fixable only if the policy says so) to the VEX
+    documents the policy applies *now* (scangate.core.vex): a finding suppressed at scan
+    time counts again unless a document of the policy still suppresses it; a statement made
+    since the scan subtracts the findings of its ID."""
+    out = _VexOutcome()
+    fixable_only = policy.spec.fixable_only
+    names = tuple(dict.fromkeys((*policy.vex_documents, *(vex.cluster_wide if vex else ()))))
+    documents = vex.documents if vex else {}
+    digests = tuple(d for d in (result.digest, result.index_digest) if d)
+    for name in names:
+        if name not in documents:
+            why = (vex.errors.get(name) if vex else None) or "no such ConfigMap key in the " \
+                "operator's namespace"
+            out.notes.append(f"document {name} not applied: {_clip(why, 160)}")
+    for hit in result.suppressed:
+        vid = hit.id.upper()
+        held = applicable(documents, (hit.source,), vid, image, digests) \
+            if hit.source in names else []
+        if any(scope.packages is None or hit.package.lower() in scope.packages
+               for _, scope in held):
+            out.exempt.add(vid)
+            out.suppressed.append(hit.describe())
+        elif vid not in allowlisted and (hit.fixed_version or not fixable_only):
+            counts[hit.severity.lower()] += 1
+            out.notes.append(f"{_clip(hit.id, 64)} in {_clip(hit.package, 60)} counts again: "
+                             + (f"{hit.source} no longer suppresses it" if hit.source in names
+                                else f"ScanPolicy {policy.name} does not apply {hit.source}"))
+    if result.suppressed_truncated and result.suppressed_counts:
+        # Not listed, so not known to be in force for this policy: counted (stricter).
+        listed = {k: 0 for k in SEVERITY_KEYS}
+        for hit in result.suppressed:
+            listed[hit.severity.lower()] += 1
+        for key in SEVERITY_KEYS:
+            counts[key] += max(result.suppressed_counts.get(key, 0) - listed[key], 0)
+        out.notes.append("suppressed findings left out of status count again")
+    index = result.index if names and documents else None
+    for name in names:
+        document = documents.get(name)
+        if document is None or index is None:
+            continue
+        for vid in sorted(index.keys() & document.statements.keys()):
+            if vid in out.exempt or vid in allowlisted:
+                continue
+            scopes = [sc for st in document.statements[vid]
+                      if (sc := scope_in(st, image, digests)) is not None]
+            if not scopes:
+                continue
+            if any(sc.packages is None for sc in scopes):
+                for severity, c in index[vid].items():
+                    key = severity.lower()
+                    counts[key] = max(counts[key] - (c.fixable if fixable_only else c.total), 0)
+            elif not result.findings_truncated:
+                packages = frozenset().union(*(sc.packages or () for sc in scopes))
+                matched = [f for f in result.findings
+                           if f.id.upper() == vid and f.package.lower() in packages]
+                if not matched:
+                    continue  # the ID is in other packages only: nothing suppressed
+                for f in matched:
+                    if f.fixed_version or not fixable_only:
+                        key = f.severity.lower()
+                        counts[key] = max(counts[key] - 1, 0)
+                if len(matched) < sum(c.total for c in index[vid].values()):
+                    # Other packages still have the ID: it is not exempt from "Worst".
+                    out.suppressed.append(f"{_clip(vid, 64)} in "
+                                          f"{', '.join(sorted(packages))[:80]} ({name})")
+                    continue
+            else:
+                out.notes.append(f"{vid} ({name}) names packages and this result's findings "
+                                 "are truncated: it applies from the next scan")
+                continue
+            out.exempt.add(vid)
+            statement = scopes[0].statement
+            why = ", ".join(filter(None, [statement.status, _clip(statement.justification, 80)]))
+            out.suppressed.append(f"{_clip(vid, 64)} ({name}: {why}; since the scan)")
+    return out
+
+
+def _judge_checks(policy: Policy, result: ImageResult) -> tuple[list[str], list[str]]:
+    """What fails the policy's spec.misconfig: ("misconfig high 2 > 0", "check DS-0002
+    failed", ...), and the failed checks to name, those denied first."""
+    misconfig = policy.spec.misconfig
+    if misconfig is None or result.misconfig is None:
+        return [], []
+    counts = result.misconfig
+    over = [(s, counts.get(s, 0), limit) for s in SEVERITY_KEYS
+            if (limit := getattr(misconfig.thresholds, s)) is not None
+            and counts.get(s, 0) > limit]
+    denied = [c for c in result.checks if c.id.upper() in policy.denied_checks]
+    texts = [f"misconfig {s} {n} > {limit}" for s, n, limit in over]
+    texts += [f"check {_clip(c.id, 64)} failed" for c in
+              {c.id.upper(): c for c in denied}.values()]
+    severities = {s.upper() for s, _, _ in over}
+    named = list(dict.fromkeys([*denied, *(c for c in result.checks
+                                           if c.severity in severities)]))
+    return texts, [f"{_clip(c.id, 64)} ({c.severity}) {_clip(c.title, 120)} in "
+                   f"{_clip(c.target or 'the image', 120)}".replace("  ", " ")
+                   for c in named[:TOP_BASELINE]]
+
+
+def _judge_secrets(policy: Policy, result: ImageResult) -> str:
+    """"2 secrets found" when the policy's spec.secrets is Deny or Warn and the result has
+    secrets; empty otherwise."""
+    total = (result.secret_counts or {}).get("total", 0)
+    if policy.spec.secrets not in ("Deny", "Warn") or not total:
+        return ""
+    return f"{total} secret{'' if total == 1 else 's'} found"
 
 
 def _worst(findings: Sequence[TopFinding], severities: set[str], exempt: set[str],
@@ -519,6 +822,9 @@ class Decision:
     """Policies whose break-glass the workload asks for, with no answer yet on whether its
     requester may use it, when that answer would change the outcome: decide again with
     `break_glass` for them."""
+    scanners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """For each image in needs_scan: the scanners its scan should run, all that the policies
+    judging it need (sorted)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"allowed": self.allowed, "action": self.action,
@@ -529,34 +835,42 @@ class Decision:
 def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
            namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str],
            now: datetime, *, scans_namespace: str | None = None,
-           break_glass: Mapping[str, BreakGlassGrant] | None = None) -> Decision:
+           break_glass: Mapping[str, BreakGlassGrant] | None = None,
+           vex: VexState | None = None) -> Decision:
     """Judge every image (normalised reference -> its result, None if it has none) under
     every policy that applies in `namespace` (whose labels are `labels`); `annotations`
     are the workload's, for break-glass. The strictest result wins.
 
     Break-glass overrides a policy only where `break_glass` grants it for that policy;
     where it has no answer and one would change the outcome, the decision names the
-    policies to ask about (`break_glass_wanted`)."""
+    policies to ask about (`break_glass_wanted`). `vex`: the VEX documents as they are now
+    (scangate.core.vex); without it, no suppression made at scan time is trusted."""
     reason = _clip((annotations.get(BREAK_GLASS_ANNOTATION) or "").strip(), 200)
     grants = break_glass or {}
     failing: list[Verdict] = []
     needs_scan: list[str] = []
+    scanners: dict[str, set[str]] = {}
+    vex_noted: list[Verdict] = []
     ordered = sorted(policies, key=lambda p: p.name)
     for image, result in images.items():
         invalid = result is not None and result.reason == Kind.INVALID_REFERENCE
         for policy in ordered:
             if not applies(policy, namespace, labels, None if invalid else image):
                 continue
-            verdict = judge(policy, result, image, now,
+            verdict = judge(policy, result, image, now, vex=vex,
                             scans_namespace=scans_namespace or namespace)
-            if verdict.needs_scan and image not in needs_scan:
-                needs_scan.append(image)
+            if verdict.needs_scan:
+                if image not in needs_scan:
+                    needs_scan.append(image)
+                scanners.setdefault(image, set()).update(policy.scanners)
             grant = grants.get(policy.name)
             if (verdict.effect is Effect.ENFORCE and verdict.break_glass and reason
                     and grant is not None and grant.allowed):
                 verdict = replace(verdict, overridden=True)
             if verdict.failed:
                 failing.append(verdict)
+            elif verdict.vex_note:
+                vex_noted.append(verdict)
     failing.sort(key=lambda v: (-v.effect, v.overridden, v.policy, v.image))
     denied = [v for v in failing if v.effect is Effect.ENFORCE and not v.overridden]
     # Break-glass can change the outcome only if every denying policy enables it.
@@ -569,6 +883,7 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
     broken = tuple(v for v in failing if v.overridden)
     warnings = [f"break-glass used ({reason}): {v.summary}" for v in broken]
     warnings += [v.summary for v in failing if v.effect is Effect.WARN]
+    warnings += [v.vex_note for v in vex_noted if v.vex_note]
     if denied:
         action = Effect.ENFORCE.label
     elif broken:
@@ -581,7 +896,8 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
         message=_denial_message(denied, failing, not_honoured) if denied else "",
         audit=tuple(v for v in failing if v.effect is Effect.AUDIT),
         break_glass=BreakGlassUse(reason, broken) if broken else None,
-        needs_scan=tuple(needs_scan), break_glass_wanted=wanted)
+        needs_scan=tuple(needs_scan), break_glass_wanted=wanted,
+        scanners={image: tuple(sorted(used)) for image, used in scanners.items()})
 
 
 def _bounded_warnings(lines: list[str]) -> tuple[str, ...]:
@@ -604,7 +920,7 @@ def _denial_message(denied: list[Verdict], failing: list[Verdict],
     # An image unscanned (or failed) under several policies is one story: tell it once.
     groups: dict[tuple[str, Kind] | int, list[Verdict]] = {}
     for i, verdict in enumerate(denied):
-        key = i if verdict.kind is Kind.VULNERABLE else (verdict.image, verdict.kind)
+        key = i if verdict.kind in FINDING_KINDS else (verdict.image, verdict.kind)
         groups.setdefault(key, []).append(verdict)
     paragraphs = [group[0].message + (
         f" The same holds for ScanPolicy {', '.join(v.policy for v in group[1:])}."

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from scangate.core.framing import BEGIN, END, MAX_FRAME_BYTES, decode
 from scangate.core.trivy import ReportError, os_info, parse_report, parse_version, summarize
 
 
-def result_from_log(log: str, budget_bytes: int,
-                    max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
-    """Status fields for a finished scan's log; raises FrameError (FrameTooLarge when its
-    frames decompress past `max_bytes`) or ReportError."""
+def result_from_log(log: str, budget_bytes: int, max_bytes: int = MAX_FRAME_BYTES,
+                    scanners: Iterable[str] | None = None) -> dict[str, Any]:
+    """Status fields for a finished scan's log, made with `scanners` (None: as the report
+    shows); raises FrameError (FrameTooLarge when its frames decompress past `max_bytes`)
+    or ReportError."""
     frames = decode(log, max_bytes=max_bytes)
     if "report" not in frames:
         raise ReportError("the scan log holds no report frame")
     report = parse_report(frames["report"])
-    result = summarize(report, budget_bytes)
+    if "checks" in frames:
+        # The image's configuration checks, run apart from a Trivy server (scanning.job).
+        checks = parse_report(frames["checks"])
+        report.results = [*(report.results or []),
+                          *(r for r in checks.results or [] if r.misconfigurations is not None)]
+    result = summarize(report, budget_bytes, scanners=scanners)
     scanner: dict[str, Any] = {"name": "trivy"}
     # Standalone: the Job's own DB (`trivy version`); client/server: the server's, in the report.
     local = parse_version(frames["version"]) if "version" in frames else None

@@ -58,24 +58,49 @@ def advisories_of(report: Any) -> dict[str, Advisory]:
 def sarif_log(image: ImageRef, findings: Sequence[Mapping[str, Any]], *, version: str,
               digest: str | None = None, summary: Mapping[str, int] | None = None,
               decision: Decision | None = None,
-              advisories: Mapping[str, Advisory] | None = None) -> dict[str, Any]:
-    """The SARIF log of `findings` (finding dicts of summarize) in `image`. `summary` (the
-    counts of all findings) and `decision` (None without policies) go to run.properties."""
+              advisories: Mapping[str, Advisory] | None = None,
+              checks: Sequence[Mapping[str, Any]] = (),
+              secrets: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The SARIF log of `findings` (finding dicts of summarize) in `image`, with the failed
+    configuration `checks` and the `secrets` found (summarize_baseline's entries: a secret's
+    rule and place, never its value). `summary` (the counts of all findings) and `decision`
+    (None without policies) go to run.properties."""
     worst: dict[str, str] = {}
     for f in findings:
         worst[f["id"]] = min(worst.get(f["id"], "UNKNOWN"), _severity(f), key=_RANK.__getitem__)
     index = {vid: i for i, vid in enumerate(worst)}
+    extra_rules: dict[str, dict[str, Any]] = {}
+    extra_results = []
+    for c in checks:
+        rule_id = str(c["id"])
+        extra_rules.setdefault(rule_id, _baseline_rule(rule_id, _severity(c), str(
+            c.get("title") or rule_id), "misconfiguration"))
+        extra_results.append((rule_id, _severity(c), f"The image fails check {rule_id}: "
+                              f"{c.get('title') or rule_id} ({c.get('target') or 'image'}).",
+                              str(c.get("target") or "image config"), dict(c)))
+    for f in secrets:
+        rule_id = f"secret/{f['ruleID']}"
+        where = str(f.get("target") or "image")
+        detail = f.get("field") or (f"line {f['line']}" if f.get("line") else "")
+        extra_rules.setdefault(rule_id, _baseline_rule(rule_id, _severity(f), str(
+            f.get("title") or f["ruleID"]), "secret"))
+        extra_results.append((rule_id, _severity(f), f"A secret ({f.get('title') or f['ruleID']}"
+                              f") is in {where}{' ' + str(detail) if detail else ''}; its value "
+                              "is not reported.", f"{where} {detail}".strip(), dict(f)))
+    rule_index = {rid: len(index) + i for i, rid in enumerate(extra_rules)}
     blocked = decision is not None and not decision.allowed
     run = {
         "tool": {"driver": {
             "name": "scangate", "version": version, "informationUri": INFORMATION_URI,
-            "rules": [_rule(vid, severity, (advisories or {}).get(vid) or Advisory())
-                      for vid, severity in worst.items()]}},
+            "rules": [*(_rule(vid, severity, (advisories or {}).get(vid) or Advisory())
+                        for vid, severity in worst.items()), *extra_rules.values()]}},
         "automationDetails": {"id": f"scangate/{image.name}/"},
         "invocations": [{"executionSuccessful": True, "exitCode": int(blocked),
                          "exitCodeDescription": "blocked by a ScanPolicy" if blocked
                          else "passed"}],
-        "results": [_result(image, f, index[f["id"]]) for f in findings],
+        "results": [*(_result(image, f, index[f["id"]]) for f in findings),
+                    *(_baseline_result(image, rid, rule_index[rid], severity, text, where, props)
+                      for rid, severity, text, where, props in extra_results)],
         "properties": {"image": str(image), "digest": digest,
                        "summary": dict(summary) if summary is not None else None,
                        "decision": decision.to_json() if decision is not None else None},
@@ -119,6 +144,30 @@ def _result(image: ImageRef, f: Mapping[str, Any], rule_index: int) -> dict[str,
         # per package across rebuilds (installed versions change, the package does not).
         "partialFingerprints": {"scangateFinding/v1": f"{image.name}|{package}|{f['id']}"},
         "properties": dict(f),
+    }
+
+
+def _baseline_rule(rule_id: str, severity: str, title: str, kind: str) -> dict[str, Any]:
+    return {"id": rule_id, "shortDescription": {"text": title},
+            "fullDescription": {"text": _clip(title)},
+            "help": {"text": f"{rule_id} ({severity}): {title}"},
+            "defaultConfiguration": {"level": LEVELS[severity]},
+            "properties": {"security-severity": SCORES[severity], "precision": "high",
+                           "tags": ["security", kind, severity]}}
+
+
+def _baseline_result(image: ImageRef, rule_id: str, rule_index: int, severity: str, text: str,
+                     where: str, props: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ruleId": rule_id, "ruleIndex": rule_index, "level": LEVELS[severity],
+        "message": {"text": text},
+        "locations": [{
+            "physicalLocation": {"artifactLocation": {"uri": image.repository},
+                                 "region": {"startLine": 1}},
+            "logicalLocations": [{"kind": "resource", "name": where}],
+            "message": {"text": str(image)}}],
+        "partialFingerprints": {"scangateFinding/v1": f"{image.name}|{where}|{rule_id}"},
+        "properties": props,
     }
 
 

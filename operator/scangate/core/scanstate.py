@@ -17,7 +17,8 @@ from typing import Any
 from scangate.api.imagescan import Phase
 
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
-RESULT_DETAIL = ("findings", "vulnerabilityIndex")
+RESULT_DETAIL = ("findings", "vulnerabilityIndex", "failedChecks", "secrets",
+                 "suppressedFindings")
 """The ImageScan status fields of a result's detail, read only from the API server when
 needed (a reused result, a notification, admission's message), never held here."""
 SCAN_LABEL = "scangate.dev/imagescan"
@@ -142,6 +143,13 @@ class ScanState:
     def key(self) -> str | None:
         """The key this scan asks for now (its digest with its spec's options)."""
         return scan_key(self.digest, self.scanners, self.ignore_unfixed) if self.digest else None
+
+    @property
+    def result_scanners(self) -> frozenset[str]:
+        """The scanners the stored result was made with (none without a result)."""
+        if not self.result_key:
+            return frozenset()
+        return frozenset(filter(None, self.result_key.split("|")[1].split(",")))
 
     def same_as(self, other: ScanState | None) -> bool:
         """Equal but for the resourceVersion: an event that changes nothing we act on."""
@@ -636,11 +644,25 @@ class ScanIndex:
                 return self.scans[ref]
         return None
 
-    def newest_vulnerabilities(self, digest: str) -> ScanState | None:
+    def newest_vulnerabilities(self, digest: str, scanners: Iterable[str] = ()
+                               ) -> ScanState | None:
         """The newest completed vulnerability scan of a digest, a manifest's or the index's
-        it was chosen from (what admission judges)."""
-        newest = self._vulnerabilities.get(digest, Newest()).newest()
-        return None if newest is None else self.scans[newest[0]]
+        it was chosen from (what admission judges); with `scanners`, the newest of those
+        whose result was made with all of them, if there is one (policies that judge
+        secrets or configuration checks need such a result)."""
+        held = self._vulnerabilities.get(digest, Newest())
+        newest = held.newest()
+        if newest is None:
+            return None
+        top = self.scans[newest[0]]
+        wanted = frozenset(scanners)
+        if wanted <= top.result_scanners:
+            return top
+        # A pass over the digest's results, only when the newest lacks a scanner asked for.
+        best = max(((ref, when) for ref, when in held.times.items()
+                    if wanted <= self.scans[ref].result_scanners),
+                   key=lambda held_at: held_at[1], default=None)
+        return self.scans[best[0]] if best is not None else top
 
     def by_rule(self, namespace: str, rule: str) -> list[ScanState]:
         """The ImageScans a ScanRule created and keeps."""

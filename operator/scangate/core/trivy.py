@@ -23,21 +23,36 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from annotated_types import MaxLen
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scangate.api.imagescan import Finding, ImageScanStatus
+from scangate.api.imagescan import (
+    FailedCheck,
+    Finding,
+    ImageScanStatus,
+    SecretFinding,
+    SuppressedFinding,
+)
 from scangate.api.scanpolicy import ALLOWLIST_ID_MAX_LENGTH, ALLOWLIST_ID_PATTERN
 from scangate.core.errors import describe_validation
+from scangate.core.vex import source_of
 
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 DEFAULT_FINDINGS_BUDGET = 64 * 1024
+
+
+def _max_lengths(model: type[BaseModel]) -> dict[str, int | None]:
+    return {field.alias or name: m.max_length for name, field in model.model_fields.items()
+            for m in field.metadata if isinstance(m, MaxLen)}
+
+
 # The CRD's maxLength of each finding field, by its name in status: the API server
 # refuses a whole status patch for one overlong package name.
-FINDING_MAX_LENGTHS = {field.alias or name: m.max_length
-                       for name, field in Finding.model_fields.items()
-                       for m in field.metadata if isinstance(m, MaxLen)}
+FINDING_MAX_LENGTHS = _max_lengths(Finding)
 # The CRD's maxLength of status.vulnerabilityIndex: the index's byte budget (base64 is ASCII).
+_CHECK_LIMITS = _max_lengths(FailedCheck)
+_SECRET_LIMITS = _max_lengths(SecretFinding)
+_SUPPRESSED_LIMITS = _max_lengths(SuppressedFinding)
 INDEX_MAX_BYTES = next(m.max_length for m in
                        ImageScanStatus.model_fields["vulnerability_index"].metadata
                        if isinstance(m, MaxLen))
@@ -57,11 +72,77 @@ class Vulnerability(_Trivy):
     status: str | None = Field(default=None, alias="Status")
 
 
+class Misconfiguration(_Trivy):
+    """One configuration check's outcome (scanner misconfig). Trivy 0.76's embedded checks
+    leave AVDID empty and put the ID in ID; older releases had both."""
+
+    id: str = Field(default="", alias="ID")
+    avd_id: str | None = Field(default=None, alias="AVDID")
+    title: str | None = Field(default=None, alias="Title")
+    severity: str = Field(default="UNKNOWN", alias="Severity")
+    status: str | None = Field(default=None, alias="Status")
+
+
+# NAME=**** in a masked match (Trivy masks the value with asterisks); "ENV " before it
+# in the history's build command.
+_ASSIGNED = re.compile(r"(\bENV\s+)?\b([A-Za-z_][A-Za-z0-9_.-]{0,100})\s*[=:]\s*[\"']?\*{4,}")
+
+
+class Secret(_Trivy):
+    """One secret match (scanner secret). Only the rule and the location are read: the
+    model ignores Match and Code, which hold the matched line and its neighbours (Trivy
+    masks the match, not the lines around it), so that no value can reach a summary."""
+
+    rule_id: str = Field(default="", alias="RuleID")
+    category: str | None = Field(default=None, alias="Category")
+    severity: str = Field(default="UNKNOWN", alias="Severity")
+    title: str | None = Field(default=None, alias="Title")
+    start_line: int | None = Field(default=None, alias="StartLine")
+    variable: str | None = None
+    """The name of the variable the match assigns (e.g. AWS_SECRET_ACCESS_KEY in the
+    config's Env), read out of the masked Match: a name, never a value."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variable(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            found = _ASSIGNED.search(str(raw.get("Match") or ""))
+            raw = {k: v for k, v in raw.items() if k not in ("Match", "Code", "variable")}
+            if found:
+                raw["variable"] = found.group(2)
+                if found.group(1):
+                    raw["variable"] = f"ENV {found.group(2)}"
+        return raw
+
+
+class ModifiedFinding(_Trivy):
+    """A finding a VEX statement suppressed (`--show-suppressed`)."""
+
+    type: str | None = Field(default=None, alias="Type")
+    status: str = Field(default="", alias="Status")
+    statement: str | None = Field(default=None, alias="Statement")
+    source: str = Field(default="", alias="Source")
+    finding: Vulnerability | None = Field(default=None, alias="Finding")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vulnerabilities_only(cls, raw: Any) -> Any:
+        # A suppressed misconfiguration or secret has another Finding shape: not read.
+        if isinstance(raw, dict) and raw.get("Type") != "vulnerability":
+            raw = {k: v for k, v in raw.items() if k != "Finding"}
+        return raw
+
+
 class Result(_Trivy):
     target: str = Field(default="", alias="Target")
     class_: str | None = Field(default=None, alias="Class")
     type: str | None = Field(default=None, alias="Type")
     vulnerabilities: list[Vulnerability] | None = Field(default=None, alias="Vulnerabilities")
+    misconfigurations: list[Misconfiguration] | None = Field(default=None,
+                                                             alias="Misconfigurations")
+    secrets: list[Secret] | None = Field(default=None, alias="Secrets")
+    modified: list[ModifiedFinding] | None = Field(default=None,
+                                                   alias="ExperimentalModifiedFindings")
 
 
 class OS(_Trivy):
@@ -150,9 +231,11 @@ def _counts() -> dict[str, int]:
 
 
 def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET,
-              index_budget_bytes: int = INDEX_MAX_BYTES) -> dict[str, Any]:
+              index_budget_bytes: int = INDEX_MAX_BYTES,
+              scanners: Iterable[str] | None = None) -> dict[str, Any]:
     """The summary, fixable counts, bounded findings and per-ID index scangate stores for a
-    report."""
+    report, with the failed checks and secrets of the scanners that ran (`scanners`: what
+    the scan asked for; None: what the report shows)."""
     summary, fixable = _counts(), _counts()
     findings: list[dict[str, Any]] = []
     per_id: dict[str, dict[str, list[int]]] = {}
@@ -182,9 +265,139 @@ def summarize(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET,
     index, index_truncated = encode_index(
         {vid: {sev: IdCounts(*tally) for sev, tally in by_severity.items()}
          for vid, by_severity in per_id.items()}, index_budget_bytes)
-    return {"summary": summary, "fixable": fixable, "findings": kept,
-            "findingsTruncated": truncated, "vulnerabilityIndex": index,
-            "vulnerabilityIndexTruncated": index_truncated}
+    out = {"summary": summary, "fixable": fixable, "findings": kept,
+           "findingsTruncated": truncated, "vulnerabilityIndex": index,
+           "vulnerabilityIndexTruncated": index_truncated}
+    # The checks and secrets take their share of the budget first (there are few of them,
+    # and each may refuse an image on its own); the vulnerabilities get what is left.
+    baseline = summarize_baseline(report, scanners, budget_bytes // BASELINE_SHARE)
+    baseline |= summarize_suppressed(report, budget_bytes // BASELINE_SHARE)
+    spent = sum(len(json.dumps(baseline.get(k) or [], separators=(",", ":")))
+                for k in ("failedChecks", "secrets", "suppressedFindings"))
+    if spent:
+        out["findings"], truncated = bound_findings(findings, max(budget_bytes - spent, 2))
+        out["findingsTruncated"] = truncated
+    return out | baseline
+
+
+BASELINE_FIELDS = ("misconfigurations", "failedChecks", "secretSummary", "secrets",
+                   "baselineTruncated", "baseline")
+"""The status fields of the misconfig and secret scanners (summarize_baseline)."""
+BASELINE_SHARE = 4
+"""The failed checks and the secrets each get at most 1/BASELINE_SHARE of the findings
+budget."""
+CONFIG_TARGET = "image config"
+FAILED = "FAIL"
+
+
+def ran(report: Report, scanners: Iterable[str] | None) -> set[str]:
+    """The scanners a report was made with: `scanners` when the caller knows them (the scan
+    Job's options), else those whose findings the report holds."""
+    if scanners is not None:
+        return set(scanners)
+    found = {"vuln"}
+    for result in report.results or []:
+        if result.misconfigurations is not None:
+            found.add("misconfig")
+        if result.secrets is not None:
+            found.add("secret")
+    return found
+
+
+def summarize_baseline(report: Report, scanners: Iterable[str] | None = None,
+                       budget_bytes: int = DEFAULT_FINDINGS_BUDGET // BASELINE_SHARE
+                       ) -> dict[str, Any]:
+    """The status fields of the misconfig and secret scanners: counts by severity, the
+    failed checks and the secrets found (each list bounded to `budget_bytes`), and a line
+    at a glance. A scanner that did not run gets None in each of its fields, so that a
+    status patch clears what an earlier scan with it left."""
+    used = ran(report, scanners)
+    checks: list[dict[str, Any]] = []
+    secrets: list[dict[str, Any]] = []
+    for result in report.results or []:
+        config = result.class_ == "config" and result.type == "dockerfile" and (
+            result.target == report.artifact_name)
+        for m in result.misconfigurations or []:
+            if (m.status or FAILED).upper() != FAILED:
+                continue
+            check = {"id": m.id or m.avd_id or "unknown", "title": m.title,
+                     "severity": normalise_severity(m.severity),
+                     "target": CONFIG_TARGET if config else result.target or None}
+            checks.append(_clipped(check, _CHECK_LIMITS))
+        in_config = result.class_ == "secret" and result.target == report.artifact_name
+        for sec in result.secrets or []:
+            where: dict[str, Any] = {"target": CONFIG_TARGET if in_config
+                                     else result.target or None, "line": sec.start_line}
+            if in_config and sec.variable:
+                where["field"] = (f"history: {sec.variable}" if sec.variable.startswith("ENV ")
+                                  else f"Env {sec.variable}")
+            secret = {"ruleID": sec.rule_id or "unknown", "category": sec.category,
+                      "severity": normalise_severity(sec.severity), "title": sec.title, **where}
+            secrets.append(_clipped(secret, _SECRET_LIMITS))
+    checks.sort(key=lambda c: (_RANK[c["severity"]], c["id"], c.get("target", "")))
+    secrets.sort(key=lambda f: (_RANK[f["severity"]], f["ruleID"], f.get("target", ""),
+                                f.get("line", 0)))
+    out: dict[str, Any] = dict.fromkeys(BASELINE_FIELDS)
+    truncated = False
+    glance = []
+    if "misconfig" in used:
+        out["misconfigurations"] = _tally(checks)
+        out["failedChecks"], cut = bound_findings(checks, budget_bytes)
+        truncated |= cut
+        glance.append(_plural(len(checks), "check"))
+    if "secret" in used:
+        out["secretSummary"] = _tally(secrets)
+        out["secrets"], cut = bound_findings(secrets, budget_bytes)
+        truncated |= cut
+        glance.append(_plural(len(secrets), "secret"))
+    if glance:
+        out["baselineTruncated"] = truncated
+        out["baseline"] = ", ".join(glance)
+    return out
+
+
+SUPPRESSED_FIELDS = ("suppressed", "suppressedFindings", "suppressedTruncated")
+
+
+def summarize_suppressed(report: Report, budget_bytes: int = DEFAULT_FINDINGS_BUDGET
+                         ) -> dict[str, Any]:
+    """The vulnerability findings VEX statements suppressed (scangate.core.vex): counts by
+    severity and the findings with status, justification and document, bounded. None in
+    each field when nothing was suppressed, so that a rescan clears what is gone."""
+    found: list[dict[str, Any]] = []
+    for result in report.results or []:
+        for m in result.modified or []:
+            v = m.finding
+            if m.type != "vulnerability" or v is None:
+                continue
+            entry = {"id": v.vulnerability_id, "severity": normalise_severity(v.severity),
+                     "package": v.pkg_name, "installedVersion": v.installed_version,
+                     "fixedVersion": v.fixed_version or None, "status": m.status or "unknown",
+                     "justification": m.statement or None, "source": source_of(m.source)}
+            found.append(_clipped(entry, _SUPPRESSED_LIMITS))
+    if not found:
+        return dict.fromkeys(SUPPRESSED_FIELDS)
+    found.sort(key=lambda f: (_RANK[f["severity"]], f["id"], f["package"]))
+    kept, truncated = bound_findings(found, budget_bytes)
+    return {"suppressed": _tally(found), "suppressedFindings": kept,
+            "suppressedTruncated": truncated}
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _tally(items: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    counts = _counts()
+    for item in items:
+        counts[item["severity"].lower()] += 1
+        counts["total"] += 1
+    return counts
+
+
+def _clipped(item: dict[str, Any], limits: Mapping[str, int | None]) -> dict[str, Any]:
+    return {k: v[:limits.get(k)] if isinstance(v, str) else v
+            for k, v in item.items() if v is not None}
 
 
 def bound_findings(

@@ -38,7 +38,8 @@ def follow_listings(cache: Cache) -> None:
     for group, plural, store in (
             (GROUP, "imagescans", cache.imagescans), (GROUP, "scanrules", cache.scanrules),
             (GROUP, "scanpolicies", cache.scanpolicies), ("", "namespaces", cache.namespaces),
-            ("batch", "jobs", cache.scan_jobs), ("", "pods", cache.scan_pods)):
+            ("batch", "jobs", cache.scan_jobs), ("", "pods", cache.scan_pods),
+            ("", "configmaps", cache.configmaps)):
         listing.follow(group, plural, store)
 
 
@@ -72,3 +73,10 @@ async def scan_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.event("", "v1", "pods", registry=SCAN_JOBS)
 async def scan_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.cache.scan_pods.event(event["type"], event["object"])
+
+
+# VEX documents (scangate.vexdocs): ConfigMaps of the operator's namespace only, never a
+# tenant's.
+@kopf.on.event("", "v1", "configmaps", registry=SCAN_JOBS)
+async def configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.configmaps.event(event["type"], event["object"])

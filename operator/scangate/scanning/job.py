@@ -24,6 +24,7 @@ from scangate.core.scanstate import (
     SCAN_UID_LABEL,
     scan_key,
 )
+from scangate.core.vex import MOUNT as VEX_MOUNT
 
 ATTEMPT_ANNOTATION = "scangate.dev/attempt"
 WORK = "/var/run/scangate"
@@ -37,6 +38,29 @@ _EMIT = f"""emit() {{
   base64 "$2.gz"
   echo "{END} name=$1"
 }}"""
+
+
+# What of Trivy's report may hold a secret's value leaves the pod blanked: the lines of
+# code around a secret's match (Trivy masks the match, not its neighbours), the build
+# commands of layers, the messages of checks (they quote build commands), and the image's
+# config (its Env, its history). Of a match's line only the masked assignment is kept
+# ("ENV NAME=****"), for the name of the variable. The report is pretty-printed one field
+# to a line (Go's MarshalIndent), so a field's value is the rest of its line, and
+# ImageConfig's object ends at the first line indented as its key.
+SCRUB = r"""awk '
+skip { if (index($0, ind "}") == 1) {
+    print ind "\"ImageConfig\": {}" substr($0, length(ind) + 2); skip = 0 }
+  next }
+/^ *"ImageConfig": \{$/ { ind = substr($0, 1, index($0, "\"") - 1); skip = 1; next }
+/^ *"Match": "/ { v = ""
+  if (match($0, /(ENV +)?[A-Za-z_][A-Za-z0-9_.-]* *[=:] *\*\*\*\*/)) v = substr($0, RSTART, RLENGTH)
+  sub(/": ".*"/, "\": \"" v "\"") }
+/^ *"(Content|Highlighted|Message|CreatedBy|created_by)": "/ { sub(/": ".*"/, "\": \"\"") }
+{ print }
+END { if (skip) exit 1 }'"""
+IMAGE_CONFIG_SCANNERS = ("misconfig", "secret")
+"""The scanners Trivy also runs over the image's config (its Env, its history rebuilt as a
+Dockerfile): the baseline check, and secrets set in ENV."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,9 @@ class ScanJobSpec:
     namespace (credentials_secret_name), owned by the Job."""
     ca_bundle: str | None = None
     """The ScanRule's registry CA (PEM), trusted by Trivy beside the system's roots."""
+    vex: tuple[str, ...] = ()
+    """OpenVEX documents (configmap/key, ConfigMaps of the Job's namespace) Trivy applies:
+    those of every ScanPolicy and of the vexConfigMap setting (scangate.core.vex)."""
 
     @property
     def name(self) -> str:
@@ -137,20 +164,55 @@ def job_name(scan_namespace: str, scan_name: str, scan_uid: str, queued_at: str,
     return f"scan-{readable}-{suffix}"
 
 
-def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
-    args = ["trivy", "image", "--format", "json", "--output", f"{WORK}/report.json",
-            "--scanners", ",".join(spec.scanners), "--platform", spec.platform,
-            "--timeout", f"{spec.timeout_seconds}s", "--cache-dir", f"{WORK}/cache",
+def _trivy_args(spec: ScanJobSpec, scanners: list[str], output: str, cache: str
+                ) -> list[str]:
+    args = ["trivy", "image", "--format", "json", "--output", output,
+            "--scanners", ",".join(scanners), "--platform", spec.platform,
+            "--timeout", f"{spec.timeout_seconds}s", "--cache-dir", cache,
             "--skip-version-check", "--no-progress"]
-    if spec.ignore_unfixed:
+    if spec.ignore_unfixed and "vuln" in scanners:
         args.append("--ignore-unfixed")
-    if trivy.mode == "ClientServer":
+    config_scanners = [s for s in IMAGE_CONFIG_SCANNERS if s in scanners]
+    if config_scanners:
+        args += ["--image-config-scanners", ",".join(config_scanners)]
+    if "misconfig" in scanners:
+        # The checks embedded in the binary: offline, and the same for every scan of a
+        # Trivy release (a bundle pulled from ghcr.io would be neither).
+        args.append("--skip-check-update")
+    return args
+
+
+def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
+    scanners = list(spec.scanners)
+    # A Trivy 0.76 client drops the misconfigurations of the image's config on their way
+    # through its server (the secrets of the config come back; measured on the sandbox):
+    # in ClientServer mode the checks run in a second, local Trivy, which needs no
+    # vulnerability DB, and its report travels in a frame of its own ("checks").
+    local_checks = trivy.mode == "ClientServer" and "misconfig" in scanners and len(
+        scanners) > 1
+    if local_checks:
+        scanners.remove("misconfig")
+    args = _trivy_args(spec, scanners, f"{WORK}/report.json", f"{WORK}/cache")
+    if trivy.mode == "ClientServer" and scanners != ["misconfig"]:
         args += ["--server", trivy.server_url]
-    else:
+    elif trivy.mode != "ClientServer":
         args += ["--skip-java-db-update"]
         if trivy.db_repository:
             args += ["--db-repository", trivy.db_repository]
-    args.append(spec.image)
+    vex = ""
+    if spec.vex and "vuln" in scanners:
+        # Each document that exists when the Job runs (a ConfigMap or key may be gone: the
+        # volume is optional); its suppressed findings are reported, to be counted apart.
+        paths = " ".join(shlex.quote(vex_path(d)) for d in spec.vex)
+        vex = (f'vex=""; for f in {paths}; do if [ -f "$f" ]; then vex="$vex --vex $f"; fi; '
+               f"done")
+        args += ["--show-suppressed"]
+    checks = []
+    if local_checks:
+        checks = [shlex.join([*_trivy_args(spec, ["misconfig"], f"{WORK}/checks.json",
+                                           f"{WORK}/cache-checks"), spec.image]),
+                  f"{SCRUB} {WORK}/checks.json > {WORK}/checks.clean.json",
+                  f"emit checks {WORK}/checks.clean.json"]
     version = ["trivy", "version", "--format", "json", "--cache-dir", f"{WORK}/cache"]
     # Standalone: which DB this Job downloaded is told by `trivy version` only. A
     # server's report says its own version and DB, so a client spares the second run.
@@ -166,9 +228,17 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
     return "\n".join([
         "set -eu", _EMIT,
         f"mkdir -p {WORK}/tmp {WORK}/cache", *trust,
-        shlex.join(args), *versioned,
-        f"emit report {WORK}/report.json",
+        *([vex] if vex else []),
+        shlex.join(args) + (" $vex " if vex else " ") + shlex.quote(spec.image),
+        *versioned, *checks,
+        f"{SCRUB} {WORK}/report.json > {WORK}/result.json",
+        f"emit report {WORK}/result.json",
     ])
+
+
+def vex_path(document: str) -> str:
+    """Where a document (configmap/key) is in the scan pod."""
+    return f"{VEX_MOUNT}/{document}"
 
 
 def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[str, Any]:
@@ -199,6 +269,12 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[s
                        "readOnly": True})
     if spec.ca_bundle:
         env.append({"name": "SCANGATE_REGISTRY_CA", "value": spec.ca_bundle})
+    for i, configmap in enumerate(dict.fromkeys(d.split("/", 1)[0] for d in spec.vex)):
+        # In the operator's namespace, as the Job: a tenant's ConfigMap is never mounted.
+        volumes.append({"name": f"vex-{i}", "configMap": {"name": configmap,
+                                                          "optional": True}})
+        mounts.append({"name": f"vex-{i}", "mountPath": f"{VEX_MOUNT}/{configmap}",
+                       "readOnly": True})
     labels = {SCAN_LABEL: scan_label(spec.scan_name), SCAN_NAMESPACE_LABEL: spec.scan_namespace,
               SCAN_UID_LABEL: spec.scan_uid, "app.kubernetes.io/managed-by": "scangate"}
     return {

@@ -46,7 +46,7 @@ from scangate.core.scanstate import (
     Start,
     project_job,
 )
-from scangate.core.trivy import ReportError
+from scangate.core.trivy import BASELINE_FIELDS, SUPPRESSED_FIELDS, ReportError
 from scangate.core.validation import check_image_on_registry
 from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
 from scangate.registry.auth import CredentialsError
@@ -64,7 +64,8 @@ from scangate.scanning.job import (
 log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
 RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "vulnerabilityIndex",
-                 "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith")
+                 "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith",
+                 *BASELINE_FIELDS, *SUPPRESSED_FIELDS)
 MESSAGE_LIMIT = 4096  # status.message in the CRD
 JOB_GRACE = timedelta(seconds=60)
 """How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
@@ -111,6 +112,8 @@ class ScanReconciler:
         self._wake = asyncio.Event()
         self.active: Callable[[], bool] = lambda: True
         """Whether this replica leads (scangate.leader)."""
+        self.vex_documents: Callable[[], tuple[str, ...]] = lambda: ()
+        """The OpenVEX documents (configmap/key) scan Jobs apply (scangate.vexdocs)."""
         self._results: dict[tuple[str, str, int], Obj] = {}
         self._busy: set[Ref] = set()
         self._forbidden: dict[Ref, int] = {}
@@ -415,7 +418,8 @@ class ScanReconciler:
                                        self.settings).startswith("http://") or (
                 on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
             ca_bundle=registry.get("caBundle") if on_rule_registry else None,
-            credentials_type=str(credentials.get("type")) if credentials else None)
+            credentials_type=str(credentials.get("type")) if credentials else None,
+            vex=self.vex_documents())
         body = build_job(job_spec, self.trivy, self.jobs_namespace)
         assert body["metadata"]["name"] == name
         job = await self.kube.create_job(self.jobs_namespace, body)
@@ -526,7 +530,7 @@ class ScanReconciler:
             # Off the event loop: a large report takes a while to decompress and parse.
             result = await asyncio.to_thread(result_from_log, text,
                                              self.settings.findings_budget_bytes,
-                                             self.settings.max_result_bytes)
+                                             self.settings.max_result_bytes, scan.scanners)
         except FrameTooLarge as e:
             # Intact but too large (a decompression bomb, or a report past
             # MAX_RESULT_BYTES): another attempt would print the same.
@@ -552,8 +556,9 @@ class ScanReconciler:
         if scan.start_time:
             metrics.SCAN_DURATION.observe((finished - scan.start_time).total_seconds())
         counts = ", ".join(f"{summary[s]} {s}" for s in ("critical", "high", "medium", "low"))
+        baseline = f"; {result['baseline']}" if result.get("baseline") else ""
         await self.kube.event(_owner(scan), "Normal", "ScanCompleted",
-                              f"{counts} ({summary['total']} findings in all)")
+                              f"{counts} ({summary['total']} findings in all){baseline}")
 
     async def _attempt_failed(self, scan: ScanState, reason: str, message: str) -> None:
         # A scan that failed before its Job started has not counted the attempt yet.
