@@ -6,6 +6,9 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from scangate.api.imagescan import Phase
 from scangate.core.scanstate import (
     JobState,
@@ -304,7 +307,7 @@ def test_newest_is_kept_as_times_come_and_go() -> None:
     assert newest.newest() is None
 
 
-def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:
+def test_projection_keeps_what_is_needed_read_through_the_api_type() -> None:
     obj = {
         "metadata": {"namespace": "ns", "name": "a", "uid": "u", "generation": 2,
                      "resourceVersion": "42", "creationTimestamp": "2026-11-28T11:00:00Z"},
@@ -325,9 +328,15 @@ def test_projection_keeps_what_is_needed_and_tolerates_junk() -> None:
     assert s.result_key == scan_key("sha256:1", ["vuln"], False)  # what the result was made with
     assert s.ready == ("True", "2026-11-28T11:30:00Z")
     assert not hasattr(s, "findings")
-    junk = project_scan({"metadata": {"name": "b", "resourceVersion": "x"},
-                         "status": {"summary": "many", "queuedAt": "yesterday", "attempts": "3"}})
-    assert (junk.version, junk.summary, junk.queued_at, junk.attempts) == (-1, None, None, 0)
+    # Read through the API type: what it cannot read is refused, naming the field (the
+    # cache leaves the object out and counts it).
+    junk = {"metadata": {"name": "b", "resourceVersion": "x"}, "spec": {"image": "r/b:1"},
+            "status": {"summary": "many", "queuedAt": "yesterday", "attempts": "3"}}
+    with pytest.raises(ValidationError) as refused:
+        project_scan(junk)
+    assert {str(e["loc"][-1]) for e in refused.value.errors()} == {"summary", "queuedAt"}
+    del junk["status"]["summary"], junk["status"]["queuedAt"]
+    assert (project_scan(junk).version, project_scan(junk).attempts) == (-1, 3)
 
 
 def test_job_projection_from_labels_and_conditions() -> None:
@@ -422,7 +431,7 @@ def test_a_result_answers_for_its_manifest_and_for_the_index_it_was_chosen_from(
     assert idx.in_phase("sha256:index", ("Scanning",)) == scanning
     idx.delete_scan(("ns", "tag"))
     assert idx.newest_vulnerabilities("sha256:index") is None
-    assert project_scan({"metadata": {"name": "x"}, "status": {
+    assert project_scan({"metadata": {"name": "x"}, "spec": {"image": "r/x:1"}, "status": {
         "digest": "sha256:amd64", "indexDigest": "sha256:index"}}).digests == (
         "sha256:amd64", "sha256:index")
 

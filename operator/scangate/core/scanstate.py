@@ -11,10 +11,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from scangate.api.imagescan import Phase
+from scangate.api.common import SeverityCounts
+from scangate.api.imagescan import ImageScan, ImageScanStatus, Phase
 
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
 RESULT_DETAIL = ("findings", "vulnerabilityIndex", "failedChecks", "secrets",
@@ -51,10 +52,10 @@ def _int(value: object, default: int = 0) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _counts(value: object) -> tuple[int, ...] | None:
-    if not isinstance(value, dict):
+def _counts(value: SeverityCounts | None) -> tuple[int, ...] | None:
+    if value is None:
         return None
-    return tuple(_int(value.get(k)) for k in (*SEVERITY_KEYS, "total"))
+    return (value.critical, value.high, value.medium, value.low, value.unknown, value.total)
 
 
 def resource_version(obj: dict[str, Any]) -> int:
@@ -157,69 +158,56 @@ class ScanState:
 
 
 def project_scan(obj: dict[str, Any]) -> ScanState:
-    """The projection of an ImageScan object (tolerant of anything a user may write)."""
-    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-    status = obj.get("status") or {}
-    if not isinstance(status, dict):
-        status = {}
-    scanners = spec.get("scanners")
-    scanned_with = status.get("scannedWith") or {}
-    summary = _counts(status.get("summary"))
-    digest = status.get("digest") if isinstance(status.get("digest"), str) else None
+    """The projection of an ImageScan object, read through its API type (the one that
+    makes the CRD): what the type cannot read raises its ValidationError, and the cache
+    leaves the object out and counts it. A result's detail is not read (nor validated)."""
+    status = obj.get("status")
+    if isinstance(status, dict) and any(k in status for k in RESULT_DETAIL):
+        obj = {**obj, "status": {k: v for k, v in status.items() if k not in RESULT_DETAIL}}
+    scan = ImageScan.model_validate(obj)
+    meta, spec = scan.metadata, scan.spec
+    done = scan.status or ImageScanStatus()
+    scanners = tuple(str(s) for s in spec.scanners or ()) or ("vuln",)
     result_key = None
-    if summary is not None and digest:
+    if done.summary is not None and done.digest:
         # A result made before scannedWith existed was made with the spec's options.
-        used = scanned_with if isinstance(scanned_with, dict) and scanned_with else {
-            "scanners": scanners, "ignoreUnfixed": spec.get("ignoreUnfixed")}
-        result_key = scan_key(digest, list(used.get("scanners") or ["vuln"]),
-                              bool(used.get("ignoreUnfixed")))
-    rule_ref = spec.get("ruleRef")
-    owner = next((o.get("name") for o in meta.get("ownerReferences") or []
-                  if isinstance(o, dict) and o.get("kind") == "ScanRule" and o.get("controller")),
-                 None)
-    ready = next((c for c in status.get("conditions") or []
-                  if isinstance(c, dict) and c.get("type") == "Ready"), None)
+        used = done.scanned_with
+        result_key = (scan_key(done.digest, [str(s) for s in used.scanners] or ["vuln"],
+                               used.ignore_unfixed) if used is not None else
+                      scan_key(done.digest, scanners, bool(spec.ignore_unfixed)))
+    owner = next((o.get("name") for o in _dicts(meta.get("ownerReferences"))
+                  if o.get("kind") == "ScanRule" and o.get("controller")), None)
+    ready = next((c for c in done.conditions or () if c.type == "Ready"), None)
     return ScanState(
         namespace=str(meta.get("namespace", "")), name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")), generation=_int(meta.get("generation")),
-        version=resource_version(obj), image=str(spec.get("image", "")),
-        rule=rule_ref.get("name") if isinstance(rule_ref, dict) else None,
+        version=resource_version(obj), image=spec.image,
+        rule=spec.rule_ref.name if spec.rule_ref else None,
         owner=str(owner) if owner else None,
-        scanners=tuple(scanners) if isinstance(scanners, list) and scanners else ("vuln",),
-        ignore_unfixed=bool(spec.get("ignoreUnfixed")),
-        platform=spec.get("platform") if isinstance(spec.get("platform"), str) else None,
-        timeout=spec.get("timeout") if isinstance(spec.get("timeout"), str) else None,
-        phase=status.get("phase"), digest=digest,
-        index_digest=status.get("indexDigest") if digest and isinstance(
-            status.get("indexDigest"), str) else None,
-        attempts=_int(status.get("attempts")),
-        queued_at=parse_time(status.get("queuedAt")) or parse_time(meta.get("creationTimestamp")),
-        start_time=parse_time(status.get("startTime")),
-        scanned_at=parse_time(status.get("scannedAt")),
-        retry_after=parse_time(status.get("retryAfter")),
-        job_name=status.get("jobName"),
-        job_uid=status.get("jobUID") if isinstance(status.get("jobUID"), str) else None,
-        result_key=result_key,
-        summary=summary, fixable=_counts(status.get("fixable")),
-        ready=(str(ready.get("status")), str(ready.get("lastTransitionTime")))
-        if ready else None,
-        completion_time=parse_time(status.get("completionTime")),
-        notified=_notified(status.get("notified")),
-        rescan_request=_text(status.get("rescanRequest")),
-        rescan_answered=_text(status.get("rescanAnswered")),
+        scanners=scanners, ignore_unfixed=bool(spec.ignore_unfixed),
+        platform=spec.platform, timeout=spec.timeout,
+        phase=done.phase, digest=done.digest,
+        index_digest=done.index_digest if done.digest else None,
+        attempts=done.attempts or 0,
+        queued_at=done.queued_at or parse_time(meta.get("creationTimestamp")),
+        start_time=done.start_time, scanned_at=done.scanned_at,
+        retry_after=done.retry_after, job_name=done.job_name, job_uid=done.job_uid,
+        result_key=result_key, summary=_counts(done.summary), fixable=_counts(done.fixable),
+        ready=(ready.status, _stamp(ready.last_transition_time)) if ready else None,
+        completion_time=done.completion_time,
+        notified=tuple(sorted((k, v.key) for k, v in (done.notified or {}).items())),
+        rescan_request=done.rescan_request, rescan_answered=done.rescan_answered,
     )
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
+def _stamp(moment: datetime | None) -> str:
+    """A condition's time as scangate writes it (RFC 3339, UTC, seconds)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
 
-def _notified(value: object) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, dict):
-        return ()
-    return tuple(sorted((str(k), str(v.get("key"))) for k, v in value.items()
-                        if isinstance(v, dict) and isinstance(v.get("key"), str)))
 
 
 @dataclass(frozen=True, slots=True)
