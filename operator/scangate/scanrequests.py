@@ -87,6 +87,11 @@ class ScanRequests:
                          f"the {self.trigger.value.lower()} scan of {image}", key)
         return Asked.REQUESTED
 
+    def asked(self, namespace: str, ref: ImageRef, digest: str | None) -> Ref:
+        """Where the ImageScan `request` makes for the image lives (of the default
+        scanners): the digest of an image asked for by tag is read from it."""
+        return (namespace, scan_name(self.trigger, ref, digest or str(ref)))
+
     def forget(self, key: str) -> None:
         """Let `key` (a digest or image) be asked for again (its scan was deleted)."""
         for held in [k for k in self._requested if k == key or k.startswith(f"{key}|")]:

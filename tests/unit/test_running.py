@@ -131,3 +131,35 @@ def test_the_index_says_when_an_image_starts_running_in_a_namespace_once() -> No
     index.update(_pod("p3", "other", b), False)
     assert index.where(D1) == [] and sorted(index.images()) == [("other", b)]
     assert index.update(_pod("p3", "other", b), True) == [] and len(index) == 0
+
+
+def test_a_decision_in_one_word_worst_first() -> None:
+    from scangate.core.policy import Decision
+    from scangate.core.running import VERDICTS, verdict_of
+
+    assert verdict_of(Decision(allowed=False, action="Enforce",
+                               needs_scan=("x",))) == VERDICTS[0] == "Refused"
+    assert verdict_of(Decision(allowed=True, action="Allow", needs_scan=("x",))) == "Unscanned"
+    assert verdict_of(Decision(allowed=True, action="Warn", violations=(
+        object(),))) == "Warned"  # type: ignore[arg-type]
+    assert verdict_of(Decision(allowed=True, action="Allow")) == "Admitted"
+
+
+def test_a_scan_is_asked_for_only_where_covered_and_no_scan_of_the_digest_exists() -> None:
+    from datetime import timedelta
+
+    from scangate.core.running import needs_scan
+    from scangate.core.scanstate import ScanIndex, ScanState
+
+    scans = ScanIndex(timedelta(hours=24))
+    running = RunningImage("r/a:1", D1)
+    assert needs_scan(running, True, scans)
+    assert not needs_scan(running, False, scans)  # an ignored namespace
+    assert needs_scan(RunningImage("r/a:1"), True, scans)  # by tag: asked once, resolved
+    # any ImageScan of the digest, wherever it lives and whatever its phase, speaks for it
+    for phase in ("Queued", "Completed", "Failed"):
+        scans = ScanIndex(timedelta(hours=24))
+        scans.upsert_scan(ScanState("ci", f"rule-{phase.lower()}", image="r/a:1",
+                                    phase=phase, digest=D1))
+        assert not needs_scan(running, True, scans), phase
+        assert needs_scan(RunningImage("r/b:1", D2), True, scans)

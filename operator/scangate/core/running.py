@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from scangate.core.images import ImageRef, InvalidReference, parse_image
+from scangate.core.policy import Decision
+from scangate.core.scanstate import ScanIndex
 
 Obj = dict[str, Any]
 Key = tuple[str, str]
 """(namespace, name)"""
 
+VERDICTS = ("Refused", "Unscanned", "Warned", "Admitted")
+"""What the ScanPolicies would do with a running image now, worst first."""
 RUNNING = "Running"
 """The Pod phase the inventory keeps (a Pending pod runs nothing yet; a Succeeded or
 Failed one runs nothing any more)."""
@@ -165,6 +169,39 @@ def project_running_pod(obj: Obj) -> RunningPod:
                                  status if isinstance(status, dict) else {}))
 
 
+_KEPT_METADATA = ("name", "namespace", "uid", "resourceVersion", "generation",
+                  "deletionTimestamp", "ownerReferences")
+_KEPT_CONTAINER = ("name", "image")
+_KEPT_STATUS = ("name", "imageID")
+
+
+def slim_pod(obj: Obj) -> None:
+    """Cut a Pod's body down, in place, to what kopf needs to route it and the projection
+    reads, before kopf queues it: kopf keeps each body in its object's worker until the
+    worker idles out, and a cluster-wide listing of 10,000 Pods of 10 KiB each would be
+    100 MB held at once."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        labels = meta.get("labels")
+        template = labels.get("pod-template-hash") if isinstance(labels, dict) else None
+        for name in [k for k in meta if k not in _KEPT_METADATA]:
+            del meta[name]
+        if isinstance(template, str):
+            meta["labels"] = {"pod-template-hash": template}
+    for part, fields, kept in (("spec", [f for f, _ in _STATUS_FIELDS], _KEPT_CONTAINER),
+                               ("status", [f for _, f in _STATUS_FIELDS], _KEPT_STATUS)):
+        held = obj.get(part)
+        if not isinstance(held, dict):
+            continue
+        slim: Obj = {"phase": held["phase"]} if part == "status" and "phase" in held else {}
+        for name in fields:
+            if isinstance(held.get(name), list):
+                slim[name] = [{k: c[k] for k in kept if k in c} if isinstance(c, dict) else c
+                              for c in held[name][:MAX_POD_IMAGES * 4]]
+        held.clear()
+        held.update(slim)
+
+
 def is_running(obj: Obj) -> bool:
     """Whether the store keeps the Pod (what is not running leaves it)."""
     status = obj.get("status")
@@ -226,3 +263,29 @@ class RunningIndex:
 
     def __len__(self) -> int:
         return len(self._uses)
+
+
+def verdict_of(decision: Decision) -> str:
+    """A decision in one word (VERDICTS): Refused when an Enforce policy would refuse it
+    today (break-glass is a workload's, at admission: not counted here), Unscanned when no
+    result speaks for it yet, Warned when a Warn or Audit policy fails it, else Admitted
+    (also when no policy applies)."""
+    if not decision.allowed:
+        return VERDICTS[0]
+    if decision.needs_scan:
+        return VERDICTS[1]
+    if decision.violations or decision.audit:
+        return VERDICTS[2]
+    return VERDICTS[3]
+
+
+def needs_scan(image: RunningImage, covered: bool, scans: ScanIndex) -> bool:
+    """Whether the inventory asks for a scan of a running image: in a namespace scangate
+    covers, and by digest only when no ImageScan of that digest exists anywhere, in any
+    phase (whoever made it: a rule, the gate, a user; a result is the digest's, a scan in
+    progress will be one, a failed one has had its attempts, and a stale one is rescanned
+    by the reconciler). An image by tag (the node has not reported its digest) is asked
+    for once; its scan resolves the tag."""
+    if not covered:
+        return False
+    return image.digest is None or not scans.by_digest(image.digest)
