@@ -15,24 +15,12 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
-from scans import Policy, metric, push_variant, scans
+from scans import Policy, metric, push_variant, scans, sleeper
 
 pytestmark = pytest.mark.sandbox
 MANIFEST_TYPES = ", ".join(f"application/vnd.{t}" for t in (
     "oci.image.manifest.v1+json", "docker.distribution.manifest.v2+json",
     "oci.image.index.v1+json", "docker.distribution.manifest.list.v2+json"))
-
-
-def running(name: str, image: str) -> str:
-    """A Deployment whose container runs on the sandbox's node (a host command: images
-    are not pulled there)."""
-    return json.dumps({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": {
-                     "terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "app", "image": image,
-                                     "command": ["sleep", "3600"]}]}}}})
 
 
 def digest_of(env: dict[str, str], image: str) -> str:
@@ -69,7 +57,7 @@ def test_what_ran_before_the_operator_is_scanned_and_judged_without_admission_or
         kubectl("delete", "mutatingwebhookconfiguration", "scangate-pin-digests",
                 "--ignore-not-found")
         for name, image in deployments.items():
-            kubectl.apply(running(name, image), namespace)
+            kubectl.apply(sleeper(name, image), namespace)
 
         def all_running() -> bool:
             pods: list[dict[str, Any]] = json.loads(
