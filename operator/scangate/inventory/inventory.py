@@ -141,9 +141,7 @@ class Inventory:
 
     async def _ask_for_scans(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._news.wait(), IDLE_LOOK)
-            self._news.clear()
+            self._news.clear()  # news from now on wakes the wait below
             while self._waiting and self.active():
                 (namespace, key), image = next(iter(self._waiting.items()))
                 if self._ask(namespace, image) is Asked.SHED:
@@ -151,6 +149,8 @@ class Inventory:
                     continue
                 self._waiting.pop((namespace, key), None)
                 await asyncio.sleep(0)  # a listing's burst never holds the loop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), IDLE_LOOK)
 
     def _ask(self, namespace: str, image: RunningImage) -> Asked:
         if not self.index.running(namespace, image.key) or not needs_scan(
