@@ -15,6 +15,7 @@ import pytest
 
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import Sandbox
+from scangate.core.running import VERDICTS
 from scans import Policy, metric, push_variant, scans, sleeper
 
 pytestmark = pytest.mark.sandbox
@@ -90,7 +91,8 @@ def test_what_ran_before_the_operator_is_scanned_and_judged_without_admission_or
     assert {w["kind"] for w in workloads.values()} == {"Deployment"}
     assert workloads["clean"]["verdict"] == "Admitted"
     assert workloads["critical"]["verdict"] == "Refused"
-    assert list(workloads)[-1] == "clean"  # worst first
+    order = [VERDICTS.index(w["verdict"]) for w in workloads.values()]
+    assert order == sorted(order) and next(iter(workloads)) == "critical"  # worst first
     image = workloads["critical"]["images"][0]
     assert image["image"] == critical and image["phase"] == "Completed"
     assert image["summary"]["critical"] > 0
