@@ -163,6 +163,18 @@ def deployment(name: str, image: str, **extra: Any) -> str:
                               "spec": {"containers": [{"name": "app", "image": image}]}}}})
 
 
+def sleeper(name: str, image: str) -> str:
+    """A Deployment whose container runs `sleep` (on the sandbox's node, a host command:
+    images are not pulled there; on the real node, the test images have busybox)."""
+    return json.dumps({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                     "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "app", "image": image,
+                                     "command": ["sleep", "3600"]}]}}}})
+
+
 def admit(kubectl: Kubectl, manifest: str, namespace: str, *extra: str
           ) -> tuple[bool, str]:
     """kubectl apply: admitted or not, and what kubectl said (stderr holds warnings)."""

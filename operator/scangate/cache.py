@@ -30,6 +30,7 @@ from scangate.core.policystate import (
     project_policy,
 )
 from scangate.core.rulestate import RuleState, project_rule
+from scangate.core.running import RunningPod, is_running, project_running_pod, slim_pod
 from scangate.core.scanstate import (
     RESULT_DETAIL,
     SCAN_LABEL,
@@ -69,7 +70,8 @@ class Store(Generic[T]):
                  hold: Callable[[T], bool] | None = None,
                  release: Callable[[T], object] | None = None,
                  wanted: Callable[[Obj], bool] | None = None,
-                 unused: Iterable[str] = ()) -> None:
+                 unused: Iterable[str] = (),
+                 slim: Callable[[Obj], None] | None = None) -> None:
         self.kind = kind
         self.unused = tuple(unused)
         """Status fields the projection never reads: dropped from each body as kopf's
@@ -78,6 +80,8 @@ class Store(Generic[T]):
         self.synced = asyncio.Event()
         self._project, self._hold, self._release = project, hold, release
         self._wanted = wanted
+        self._slim = slim
+        """Cuts a body of a kind held in numbers down further (Pods), in place."""
         self._versions: dict[Key, int] = {}
         self._subscribers: list[Subscriber[T]] = []
         self._seen: set[Key] | None = None
@@ -97,6 +101,8 @@ class Store(Generic[T]):
         if isinstance(status, dict):
             for name in self.unused:
                 status.pop(name, None)
+        if self._slim is not None:
+            self._slim(obj)
 
     def subscribe(self, fn: Subscriber[T]) -> None:
         self._subscribers.append(fn)
@@ -221,6 +227,8 @@ class Cache:
     namespaces: Store[NamespaceState] = field(init=False)
     configmaps: Store[ConfigMapDocuments] = field(init=False)
     """The operator's namespace's ConfigMaps, read as VEX documents (scangate.vexdocs)."""
+    running_pods: Store[RunningPod] = field(init=False)
+    """Every running Pod of the cluster, as its workload and images (the inventory's)."""
     refusals: Topic[Refusal] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -237,4 +245,7 @@ class Cache:
         self.scanpolicies = Store("scanpolicies", project_policy)
         self.namespaces = Store("namespaces", project_namespace)
         self.configmaps = Store("vex-configmaps", project_configmap)
+        # What is not running (Pending, Succeeded, Failed) leaves the store: it runs nothing.
+        self.running_pods = Store("running-pods", project_running_pod, wanted=is_running,
+                                  slim=slim_pod)
         self.refusals = Topic("refusals")

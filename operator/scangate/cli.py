@@ -49,8 +49,13 @@ def _values_schema(_: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from scangate.status import run
+    from scangate.status import run, run_running
 
+    if args.running == (args.image is not None):
+        print("scangate status: give an IMAGE or --running (not both)", file=sys.stderr)
+        return 2
+    if args.running:
+        return run_running(args.namespace, args.output, args.operator_namespace)
     return run(args.image, args.namespace, args.wait, args.output)
 
 
@@ -308,8 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status", help="an image's scan status in the cluster and the ScanPolicies' verdicts "
-                       "(exit status 1 when it has no ImageScan)")
-    status.add_argument("image", metavar="IMAGE", help="the image reference (tag or digest)")
+                       "(exit status 1 when it has no ImageScan); with --running, every "
+                       "workload that runs (exit status 1 when one would be refused today)")
+    status.add_argument("image", metavar="IMAGE", nargs="?",
+                        help="the image reference (tag or digest)")
+    status.add_argument("--running", action="store_true",
+                        help="every running workload (its pods' top controller) with its "
+                             "images, their counts and each ScanPolicy's verdict now, "
+                             "worst first")
+    status.add_argument("--operator-namespace", default="scangate-system",
+                        help="with --running: the operator's namespace (left out, as the "
+                             "gate leaves it out)")
     status.add_argument("-n", "--namespace", help="look only in this namespace")
     status.add_argument("--wait", action="store_true",
                         help="follow a scan in progress until it ends")

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     replica); what exceeds it is shed, counted, and asked for again by the next review."""
     admission_scan_burst: int = Field(default=100, ge=1)
     """ImageScans the gate may create at once after a quiet spell (the bucket's size)."""
+    inventory_scan_rate: float = Field(default=1.0, gt=0)
+    """ImageScans a second the inventory may create for running images no ImageScan speaks
+    for (a token bucket, the leader's): at install on a 10,000-pod cluster, what already
+    runs is scanned at this pace, not all at once; the images over it wait their turn."""
+    inventory_scan_burst: int = Field(default=20, ge=1)
+    """ImageScans the inventory may create at once after a quiet spell."""
     admission_client_ca_file: Path | None = None
     """CA bundle (PEM) that the API server's client certificate must chain to: when set,
     the gate answers /validate and /mutate only to callers presenting such a certificate

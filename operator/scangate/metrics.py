@@ -27,6 +27,15 @@ RUNNING_JOBS = Gauge("scangate_scan_jobs_running", "Scan Jobs that have not fini
 REGISTRY_REQUESTS = Counter("scangate_registry_requests_total",
                             "Registry operations by registry and result.", ["registry", "result"])
 
+RUNNING_IMAGES = Gauge(
+    "scangate_running_images",
+    "Distinct images running in each namespace by what the ScanPolicies would do with them "
+    "now: Refused, Unscanned, Warned, Admitted (the leader's inventory; namespaces the gate "
+    "leaves out are not counted).", ["namespace", "verdict"])
+INVENTORY_SCANS = Counter(
+    "scangate_inventory_scans_total",
+    "ImageScans the inventory asked for running images no ImageScan spoke for.", ["result"])
+
 PUSH_EVENTS = Counter("scangate_push_notifications_total",
                       "Push notifications received, by result: accepted, unauthorized, "
                       "malformed, unavailable, failed.", ["result"])

@@ -19,6 +19,7 @@ from scangate.config import Settings
 from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.scanstate import ScanIndex
+from scangate.inventory.inventory import Inventory
 from scangate.kube import Kube, api_server_endpoints, load_config
 from scangate.leader import LeaderElector
 from scangate.logs import setup_logging
@@ -159,7 +160,9 @@ async def main(settings: Settings) -> None:
     reconciler = ScanReconciler(kube, settings, cache, destinations)
     rules = RuleController(kube, settings, cache, destinations)
     notifier = Notifier(Kube(8), settings, cache, destinations)
-    reconciler.active = rules.active = notifier.active = lambda: leader.is_leader
+    inventory = Inventory(Kube(8), settings, cache)
+    reconciler.active = rules.active = notifier.active = inventory.active = \
+        lambda: leader.is_leader
     memo = kopf.Memo(cache=cache, rules=rules,
                      reviewer=validation.Reviewer(cache, settings.namespace))
     if settings.metrics_port and not settings.metrics_secure:
@@ -177,9 +180,10 @@ async def main(settings: Settings) -> None:
         # Scan Jobs and their pods: in the operator's namespace only (see handlers.watches).
         kopf.operator(registry=watches.SCAN_JOBS, namespaces=[settings.namespace],
                       identity=leader.me, settings=namespaced_settings(), memo=memo),  # type: ignore[arg-type]
-        leader.run(), reconciler.run(), rules.run()]
+        leader.run(), reconciler.run(), rules.run(), inventory.run()]
     vex = VexDocuments(cache, settings)
     reconciler.vex_documents = vex.wanted
+    inventory.vex = vex.state
     if settings.admission_port:
         gate = Gate(Kube(8), settings, cache, destinations)
         gate.active = lambda: leader.is_leader

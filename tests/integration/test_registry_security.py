@@ -123,6 +123,8 @@ CAN = [
     # Whether a requester may read the Secrets it names, or break the glass.
     ("create", "subjectaccessreviews.authorization.k8s.io"),
     ("list", "namespaces"), ("watch", "namespaces"),
+    # The inventory of what runs: every Pod, watched (never read one by one).
+    ("list", "pods"), ("watch", "pods"),
     # Its own ClusterRole owns the webhook configurations it writes (test_helm_install).
     ("get", "clusterroles.rbac.authorization.k8s.io/scangate"),
     ("get", "validatingwebhookconfigurations.admissionregistration.k8s.io/scangate.dev"),
@@ -135,13 +137,12 @@ CAN_THERE = [("create", "leases.coordination.k8s.io"),
              ("get", "leases.coordination.k8s.io/scangate-leader"),
              ("create", "jobs.batch"), ("get", "jobs.batch"), ("list", "jobs.batch"),
              ("watch", "jobs.batch"), ("patch", "jobs.batch"), ("delete", "jobs.batch"),
-             ("list", "pods"), ("watch", "pods"), ("get", "pods", "log"),
-             ("create", "secrets")]
+             ("get", "pods", "log"), ("create", "secrets")]
 CANNOT = [
     ("list", "secrets"), ("watch", "secrets"), ("patch", "secrets/team-creds"),
     ("delete", "secrets/scangate-trivy-token"), ("create", "secrets"),
     ("patch", "secrets/scangate-trivy-token"), ("create", "jobs.batch"),
-    ("list", "jobs.batch"), ("list", "pods"), ("get", "pods", "log"),
+    ("list", "jobs.batch"), ("get", "pods"), ("get", "pods", "log"),
     ("update", "imagescans.scangate.dev"), ("patch", "imagescans.scangate.dev"),
     ("update", "scanrules.scangate.dev"), ("delete", "scanrules.scangate.dev"),
     ("delete", "jobs.batch"),

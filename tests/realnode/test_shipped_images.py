@@ -21,7 +21,7 @@ import yaml
 import scans
 from conftest import Kubectl, wait_for
 from sandbox.controlplane import REPO, Sandbox, load_env
-from scans import admit, create_scan, jobs, push_variant, wait_done
+from scans import admit, create_scan, jobs, push_variant, sleeper, wait_done
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.realnode]
 CHART = REPO / "charts" / "scangate"
@@ -59,17 +59,6 @@ def leader_pod(kubectl: Kubectl) -> str | None:
 
 def digest_of(image_id: str) -> str:
     return image_id.rsplit("@", 1)[-1]
-
-
-def sleeper(name: str, image: str) -> str:
-    """A Deployment whose container runs (the real node's test images have busybox)."""
-    return json.dumps({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": {
-                     "terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "app", "image": image,
-                                     "command": ["sleep", "3600"]}]}}}})
 
 
 def run_pod(kubectl: Kubectl, namespace: str, name: str, image: str, *command: str) -> str:

@@ -244,3 +244,75 @@ def test_only_the_kinds_with_change_handlers_get_an_essence_built() -> None:
     assert storage.build(body=rule).get("spec") == {"schedule": "@daily"}
     assert storage.build(body=scan) == {}
     assert storage.fetch(body=scan) == {}
+
+
+def test_pods_are_told_to_the_store_of_their_watch_scope(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Pods are watched twice: cluster-wide (the inventory's running pods) and in the
+    operator's namespace (scan pods); each listing reaches the store of its own watch."""
+    from scangate.handlers import listing, watches
+
+    async def upstream(**_: Any) -> AsyncIterator[Any]:
+        yield {"type": None, "object": _obj("p", 1)}
+        yield watching.Bookmark.LISTED
+
+    monkeypatch.setattr(listing, "_kopf_continuous_watch", upstream)
+    monkeypatch.setattr(listing, "_stores", {})
+    cache = Cache(ScanIndex(timedelta(hours=24)))
+    watches.follow_listings(cache)
+
+    class Resource:
+        group, plural = "", "pods"
+
+    async def consume(namespace: str | None) -> None:
+        stream = watching.continuous_watch(
+            resource=Resource(), settings=None, namespace=namespace,  # type: ignore[arg-type]
+            operator_pause_waiter=None)  # type: ignore[arg-type]
+        [e async for e in stream]
+
+    asyncio.run(consume(None))
+    assert not cache.running_pods.synced.is_set() and not cache.scan_pods.synced.is_set()
+    cache.running_pods.event(None, _obj("p", 1))
+    assert cache.running_pods.synced.is_set() and not cache.scan_pods.synced.is_set()
+    asyncio.run(consume("scangate-system"))
+    cache.scan_pods.event(None, _obj("p", 1))
+    assert cache.scan_pods.synced.is_set()
+    assert any("pod_event" in h
+               for h in _handlers(kopf.get_default_registry(), "", "pods"))
+
+
+def test_a_slimmed_pod_projects_as_the_whole_one() -> None:
+    """A Pod's body is cut to what the projection reads before kopf queues it."""
+    from scangate.core.running import project_running_pod
+
+    digest = "sha256:" + "a" * 64
+    container = {"name": "app", "image": "reg.example/app:1", "env": [{"name": "X",
+                 "value": "y" * 1000}], "resources": {"limits": {"cpu": "1"}}}
+    whole = {"metadata": {**_obj("web-5f7-abc", 7)["metadata"],
+                          "labels": {"pod-template-hash": "5f7", "app": "web"},
+                          "annotations": {"note": "z" * 4000},
+                          "ownerReferences": [{"kind": "ReplicaSet", "name": "web-5f7",
+                                               "controller": True}],
+                          "managedFields": [{"manager": "kubelet"}] * 20},
+             "spec": {"containers": [container], "initContainers": [dict(container)],
+                      "volumes": [{"name": "v"}] * 10, "nodeName": "n1"},
+             "status": {"phase": "Running", "podIP": "10.0.0.1",
+                        "conditions": [{"type": "Ready"}] * 5,
+                        "containerStatuses": [{"name": "app", "imageID": f"r/app@{digest}",
+                                               "state": {"running": {}}}]}}
+    import copy
+    import json
+
+    cache = Cache(ScanIndex(timedelta(hours=24)))
+    slimmed = copy.deepcopy(whole)
+    cache.running_pods.trim(slimmed)
+    assert project_running_pod(slimmed) == project_running_pod(whole)
+    assert len(json.dumps(slimmed)) * 5 < len(json.dumps(whole))
+    assert slimmed["metadata"]["labels"] == {"pod-template-hash": "5f7"}
+    assert "annotations" not in slimmed["metadata"]
+    assert slimmed["spec"]["containers"] == [{"name": "app", "image": "reg.example/app:1"}]
+    # what is not running leaves the store
+    cache.running_pods.event(None, whole)
+    assert list(cache.running_pods.items) == [("ns", "web-5f7-abc")]
+    cache.running_pods.event("MODIFIED", {**whole, "status": {"phase": "Succeeded"}})
+    assert cache.running_pods.items == {}

@@ -125,8 +125,9 @@ def test_the_import_check_finds_an_import_of_core(tmp_path: Path) -> None:
                                       "x.py:4: scangate.core.durations"]
 
 
-COMPONENTS = ("scanning", "notify", "admission", "handlers")
-"""The scan reconciler and rule controller, the notifier, the gate, kopf's handlers: each
+COMPONENTS = ("scanning", "notify", "admission", "handlers", "inventory")
+"""The scan reconciler and rule controller, the notifier, the gate, kopf's handlers, the
+inventory of what runs: each
 reads the shared cache (scangate.cache) and core/, never another's modules."""
 
 

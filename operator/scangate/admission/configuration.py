@@ -12,9 +12,8 @@ import base64
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from scangate.api.common import LabelSelector
 from scangate.config import Settings
-from scangate.core.policy import selector_matches
+from scangate.core import coverage
 from scangate.kube import Kube, Obj
 
 log = logging.getLogger("scangate.admission")
@@ -22,9 +21,6 @@ NAME = "scangate-workloads"
 PATH = "/validate"
 PIN_NAME = "scangate-pin-digests"
 PIN_PATH = "/mutate"
-IGNORE_LABEL = "scangate.dev/ignore"
-NAME_LABEL = "kubernetes.io/metadata.name"
-"""Set by the API server on every namespace to its name (immutable)."""
 SERVICE_PORT = 8443
 """The port of the webhook Service that leads to the gate (the chart's)."""
 
@@ -78,12 +74,8 @@ def _webhook(settings: Settings, ca_bundle: bytes, name: str, path: str) -> Obj:
 
 
 def namespace_selector(settings: Settings) -> Obj:
-    """The namespaces whose requests the API server sends to the gate."""
-    return {"matchExpressions": [
-        {"key": IGNORE_LABEL, "operator": "NotIn", "values": ["true"]},
-        {"key": NAME_LABEL, "operator": "NotIn",
-         "values": sorted({"kube-system", settings.namespace})},
-    ]}
+    """The namespaces whose requests the API server sends to the gate (core.coverage)."""
+    return coverage.namespace_selector(settings.namespace)
 
 
 def covers(settings: Settings, namespace: str, labels: Mapping[str, str] | None) -> bool:
@@ -91,10 +83,7 @@ def covers(settings: Settings, namespace: str, labels: Mapping[str, str] | None)
     watch; None for a namespace it does not know) can come from the API server through
     this configuration. Anything else reached the gate's port some other way: it is
     answered, but causes nothing (no scan, Event or notification)."""
-    if not namespace or labels is None:
-        return False
-    selector = LabelSelector.model_validate(namespace_selector(settings))
-    return selector_matches(selector, {**labels, NAME_LABEL: namespace})
+    return coverage.covers(settings.namespace, namespace, labels)
 
 
 def _metadata(name: str, owners: Sequence[Obj]) -> Obj:

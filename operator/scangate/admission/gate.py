@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -39,7 +37,7 @@ from scangate import metrics
 from scangate.admission.configuration import covers
 from scangate.admission.digests import DigestLookups
 from scangate.api import GROUP, VERSION
-from scangate.api.imagescan import Phase
+from scangate.api.imagescan import Phase, Trigger
 from scangate.cache import Cache, Refusal
 from scangate.config import Settings
 from scangate.core.conditions import condition
@@ -54,8 +52,6 @@ from scangate.core.policy import (
     decide,
 )
 from scangate.core.policystate import PolicyState
-from scangate.core.ratelimit import TokenBucket
-from scangate.core.scanstate import Ref, ScanState
 from scangate.core.vex import VexState
 from scangate.core.workloads import (
     new_images,
@@ -64,12 +60,10 @@ from scangate.core.workloads import (
     reference,
 )
 from scangate.kube import Kube, Obj, now
+from scangate.scanrequests import Asked, ScanRequests, ScanResults
 
 log = logging.getLogger("scangate.admission")
 RESULTS_CACHED = 2048
-DIGESTS_CACHED = 4096
-_UNSAFE = re.compile(r"[^a-z0-9-]+")
-IN_FLIGHT_PHASES = frozenset({Phase.PENDING, Phase.QUEUED, Phase.SCANNING})
 BREAK_GLASS_TTL = 10.0
 """Seconds an answer on break-glass (allowed or not) is reused for the same requester,
 namespace and policy."""
@@ -103,10 +97,9 @@ class Gate:
         """The VEX documents as they are now (scangate.vexdocs)."""
         self.digests = DigestLookups(settings, destinations)
         """Tags' digests: cached, single-flight and bounded lookups (admission.digests)."""
-        self._results: OrderedDict[tuple[Ref, int], ImageResult] = OrderedDict()
-        self._requested: dict[str, float] = {}
-        """Digests (or images) whose scan the gate created, and when: once each."""
-        self._scans = TokenBucket(settings.admission_scan_rate, settings.admission_scan_burst)
+        self.results = ScanResults(kube, self.index, RESULTS_CACHED)
+        self.scans = ScanRequests(kube, self.index, Trigger.ADMISSION,
+                                  settings.admission_scan_rate, settings.admission_scan_burst)
         """The scans the gate may create: a review forged or repeated cannot make more."""
         self._break_glass: OrderedDict[str, tuple[float, BreakGlassGrant]] = OrderedDict()
         self._policy_news = asyncio.Event()
@@ -227,7 +220,7 @@ class Gate:
         # An image whose digest the registry would not tell is unscanned: the scan the
         # gate starts for it keeps trying, and its status says why.
         for name, (digest, _) in zip(refs, resolved, strict=True):
-            results[name] = await self._result(digest, wanted) if digest else None
+            results[name] = await self.results.result(digest, wanted) if digest else None
         for error in images.errors:  # refused by every Enforce policy of the namespace
             results[error] = ImageResult(phase=Phase.FAILED, reason=Kind.INVALID_REFERENCE,
                                          message=error)
@@ -319,64 +312,15 @@ class Gate:
         return [{"op": "replace", "path": image.path, "value": f"{image.image}@{digest}"}
                 for (image, _), (digest, _) in zip(pinned, digests, strict=True) if digest]
 
-    # -- results ---------------------------------------------------------------------
-
-    async def _result(self, digest: str, scanners: frozenset[str] = frozenset()
-                      ) -> ImageResult | None:
-        """The digest's best result: the newest completed scan (of those made with
-        `scanners`, if any is), else one in progress (unscanned for now), else a failed
-        one."""
-        done = self.index.newest_vulnerabilities(digest, scanners)
-        if done is not None:
-            return await self._full(done)
-        running = self.index.in_phase(digest, IN_FLIGHT_PHASES)
-        if running is not None:
-            return ImageResult(phase=running.phase, digest=digest)
-        failed = self.index.in_phase(digest, (Phase.FAILED,))
-        return await self._full(failed) if failed is not None else None
-
-    async def _full(self, state: ScanState) -> ImageResult:
-        """The ImageScan's result as admission reads it, fetched once per version."""
-        key = (state.ref, state.version)
-        held = self._results.get(key)
-        if held is not None:
-            self._results.move_to_end(key)
-            return held
-        obj = await self.kube.get_custom("imagescans", state.namespace, state.name)
-        result = ImageResult.from_status((obj or {}).get("status") or {})
-        self._results[key] = result
-        while len(self._results) > RESULTS_CACHED:
-            self._results.popitem(last=False)
-        return result
-
     # -- side effects ----------------------------------------------------------------
 
     def _request_scan(self, namespace: str, ref: ImageRef, digest: str | None,
                       scanners: tuple[str, ...] = ()) -> None:
-        """An ImageScan for an image with no result, running `scanners` (default vuln),
-        once per digest and scanners however many requests name it (and none while one of
-        that digest is in progress)."""
-        extra = tuple(s for s in scanners if s != "vuln")
-        key = (digest or str(ref)) + (f"|{','.join(scanners)}" if extra else "")
-        if key in self._requested or (digest and self.index.in_phase(
-                digest, (*IN_FLIGHT_PHASES, None)) is not None):
-            return
-        if not self._scans.take(time.monotonic()):
-            metrics.ADMISSION_SCANS.labels("shed").inc()  # the next review asks again
-            return
-        metrics.ADMISSION_SCANS.labels("requested").inc()
-        self._requested[key] = time.monotonic()
-        while len(self._requested) > DIGESTS_CACHED:
-            self._requested.pop(next(iter(self._requested)))
-        image = str(ref.with_digest(digest)) if digest else str(ref)
-        readable = _UNSAFE.sub("-", ref.repository.rsplit("/", 1)[-1].lower()).strip("-")
-        name = f"admission-{readable[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ImageScan",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {"image": image, "trigger": "Admission",
-                         **({"scanners": list(scanners)} if extra else {})}}
-        self._background(self.kube.create_custom("imagescans", namespace, body),
-                         f"the admission scan of {image}", key)
+        """An ImageScan (trigger Admission) for an image with no result
+        (scangate.scanrequests, shared with the inventory)."""
+        asked = self.scans.request(namespace, ref, digest, scanners)
+        if asked is not Asked.HELD:  # the next review asks again for what is shed
+            metrics.ADMISSION_SCANS.labels(asked.value).inc()
 
     def _record(self, decision: Decision, request: Obj, kind: str, namespace: str,
                 meta: Obj) -> None:
@@ -402,17 +346,13 @@ class Gate:
                 f"admitted by break-glass ({decision.break_glass.reason}) used by {who} "
                 f"despite ScanPolicy {policies}"), "a break-glass Event")
 
-    def _background(self, work: Awaitable[Any], what: str, requested: str | None = None
-                    ) -> None:
-        """Side effects do not hold the answer up; a failure is logged (and a scan that
-        could not be created is asked for again by the next request)."""
+    def _background(self, work: Awaitable[Any], what: str) -> None:
+        """Side effects do not hold the answer up; a failure is logged."""
         async def run() -> None:
             try:
                 await work
             except Exception as e:
                 log.warning("admission could not create %s: %s", what, e)
-                if requested:
-                    self._requested.pop(requested, None)
 
         task = asyncio.create_task(run())
         self._tasks.add(task)

@@ -27,6 +27,8 @@ class Trigger(StrEnum):
     PUSH = "Push"
     SCHEDULE = "Schedule"
     ADMISSION = "Admission"
+    INVENTORY = "Inventory"
+    """An image a running Pod runs (scangate's inventory of the cluster)."""
 
 
 class Phase(StrEnum):

@@ -20,25 +20,30 @@ from kopf._cogs.clients import watching
 
 from scangate.cache import Key, Store, key_of
 
-_stores: dict[tuple[str, str], Store[Any]] = {}
+_stores: dict[tuple[str, str, bool | None], Store[Any]] = {}
 _kopf_continuous_watch = watching.continuous_watch
 
 
-def follow(group: str, plural: str, store: Store[Any]) -> None:
+def follow(group: str, plural: str, store: Store[Any], cluster_wide: bool | None = None
+           ) -> None:
     """Tell `store` about each listing of group/plural: the resource must have one
     list-then-watch in the process, the one of the handlers that feed the store (kopf's
-    own observation of namespaces is off where it would make a second one)."""
+    own observation of namespaces is off where it would make a second one), or one
+    cluster-wide and one of the operator's namespace (`cluster_wide` says which: pods are
+    watched both ways, the running ones for the inventory and scan pods for the
+    reconciler)."""
     if watching.continuous_watch is not _listing_watch:
         if not callable(getattr(watching, "continuous_watch", None)) or not hasattr(
                 watching.Bookmark, "LISTED"):
             raise RuntimeError("this kopf has no continuous_watch/Bookmark.LISTED: the "
                                "listing hook (scangate.handlers.listing) needs updating")
         watching.continuous_watch = _listing_watch  # type: ignore[assignment]
-    _stores[(group, plural)] = store
+    _stores[(group, plural, cluster_wide)] = store
 
 
 async def _listing_watch(*, resource: Any, **kwargs: Any) -> AsyncIterator[Any]:
-    store = _stores.get((resource.group, resource.plural))
+    store = (_stores.get((resource.group, resource.plural, kwargs.get("namespace") is None))
+             or _stores.get((resource.group, resource.plural, None)))
     events = _kopf_continuous_watch(resource=resource, **kwargs)
     if store is None:
         async for event in events:

@@ -38,9 +38,10 @@ def follow_listings(cache: Cache) -> None:
     for group, plural, store in (
             (GROUP, "imagescans", cache.imagescans), (GROUP, "scanrules", cache.scanrules),
             (GROUP, "scanpolicies", cache.scanpolicies), ("", "namespaces", cache.namespaces),
-            ("batch", "jobs", cache.scan_jobs), ("", "pods", cache.scan_pods),
-            ("", "configmaps", cache.configmaps)):
+            ("batch", "jobs", cache.scan_jobs), ("", "configmaps", cache.configmaps)):
         listing.follow(group, plural, store)
+    listing.follow("", "pods", cache.scan_pods, cluster_wide=False)
+    listing.follow("", "pods", cache.running_pods, cluster_wide=True)
 
 
 @kopf.on.event(GROUP, VERSION, "imagescans")
@@ -61,6 +62,13 @@ async def scanpolicy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> N
 @kopf.on.event("", "v1", "namespaces")
 async def namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.cache.namespaces.event(event["type"], event["object"])
+
+
+# Every Pod of the cluster, for the inventory of what runs (scangate.inventory): the
+# store keeps the running ones, as their workload and images.
+@kopf.on.event("", "v1", "pods")
+async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.running_pods.event(event["type"], event["object"])
 
 
 @kopf.on.event("batch", "v1", "jobs", registry=SCAN_JOBS)

@@ -1,0 +1,1 @@
+"""The inventory of what runs in the cluster (scangate.inventory.inventory)."""
