@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `run` parses its own flags from the Settings model (see scangate.config).
     sub.add_parser("run", help="run the operator (flags: scangate run --help)", add_help=False)
+    sub.add_parser("malware-scan", add_help=False,
+                   help="a scan Job's malware step: ClamAV over an image's layers")
     return parser
 
 
@@ -325,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         return _run(argv[1:])
+    if argv[:1] == ["malware-scan"]:
+        from scangate.scanning.malware import main as malware_scan
+
+        return malware_scan(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
