@@ -190,6 +190,11 @@ def _scan(args: argparse.Namespace) -> int:
         scanners = sorted({"vuln", *(s.strip() for s in (args.scanners or "").split(",")
                                      if s.strip())}.union(*(p.scanners for p in policies)))
         unknown = set(scanners) - {"vuln", "misconfig", "secret"}
+        if "malware" in unknown:
+            raise UsageError("malware scans run in the cluster's scan Jobs only (ImageScan "
+                             "spec.scanners, with the ClamAV image and a signature source); "
+                             "scangate scan does not run ClamAV: leave out --scanners "
+                             "malware, and policies with malware: Deny or Warn")
         if unknown:
             raise UsageError(f"--scanners: unknown {', '.join(sorted(unknown))} (vuln, "
                              "misconfig, secret)")

@@ -174,9 +174,10 @@ class Settings(BaseSettings):
     malware_db_max_age: Duration = "7d"
     """Databases whose newest file was built longer ago are stale: the scan fails
     MalwareDBUnavailable rather than pass images against old signatures."""
-    malware_max_layer_bytes: int = Field(default=2 << 30, ge=1 << 20, le=64 << 30)
+    malware_max_layer_bytes: int = Field(default=1 << 30, ge=1 << 20, le=16 << 30)
     """The largest layer blob the malware step fetches; a larger one fails the scan
-    (MalwareScanFailed). It also bounds what ClamAV unpacks (four times as much)."""
+    (MalwareScanFailed). It also bounds what ClamAV unpacks (twice as much) and the malware
+    step's ephemeral-storage limit (four times as much, plus 1 GiB)."""
 
     insecure_registries: list[str] = Field(default_factory=list)
     """Registries (host:port) spoken to over plain HTTP, like Docker's insecure-registries."""

@@ -184,12 +184,22 @@ class MalwareSettings:
     db_files: tuple[str, ...] = ("main.cvd", "daily.cvd", "bytecode.cvd")
     db_claim: str | None = None
     db_max_age: str = "7d"
-    max_layer_bytes: int = 2 << 30
+    max_layer_bytes: int = 1 << 30
     allowed_networks: tuple[str, ...] = ()
 
 
 MALWARE_REPORT = f"{WORK}/malware.json"
 MALWARE_DB_MOUNT = "/var/lib/scangate/clamav"
+
+
+def malware_resources(trivy: TrivySettings, malware: MalwareSettings
+                      ) -> dict[str, dict[str, str]]:
+    """Trivy's, with room on disk for what the step holds at once: one layer blob, what
+    clamscan unpacks of it (its --max-scansize, twice the layer) and, for a layer with a
+    detection, its files (the layer again), and the signature databases."""
+    resources = {k: dict(v) for k, v in trivy.resources.items()}
+    resources["limits"]["ephemeral-storage"] = f"{(malware.max_layer_bytes * 4 >> 20) + 1024}Mi"
+    return resources
 
 
 def malware_container(spec: ScanJobSpec, malware: MalwareSettings, trivy: TrivySettings,
@@ -212,7 +222,7 @@ def malware_container(spec: ScanJobSpec, malware: MalwareSettings, trivy: TrivyS
         command += ["--db-url", malware.db_url, "--db-files", ",".join(malware.db_files)]
     return {
         "name": "malware", "image": malware.image, "command": command,
-        "env": env, "volumeMounts": mounts, "resources": trivy.resources,
+        "env": env, "volumeMounts": mounts, "resources": malware_resources(trivy, malware),
         "securityContext": {"allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
