@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     malware_db_max_age: Duration = "7d"
     """Databases whose newest file was built longer ago are stale: the scan fails
     MalwareDBUnavailable rather than pass images against old signatures."""
+    malware_memory_limit: str = Field(default="2Gi",
+                                      pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """Memory limit of the malware step: ClamAV holds its signature databases in memory
+    (about 1 GiB for ClamAV's own main, daily and bytecode). Killed at it, the scan Job
+    fails OOMKilled."""
     malware_max_layer_bytes: int = Field(default=1 << 30, ge=1 << 20, le=16 << 30)
     """The largest layer blob the malware step fetches; a larger one fails the scan
     (MalwareScanFailed). It also bounds what ClamAV unpacks (twice as much) and the malware

@@ -186,6 +186,9 @@ class MalwareSettings:
     db_max_age: str = "7d"
     max_layer_bytes: int = 1 << 30
     allowed_networks: tuple[str, ...] = ()
+    memory_limit: str = "2Gi"
+    """ClamAV holds its whole signature database in memory: about 1 GiB for ClamAV's own
+    main, daily and bytecode databases (more than Trivy's default 1Gi leaves)."""
 
 
 MALWARE_REPORT = f"{WORK}/malware.json"
@@ -198,6 +201,9 @@ def malware_resources(trivy: TrivySettings, malware: MalwareSettings
     clamscan unpacks of it (its --max-scansize, twice the layer) and, for a layer with a
     detection, its files (the layer again), and the signature databases."""
     resources = {k: dict(v) for k, v in trivy.resources.items()}
+    resources["limits"]["memory"] = malware.memory_limit
+    if quantity_bytes(resources["requests"]["memory"]) > quantity_bytes(malware.memory_limit):
+        resources["requests"]["memory"] = malware.memory_limit
     resources["limits"]["ephemeral-storage"] = f"{(malware.max_layer_bytes * 4 >> 20) + 1024}Mi"
     return resources
 

@@ -110,7 +110,8 @@ class ScanReconciler:
             db_files=tuple(settings.malware_db_files), db_claim=settings.malware_db_claim,
             db_max_age=settings.malware_db_max_age,
             max_layer_bytes=settings.malware_max_layer_bytes,
-            allowed_networks=tuple(settings.allowed_networks))
+            allowed_networks=tuple(settings.allowed_networks),
+            memory_limit=settings.malware_memory_limit)
         self.jobs_namespace = settings.namespace
         """Where scan Jobs run: the operator's namespace, never a tenant's."""
         self.retry_backoff = parse_duration(settings.retry_backoff)
@@ -532,7 +533,9 @@ class ScanReconciler:
             # The same image under the same limit would be killed again: no retry.
             return await self._fail(scan, "OOMKilled", (
                 f"scan pod of Job {job.name} was killed at its memory limit "
-                f"({self.trivy.memory_limit}); raise config.scanMemoryLimit"))
+                f"({self.trivy.memory_limit}); raise config.scanMemoryLimit"
+                + (f" (or config.malwareMemoryLimit, {self.malware.memory_limit}, for its "
+                   f"malware step)" if "malware" in scan.scanners else "")))
         if job.finished == "Failed":
             tail = log_tail(text) or "no output"
             return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")
