@@ -195,6 +195,11 @@ def _scan(args: argparse.Namespace) -> int:
         scanners = sorted({"vuln", *(s.strip() for s in (args.scanners or "").split(",")
                                      if s.strip())}.union(*(p.scanners for p in policies)))
         unknown = set(scanners) - {"vuln", "misconfig", "secret"}
+        if "malware" in unknown:
+            raise UsageError("malware scans run in the cluster's scan Jobs only (ImageScan "
+                             "spec.scanners, with the ClamAV image and a signature source); "
+                             "scangate scan does not run ClamAV: leave out --scanners "
+                             "malware, and policies with malware: Deny or Warn")
         if unknown:
             raise UsageError(f"--scanners: unknown {', '.join(sorted(unknown))} (vuln, "
                              "misconfig, secret)")
@@ -332,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `run` parses its own flags from the Settings model (see scangate.config).
     sub.add_parser("run", help="run the operator (flags: scangate run --help)", add_help=False)
+    sub.add_parser("malware-scan", add_help=False,
+                   help="a scan Job's malware step: ClamAV over an image's layers")
     return parser
 
 
@@ -339,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         return _run(argv[1:])
+    if argv[:1] == ["malware-scan"]:
+        from scangate.scanning.malware import main as malware_scan
+
+        return malware_scan(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -160,6 +160,36 @@ class Settings(BaseSettings):
     """Memory limit of a scan pod (a Kubernetes quantity, e.g. 1Gi). A scan pod killed at
     it ends its ImageScan Failed with reason OOMKilled: raise it for very large images."""
 
+    malware_image: str = "scangate/scangate-clamav:0.1.0"
+    """Image of the scan Jobs' malware step (scanner malware): scangate with Debian's ClamAV
+    (hack/image builds it). It runs as an init container before Trivy."""
+    malware_db_url: str | None = Field(default=None, max_length=2048,
+                                       pattern=r"^https?://[^\s]+$")
+    """Where the malware step fetches ClamAV's signature databases: a freshclam private
+    mirror (a plain HTTP(S) server of the .cvd files), e.g. http://clamav-mirror.internal/.
+    Fetched by every malware scan; a failure ends it MalwareDBUnavailable."""
+    malware_db_files: list[str] = Field(
+        default_factory=lambda: ["main.cvd", "daily.cvd", "bytecode.cvd"], min_length=1,
+        max_length=32, json_schema_extra={"items": {"type": "string",
+                                                    "pattern": r"^[A-Za-z0-9_-]+\.c[vlu]d$"}})
+    """The database files fetched from MALWARE_DB_URL (.cvd, .cld or .cud), all required."""
+    malware_db_claim: str | None = Field(default=None, max_length=253,
+                                         pattern=CONFIGMAP_NAME_PATTERN)
+    """Instead of a mirror: a PersistentVolumeClaim in the operator's namespace holding the
+    databases (kept current by freshclam), mounted read-only into the malware step."""
+    malware_db_max_age: Duration = "7d"
+    """Databases whose newest file was built longer ago are stale: the scan fails
+    MalwareDBUnavailable rather than pass images against old signatures."""
+    malware_memory_limit: str = Field(default="2Gi",
+                                      pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """Memory limit of the malware step: ClamAV holds its signature databases in memory
+    (about 1 GiB for ClamAV's own main, daily and bytecode). Killed at it, the scan Job
+    fails OOMKilled."""
+    malware_max_layer_bytes: int = Field(default=1 << 30, ge=1 << 20, le=16 << 30)
+    """The largest layer blob the malware step fetches; a larger one fails the scan
+    (MalwareScanFailed). It also bounds what ClamAV unpacks (twice as much) and the malware
+    step's ephemeral-storage limit (four times as much, plus 1 GiB)."""
+
     insecure_registries: list[str] = Field(default_factory=list)
     """Registries (host:port) spoken to over plain HTTP, like Docker's insecure-registries."""
     registry_timeout: Duration = "10s"

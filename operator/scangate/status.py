@@ -100,6 +100,7 @@ def report(ref: ImageRef, scan: Obj | None, policies: list[Obj], now: datetime) 
         "digest": status.get("digest"), "summary": status.get("summary"),
         "fixable": status.get("fixable"), "scannedAt": status.get("scannedAt"),
         "reason": status.get("reason"), "message": status.get("message"),
+        **({"malware": status["malware"]} if scan and status.get("malware") else {}),
         "policies": verdicts}
 
 
@@ -115,6 +116,12 @@ def render(status: Obj) -> str:
         lines.append("findings:   " + "  ".join(f"{k.upper()} {counts.get(k, 0)}"
                                               for k in SEVERITY_KEYS)
                      + f"  (total {counts.get('total', 0)})")
+    malware = status.get("malware")
+    if isinstance(malware, dict):
+        found = [f"{d.get('signature')} in {d.get('path') or 'the layer blob'}"
+                 for d in (malware.get("detections") or [])[:5] if isinstance(d, dict)]
+        lines.append(f"malware:    {malware.get('count', 0)} detections"
+                     + (f": {'; '.join(found)}" if found else ""))
     if status.get("scannedAt"):
         lines.append(f"scanned at: {status['scannedAt']}")
     if status.get("reason"):

@@ -69,3 +69,17 @@ def test_the_chart_image_follows_the_package_version() -> None:
     assert values["image"]["tag"] == ""
     template = (ROOT / "charts" / "scangate" / "templates" / "deployment.yaml").read_text()
     assert ".Values.image.tag | default .Chart.AppVersion" in template
+
+
+def test_the_malware_image_is_the_operator_image_with_clamav_at_the_package_version() -> None:
+    from scangate.config import Settings
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    values = yaml.safe_load((ROOT / "charts" / "scangate" / "values.yaml").read_text())
+    assert values["config"]["malwareImage"] == Settings().malware_image == (
+        f"scangate/scangate-clamav:{version}")
+    text = (ROOT / "Dockerfile.clamav").read_text()
+    assert f"ARG SCANGATE=scangate/scangate:{version}" in text
+    assert "apt-get install -y --no-install-recommends clamav" in text
+    # Non-root, and no signature database of the build's day inside.
+    assert "USER 65532:65532" in text and "/var/lib/clamav/*" in text

@@ -54,6 +54,7 @@ KINDS = (
         ("Medium", "integer", ".status.summary.medium", 0),
         ("Low", "integer", ".status.summary.low", 0),
         ("Baseline", "string", ".status.baseline", 0),
+        ("Malware", "integer", ".status.malware.count", 0),
         ("Digest", "string", ".status.digest", 1),
         ("Reused From", "string", ".status.reusedFrom", 1),
         _age(),

@@ -52,7 +52,7 @@ class ImageScanSpec(Model):
     """The ScanRule that created this scan, if any."""
     trigger: Trigger = Trigger.MANUAL
     """What asked for the scan."""
-    scanners: list[Scanner] | None = Field(default=None, min_length=1, max_length=3)
+    scanners: list[Scanner] | None = Field(default=None, min_length=1, max_length=4)
     """Override of the scanners (default: vuln)."""
     ignore_unfixed: bool | None = None
     """Override: leave out vulnerabilities without a fixed version."""
@@ -152,14 +152,42 @@ class SuppressedFinding(Finding):
     """The document: <configmap>/<key> in the operator's namespace."""
 
 
+class MalwareDetection(Model):
+    """A file ClamAV found malicious in a layer of the image."""
+
+    layer: str = Field(max_length=80)
+    """The digest of the layer blob it is in."""
+    path: str = Field(max_length=1024)
+    """Its path inside that layer (a file inside a nested archive is named by the archive);
+    empty when only the layer blob as a whole matched."""
+    signature: str = Field(max_length=256)
+    """The ClamAV signature that matched, e.g. Win.Test.EICAR_HDB-1."""
+
+
+class MalwareSummary(Model):
+    """What ClamAV found in the image's layers (scanner malware)."""
+
+    count: int = Field(ge=0)
+    """Detections in all (a file counts once, with its first signature)."""
+    layers: int = Field(default=0, ge=0)
+    """The layers scanned."""
+    detections: list[MalwareDetection] = Field(default_factory=list, max_length=1000)
+    """The detections, bounded in size by the findings budget; count covers all."""
+    truncated: bool | None = None
+    """True when detections were left out to bound the size."""
+
+
 class ScannedWith(Model):
     """The options a result was produced with: only a scan asking for the same ones may
     reuse it."""
 
-    scanners: list[Scanner] = Field(default_factory=lambda: [Scanner.VULN], max_length=3)
+    scanners: list[Scanner] = Field(default_factory=lambda: [Scanner.VULN], max_length=4)
     """The scanners that ran."""
     ignore_unfixed: bool = False
     """Whether vulnerabilities without a fixed version were left out."""
+    malware_db: str | None = Field(default=None, alias="malwareDB", max_length=512)
+    """Scanner malware: ClamAV's version and its signature databases' versions, e.g.
+    "ClamAV 1.4.6 daily:27450 main:62"."""
 
 
 class Notified(Model):
@@ -260,6 +288,9 @@ class ImageScanStatus(StatusBase):
     size; .status.suppressed counts all of them."""
     suppressed_truncated: bool | None = None
     """True when some suppressed findings were left out to bound the size."""
+    malware: MalwareSummary | None = None
+    """Malicious files ClamAV found in the layers (scanner malware): a file deleted by a
+    later layer is still reported, as its bytes are still in the image."""
     baseline: str | None = Field(default=None, max_length=64)
     """The misconfig and secret results at a glance, e.g. "5 checks, 1 secret" (empty when
     the scan ran neither scanner)."""

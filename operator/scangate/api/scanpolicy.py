@@ -142,6 +142,12 @@ class ScanPolicySpec(Model):
     """What to do with an image in which secrets were found (scanner secret): Deny refuses it
     (as the action says), Warn admits it with a warning, Allow (or unset) does not look. Deny
     and Warn make the policy need results of the secret scanner."""
+    malware: Literal["Deny", "Warn", "Allow"] | None = None
+    """What to do with an image in which ClamAV found malware (scanner malware): Deny refuses
+    it (as the action says), Warn admits it with a warning, Allow does not look. Unset: a
+    result that has detections is denied as the action says (Deny when the policy
+    enforces), but the policy does not require malware scans. Deny and Warn make the policy
+    need results of the malware scanner."""
     notifications: list[Notification] | None = Field(default=None, max_length=16)
     """Receivers of this policy's Blocked events; their Secrets live in the operator's
     namespace (a ScanPolicy has none of its own)."""

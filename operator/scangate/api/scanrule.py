@@ -65,19 +65,21 @@ class Triggers(Model):
 
 
 class Scanner(StrEnum):
-    """What Trivy looks for."""
+    """What a scan looks for: Trivy's scanners, and ClamAV's (malware)."""
 
     VULN = "vuln"
     SECRET = "secret"
     MISCONFIG = "misconfig"
+    MALWARE = "malware"
 
 
 class ScanOptions(Model):
     """How each image is scanned."""
 
     scanners: list[Scanner] = Field(default_factory=lambda: [Scanner.VULN], min_length=1,
-                                    max_length=3, json_schema_extra={"default": ["vuln"]})
-    """Trivy scanners: vuln (default), and optionally secret and misconfig (the baseline check)."""
+                                    max_length=4, json_schema_extra={"default": ["vuln"]})
+    """Scanners: vuln (default), and optionally secret and misconfig (the baseline check) of
+    Trivy, and malware (ClamAV over every layer of the image)."""
     ignore_unfixed: bool = False
     """Leave out vulnerabilities that have no fixed version yet."""
     timeout: Duration = "10m"

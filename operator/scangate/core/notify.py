@@ -121,6 +121,10 @@ class ScanEvent:
     reason: str | None
     message: str | None
     """Why a scan failed or a workload was refused."""
+    malware_count: int | None = None
+    """Malicious files ClamAV found (None: no malware scan)."""
+    malware: tuple[Mapping[str, str], ...] = ()
+    """The first detections: layer, path, signature."""
 
 
 # -- DingTalk ------------------------------------------------------------------------------
@@ -158,6 +162,12 @@ def dingtalk_message(event: ScanEvent) -> dict[str, Any]:
     worst = [_finding_line(f) for f in event.worst[:WORST]]
     if worst:
         parts.append("**Worst findings:**\n\n" + "\n".join(worst))
+    if event.malware_count is not None:
+        found = "; ".join(f"{_md(d.get('signature', ''), 96)} in "
+                          f"{_md(d.get('path') or 'the layer blob', 200)}"
+                          for d in event.malware[:WORST])
+        parts.append(f"**Malware:** {event.malware_count} file"
+                     f"{'' if event.malware_count == 1 else 's'}" + (f": {found}" if found else ""))
     if event.event != "ScanCompleted":  # a completed scan's message is only noise here
         if event.reason and event.reason != event.event:  # "Blocked: Blocked" says nothing
             parts.append(f"**Reason:** {_md(event.reason, 100)}")
@@ -246,7 +256,7 @@ def plan(pending: int, available: int) -> Literal["single", "summary", "wait"]:
 
 def webhook_payload(event: ScanEvent) -> bytes:
     """The JSON body of a webhook (see the module's docstring): stable bytes for one event."""
-    body = {
+    body: dict[str, Any] = {
         "apiVersion": PAYLOAD_API_VERSION,
         "kind": "ScanEvent",
         "event": event.event,
@@ -262,6 +272,10 @@ def webhook_payload(event: ScanEvent) -> bytes:
         "reason": event.reason,
         "message": event.message[:4096] if event.message else event.message,
     }
+    if event.malware_count is not None:  # only with a malware scan: other bodies unchanged
+        body["malware"] = {"count": event.malware_count, "detections": [
+            {k: str(d.get(k, ""))[:1024] for k in ("layer", "path", "signature")}
+            for d in event.malware[:WORST]]}
     # ASCII only: a receiver that decodes and re-encodes the body still verifies it.
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
 

@@ -81,16 +81,19 @@ class Kind(StrEnum):
     """Failed configuration checks over the policy's misconfig thresholds, or a check it
     denies."""
     SECRETS_FOUND = "SecretsFound"
+    MALWARE_FOUND = "MalwareFound"
+    """ClamAV found malicious files in the image's layers."""
     UNSCANNED = "Unscanned"
     SCAN_FAILED = "ScanFailed"
     INVALID_REFERENCE = "InvalidReference"
     """The reference could not be parsed: nothing can be known of the image."""
 
 
-FINDING_KINDS = frozenset({Kind.VULNERABLE, Kind.MISCONFIGURED, Kind.SECRETS_FOUND})
+FINDING_KINDS = frozenset({Kind.VULNERABLE, Kind.MISCONFIGURED, Kind.SECRETS_FOUND,
+                           Kind.MALWARE_FOUND})
 """Failures that say something of the image's findings (each policy's story is its own)."""
 SCANNER_NAMES = {"vuln": "vulnerability", "misconfig": "misconfig (configuration checks)",
-                 "secret": "secret"}
+                 "secret": "secret", "malware": "malware (ClamAV)"}
 TOP_BASELINE = 5
 """Failed checks and secrets named in a message."""
 
@@ -119,6 +122,8 @@ class Policy:
             needed.add("misconfig")
         if self.spec.secrets in ("Deny", "Warn"):
             needed.add("secret")
+        if self.spec.malware in ("Deny", "Warn"):
+            needed.add("malware")
         return frozenset(needed)
 
     @cached_property
@@ -198,6 +203,19 @@ class SecretHit:
 
 
 @dataclass(frozen=True)
+class MalwareHit:
+    """A malicious file ClamAV found, as kept in status."""
+
+    signature: str
+    path: str = ""
+    layer: str = ""
+
+    def describe(self) -> str:
+        where = _clip(self.path, 200) if self.path else "the layer blob as a whole"
+        return f"{_clip(self.signature, 96)} in {where} (layer {self.layer[:19]})"
+
+
+@dataclass(frozen=True)
 class SuppressedHit:
     """A finding VEX suppressed at scan time, as kept in status."""
 
@@ -274,6 +292,10 @@ class ImageResult:
     """The findings VEX suppressed at scan time, as kept in status."""
     suppressed_counts: Mapping[str, int] | None = None
     suppressed_truncated: bool = False
+    malware_count: int | None = None
+    """Malicious files ClamAV found (None: the malware scanner did not run)."""
+    malware: tuple[MalwareHit, ...] = ()
+    """The detections kept in status."""
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> ImageResult:
@@ -306,7 +328,15 @@ class ImageResult:
                           _text(raw.get("justification")) or "", _text(raw.get("source")) or "")
             for raw in status.get("suppressedFindings") or () if isinstance(raw, Mapping)
             and _text(raw.get("id")) and raw.get("severity") in SEVERITIES)
+        found = status.get("malware")
+        malware = tuple(
+            MalwareHit(raw["signature"], _text(raw.get("path")) or "",
+                       _text(raw.get("layer")) or "")
+            for raw in (found.get("detections") or () if isinstance(found, Mapping) else ())
+            if isinstance(raw, Mapping) and _text(raw.get("signature")))
         return cls(
+            malware_count=_count(found.get("count")) if isinstance(found, Mapping) else None,
+            malware=malware,
             findings_truncated=status.get("findingsTruncated") is True,
             suppressed=suppressed, suppressed_counts=_counts(status.get("suppressed")),
             suppressed_truncated=status.get("suppressedTruncated") is True,
@@ -587,15 +617,22 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
             if (limit := getattr(spec.thresholds, s)) is not None and counts[s] > limit]
     checks_over, checks_named = _judge_checks(policy, result)
     secrets_text = _judge_secrets(policy, result)
-    if not over and not checks_over and not secrets_text:
+    malware_text = _judge_malware(policy, result)
+    if not over and not checks_over and not secrets_text and not malware_text:
         return verdict
     scope = " (findings with a fix only)" if spec.fixable_only and over else ""
     vuln_texts = [f"{s} {n} > {limit}" for s, n, limit in over]
-    texts = tuple([*vuln_texts, *checks_over, *([secrets_text] if secrets_text else [])])
+    texts = tuple([*vuln_texts, *checks_over, *([secrets_text] if secrets_text else []),
+                   *([malware_text] if malware_text else [])])
     listed = ", ".join(vuln_texts) + scope
-    listed = ", ".join(filter(None, [listed, *checks_over, secrets_text]))
+    listed = ", ".join(filter(None, [malware_text, listed, *checks_over, secrets_text]))
     subject = _subject(verdict.image, verdict.digest)
     parts = [f"{subject} fails ScanPolicy {policy.name} ({spec.action}): {listed}."]
+    if malware_text:
+        hits = [h.describe() for h in result.malware[:TOP_BASELINE]]
+        more = (result.malware_count or 0) - len(hits)
+        if hits:
+            parts.append(f"Malware: {'; '.join(hits)}{f' and {more} more' if more > 0 else ''}.")
     worst = _worst(result.findings, {s.upper() for s, _, _ in over}, exempt, spec.fixable_only)
     if worst:
         parts.append(f"Worst: {'; '.join(worst)}.")
@@ -622,6 +659,10 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
             parts.append(f"Secrets: {'; '.join(hits)}{f' and {more} more' if more > 0 else ''}"
                          f" (the values are never stored).")
     fixes = []
+    if malware_text:
+        fixes.append("remove the malicious files from the image and rebuild it from a "
+                     "trusted base (a file deleted by a later layer is still in the image: "
+                     "rebuild without it)")
     if over:
         fixes.append(f"upgrade the packages to the fixed versions and rebuild, or allowlist "
                      f"the IDs in ScanPolicy {policy.name} (spec.allowlist, with an expiry)")
@@ -631,10 +672,13 @@ def _judge_findings(policy: Policy, verdict: Verdict, result: ImageResult,
         fixes.append("remove the secrets from the image (files, ENV, build history), "
                      "rotate them, and rebuild")
     parts.append(f"To pass: {'; '.join(fixes)}{_break_glass_hint(policy)}.")
-    kind = (Kind.VULNERABLE if over else Kind.MISCONFIGURED if checks_over
-            else Kind.SECRETS_FOUND)
+    kind = (Kind.MALWARE_FOUND if malware_text else Kind.VULNERABLE if over
+            else Kind.MISCONFIGURED if checks_over else Kind.SECRETS_FOUND)
     effect = policy.effect
-    if not over and not checks_over and spec.secrets == "Warn":
+    # A Warn finding alone (secrets, malware) warns; anything else refuses as the action says.
+    denies = (over or checks_over or (secrets_text and spec.secrets != "Warn")
+              or (malware_text and spec.malware != "Warn"))
+    if not denies:
         effect = min(policy.effect, Effect.WARN)
     return replace(verdict, kind=kind, effect=effect, counts=texts,
                    message=_clip(" ".join(parts), VERDICT_MESSAGE_LIMIT),
@@ -760,6 +804,16 @@ def _judge_secrets(policy: Policy, result: ImageResult) -> str:
     if policy.spec.secrets not in ("Deny", "Warn") or not total:
         return ""
     return f"{total} secret{'' if total == 1 else 's'} found"
+
+
+def _judge_malware(policy: Policy, result: ImageResult) -> str:
+    """"malware found: 2 files" when the result has detections and the policy looks at
+    them: spec.malware Deny or Warn, or unset (a result with detections is never passed
+    over unless the policy says Allow)."""
+    count = result.malware_count or 0
+    if policy.spec.malware == "Allow" or not count:
+        return ""
+    return f"malware found: {count} file{'' if count == 1 else 's'}"
 
 
 def _worst(findings: Sequence[TopFinding], severities: set[str], exempt: set[str],

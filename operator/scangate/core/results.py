@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from scangate.core import malware
 from scangate.core.framing import BEGIN, END, MAX_FRAME_BYTES, decode
 from scangate.core.trivy import ReportError, os_info, parse_report, parse_version, summarize
 
@@ -25,6 +26,14 @@ def result_from_log(log: str, budget_bytes: int, max_bytes: int = MAX_FRAME_BYTE
         report.results = [*(report.results or []),
                           *(r for r in checks.results or [] if r.misconfigurations is not None)]
     result = summarize(report, budget_bytes, scanners=scanners)
+    if scanners is not None and "malware" in scanners:
+        # No report from the malware step is a failed scan, never a clean one.
+        if malware.FRAME not in frames:
+            raise malware.MalwareError(malware.SCAN_FAILED, (
+                "the malware step left no report (it crashed or was killed; see the scan "
+                "pod's malware container)"))
+        result.update(malware.summarize(malware.parse_report(frames[malware.FRAME]),
+                                        budget_bytes // 4))
     scanner: dict[str, Any] = {"name": "trivy"}
     # Standalone: the Job's own DB (`trivy version`); client/server: the server's, in the report.
     local = parse_version(frames["version"]) if "version" in frames else None

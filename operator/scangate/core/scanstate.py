@@ -269,8 +269,10 @@ def project_pod(obj: dict[str, Any]) -> PodState:
     owner: dict[str, Any] = next((o for o in meta.get("ownerReferences") or []
                                   if o.get("kind") == "Job" and o.get("controller")), {})
     status = obj.get("status") or {}
+    # The malware step is an init container: killed at its limit, Trivy never starts.
     oom_killed = any(((c.get("state") or {}).get("terminated") or {}).get("reason") == "OOMKilled"
-                     for c in status.get("containerStatuses") or [])
+                     for c in [*(status.get("initContainerStatuses") or []),
+                               *(status.get("containerStatuses") or [])])
     return PodState(name=str(meta.get("name", "")), job=str(owner.get("name", "")),
                     job_uid=str(owner.get("uid", "")),
                     succeeded=status.get("phase") == "Succeeded", oom_killed=oom_killed)

@@ -379,7 +379,11 @@ class Notifier:
         pending.current_ids = frozenset(index) if index is not None else None
         pending.event = replace(pending.event, counts=result.summary or {},
                                 fixable=result.fixable, worst=worst,
-                                reason=result.reason, message=result.message)
+                                reason=result.reason, message=result.message,
+                                malware_count=result.malware_count,
+                                malware=tuple({"layer": h.layer, "path": h.path,
+                                               "signature": h.signature}
+                                              for h in result.malware[:5]))
         pending.previous = ((status.get("notified") or {}).get(receiver.name) or {}).get("ids")
 
     async def _send(self, receiver: Receiver, state: ReceiverState, kind: str,

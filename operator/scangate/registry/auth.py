@@ -85,3 +85,9 @@ def _host(value: str) -> str:
     """`https://index.docker.io/v1/` and `docker.io` name the same registry."""
     host = value.split("://", 1)[-1].split("/", 1)[0]
     return "docker.io" if host in ("index.docker.io", "registry-1.docker.io") else host
+
+
+def credentials_from_docker_config(raw: str, registry: str) -> Credentials | None:
+    """The credentials a docker config.json holds for `registry` (the scan Job's mounted
+    copy of a ScanRule's dockerconfigjson Secret)."""
+    return _from_docker_config(raw, "the registry's docker config", registry)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import heapq
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -66,6 +67,8 @@ _PORTS = {"http": 80, "https": 443}
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 _Origin = tuple[str, str, int]
+BodySink = Callable[[httpx.Response], Awaitable[None]]
+"""Takes a 200's body as it streams (a layer blob to a file)."""
 
 
 class RegistryError(Exception):
@@ -120,6 +123,18 @@ class _Manifest(_Body):
 
     media_type: str | None = Field(default=None, alias="mediaType")
     manifests: list[_Descriptor] | None = None
+
+
+class _Layer(_Body):
+    media_type: str = Field(alias="mediaType", max_length=256)
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class _ImageManifest(_Body):
+    """An image manifest, as far as its layers go."""
+
+    layers: list[_Layer] = Field(max_length=1000)
 
 
 class _Page(_Body):
@@ -305,27 +320,30 @@ class RegistryClient:
     async def _send(self, method: str, url: httpx.URL, who: str, *,
                     error: type[RegistryError] = RegistryError,
                     authorization: str | None = None, origin: _Origin | None = None,
-                    headers: dict[str, str] | None = None, limit: int = 0) -> _Answer:
+                    headers: dict[str, str] | None = None, limit: int = 0,
+                    sink: BodySink | None = None, deadline: float | None = None) -> _Answer:
         """One request and its redirects. `authorization` goes only to `origin` (by
         default `url`'s own) and over plain HTTP only for an insecure registry: a redirect
         elsewhere is followed without it. The body of a 200 is read up to `limit` bytes;
-        other bodies (and any with limit 0) are not read at all. The whole exchange has
-        `self.timeout` seconds."""
+        other bodies (and any with limit 0) are not read at all; with `sink`, a 200's body
+        goes to it instead. The whole exchange has `deadline` (default `self.timeout`)
+        seconds."""
+        seconds = deadline or self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(seconds):
                 return await self._send_within(method, url, who, error=error,
                                                authorization=authorization, origin=origin,
-                                               headers=headers, limit=limit)
+                                               headers=headers, limit=limit, sink=sink)
         except TimeoutError:
             raise RegistryUnavailable(
-                f"{who} sent no complete answer within {self.timeout:g}s") from None
+                f"{who} sent no complete answer within {seconds:g}s") from None
         except DestinationRefused as e:
             raise RegistryRefused(str(e)) from None
 
     async def _send_within(self, method: str, url: httpx.URL, who: str, *,
                            error: type[RegistryError], authorization: str | None,
                            origin: _Origin | None, headers: dict[str, str] | None,
-                           limit: int) -> _Answer:
+                           limit: int, sink: BodySink | None = None) -> _Answer:
         origin = origin or _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers or {})
@@ -341,7 +359,9 @@ class RegistryClient:
                         url = _url(location, f"{who} redirected to", error, base=url)
                         continue
                     body = b""
-                    if limit and response.status_code == 200:
+                    if sink is not None and response.status_code == 200:
+                        await sink(response)
+                    elif limit and response.status_code == 200:
                         body = await _read(response, limit,
                                            f"{who}'s answer for {url.path[:200]}")
                     else:
@@ -356,10 +376,13 @@ class RegistryClient:
     # -- requests with auth --------------------------------------------------------
 
     async def _request(self, method: str, path: str, scope: str,
-                       headers: dict[str, str] | None = None, limit: int = 0) -> _Answer:
+                       headers: dict[str, str] | None = None, limit: int = 0,
+                       sink: BodySink | None = None, deadline: float | None = None
+                       ) -> _Answer:
         for attempt in range(self.retries + 1):
             try:
-                return await self._request_once(method, path, scope, headers, limit)
+                return await self._request_once(method, path, scope, headers, limit, sink,
+                                                deadline)
             except RegistryUnavailable as e:
                 delay = self.backoff * 2 ** attempt if e.retry_after is None else e.retry_after
                 if attempt == self.retries or delay > MAX_RETRY_DELAY:
@@ -368,14 +391,17 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     async def _request_once(self, method: str, path: str, scope: str,
-                            headers: dict[str, str] | None, limit: int) -> _Answer:
+                            headers: dict[str, str] | None, limit: int,
+                            sink: BodySink | None = None, deadline: float | None = None
+                            ) -> _Answer:
         who, origin = f"registry {self.base_url}", self._registry_origin
         # A path of the API, or a Link the registry sent (made absolute by _pages).
         url = _url(f"{self.base_url}{path}" if path.startswith("/") else path,
                    f"{who} linked to", RegistryError)
         for _ in range(2):
             answer = await self._send(method, url, who, authorization=self._tokens.get(scope),
-                                      origin=origin, headers=headers, limit=limit)
+                                      origin=origin, headers=headers, limit=limit, sink=sink,
+                                      deadline=deadline)
             # Only the registry's own challenge is answered: a host it links or redirects
             # to must not name a token realm that would receive the credentials.
             if (answer.status != 401 or _origin(answer.url) != origin
@@ -493,6 +519,34 @@ class RegistryClient:
             "/".join(x for x in (m.platform.os, m.platform.architecture) if x)
             for m in body.manifests or [])
         raise ImageNotFound(f"image {ref} has no {platform} manifest (has: {available})")
+
+    async def layers(self, repository: str, digest: str) -> list[tuple[str, int]]:
+        """The (digest, size) of each layer of the image manifest `digest`, its body
+        checked against the digest (a registry cannot swap the layers of a digest)."""
+        response = await self._request("GET", f"/v2/{repository}/manifests/{digest}",
+                                       f"repository:{repository}:pull",
+                                       {"Accept": ", ".join(IMAGE_TYPES)}, MANIFEST_LIMIT)
+        if response.status == 404:
+            raise ImageNotFound(f"manifest {digest} not found in {repository}")
+        if response.status != 200:
+            raise RegistryError(f"registry answered HTTP {response.status} for {digest}")
+        if f"sha256:{hashlib.sha256(response.body).hexdigest()}" != digest:
+            raise RegistryError(f"the manifest {repository}@{digest} the registry sent does "
+                                f"not have that digest")
+        body = _parse(_ImageManifest, response, f"the manifest {repository}@{digest}")
+        return [(layer.digest, layer.size) for layer in body.layers]
+
+    async def blob(self, repository: str, digest: str, sink: BodySink, deadline: float
+                   ) -> None:
+        """Stream the blob `digest` to `sink` within `deadline` seconds (the sink checks
+        the size and the digest: it knows what it expects)."""
+        response = await self._request("GET", f"/v2/{repository}/blobs/{digest}",
+                                       f"repository:{repository}:pull", sink=sink,
+                                       deadline=deadline)
+        if response.status == 404:
+            raise ImageNotFound(f"blob {digest} not found in {repository}")
+        if response.status != 200:
+            raise RegistryError(f"registry answered HTTP {response.status} for blob {digest}")
 
     async def tags(self, repository: str, page_size: int = 1000) -> list[str]:
         """Every tag of a repository, following pagination."""

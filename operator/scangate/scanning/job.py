@@ -12,6 +12,7 @@ config, never through arguments. Its result is printed as checksummed frames
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,16 @@ class ScanJobSpec:
     vex: tuple[str, ...] = ()
     """OpenVEX documents (configmap/key, ConfigMaps of the Job's namespace) Trivy applies:
     those of every ScanPolicy and of the vexConfigMap setting (scangate.core.vex)."""
+    registry_url: str = ""
+    """Where the image's registry is spoken to (the malware step fetches the layers)."""
+    insecure_skip_verify: bool = False
+    """The ScanRule's insecureSkipTLSVerify (its own registry only)."""
+
+    @property
+    def trivy_scanners(self) -> list[str]:
+        """The scanners Trivy runs: all but malware (ClamAV's); vuln when malware is alone
+        (the result's vulnerability summary is never left empty)."""
+        return [s for s in self.scanners if s != "malware"] or ["vuln"]
 
     @property
     def name(self) -> str:
@@ -164,6 +175,66 @@ def job_name(scan_namespace: str, scan_name: str, scan_uid: str, queued_at: str,
     return f"scan-{readable}-{suffix}"
 
 
+@dataclass(frozen=True)
+class MalwareSettings:
+    """Operator-wide settings of the malware step (scanner malware)."""
+
+    image: str = "scangate/scangate-clamav:0.1.0"
+    db_url: str | None = None
+    db_files: tuple[str, ...] = ("main.cvd", "daily.cvd", "bytecode.cvd")
+    db_claim: str | None = None
+    db_max_age: str = "7d"
+    max_layer_bytes: int = 1 << 30
+    allowed_networks: tuple[str, ...] = ()
+    memory_limit: str = "2Gi"
+    """ClamAV holds its whole signature database in memory: about 1 GiB for ClamAV's own
+    main, daily and bytecode databases (more than Trivy's default 1Gi leaves)."""
+
+
+MALWARE_REPORT = f"{WORK}/malware.json"
+MALWARE_DB_MOUNT = "/var/lib/scangate/clamav"
+
+
+def malware_resources(trivy: TrivySettings, malware: MalwareSettings
+                      ) -> dict[str, dict[str, str]]:
+    """Trivy's, with room on disk for what the step holds at once: one layer blob, what
+    clamscan unpacks of it (its --max-scansize, twice the layer) and, for a layer with a
+    detection, its files (the layer again), and the signature databases."""
+    resources = {k: dict(v) for k, v in trivy.resources.items()}
+    resources["limits"]["memory"] = malware.memory_limit
+    if quantity_bytes(resources["requests"]["memory"]) > quantity_bytes(malware.memory_limit):
+        resources["requests"]["memory"] = malware.memory_limit
+    resources["limits"]["ephemeral-storage"] = f"{(malware.max_layer_bytes * 4 >> 20) + 1024}Mi"
+    return resources
+
+
+def malware_container(spec: ScanJobSpec, malware: MalwareSettings, trivy: TrivySettings,
+                      mounts: list[dict[str, Any]], env: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """The init container that scans every layer with ClamAV and leaves its report for
+    Trivy's script to print (scangate.scanning.malware). An init container, in the same
+    pod: the layers are fetched with the Job's own copy of the credentials, and the result
+    travels in the one log the operator reads."""
+    command = ["scangate", "malware-scan", "--image", spec.image,
+               "--registry-url", spec.registry_url, "--platform", spec.platform,
+               "--work", f"{WORK}/malware", "--output", MALWARE_REPORT,
+               "--timeout", str(spec.timeout_seconds),
+               "--db-max-age", malware.db_max_age,
+               "--max-layer-bytes", str(malware.max_layer_bytes),
+               "--allowed-networks", json.dumps(list(malware.allowed_networks))]
+    if malware.db_claim:
+        command += ["--db-dir", MALWARE_DB_MOUNT]
+    elif malware.db_url:
+        command += ["--db-url", malware.db_url, "--db-files", ",".join(malware.db_files)]
+    return {
+        "name": "malware", "image": malware.image, "command": command,
+        "env": env, "volumeMounts": mounts, "resources": malware_resources(trivy, malware),
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+
+
 def _trivy_args(spec: ScanJobSpec, scanners: list[str], output: str, cache: str
                 ) -> list[str]:
     args = ["trivy", "image", "--format", "json", "--output", output,
@@ -183,7 +254,7 @@ def _trivy_args(spec: ScanJobSpec, scanners: list[str], output: str, cache: str
 
 
 def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
-    scanners = list(spec.scanners)
+    scanners = spec.trivy_scanners
     # A Trivy 0.76 client drops the misconfigurations of the image's config on their way
     # through its server (the secrets of the config come back; measured on the sandbox):
     # in ClientServer mode the checks run in a second, local Trivy, which needs no
@@ -233,6 +304,9 @@ def trivy_command(spec: ScanJobSpec, trivy: TrivySettings) -> str:
         *versioned, *checks,
         f"{SCRUB} {WORK}/report.json > {WORK}/result.json",
         f"emit report {WORK}/result.json",
+        # The malware step's report, as it left it (none: the operator fails the scan).
+        *([f"if [ -f {MALWARE_REPORT} ]; then emit malware {MALWARE_REPORT}; fi"]
+          if "malware" in spec.scanners else []),
     ])
 
 
@@ -241,7 +315,8 @@ def vex_path(document: str) -> str:
     return f"{VEX_MOUNT}/{document}"
 
 
-def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[str, Any]:
+def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str,
+              malware: MalwareSettings | None = None) -> dict[str, Any]:
     """The Job of one attempt, in the operator's `namespace`. With registry credentials
     it is created suspended: its pod may start only once their copy, owned by the Job
     (and so deleted with it), exists (see credentials_secret)."""
@@ -275,6 +350,27 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[s
                                                           "optional": True}})
         mounts.append({"name": f"vex-{i}", "mountPath": f"{VEX_MOUNT}/{configmap}",
                        "readOnly": True})
+    init: list[dict[str, Any]] = []
+    deadline = spec.timeout_seconds + min(spec.timeout_seconds, 120)
+    if "malware" in spec.scanners:
+        malware = malware or MalwareSettings()
+        step_env = [e for e in env if not e["name"].startswith("TRIVY_")]
+        if spec.credentials_type == "kubernetes.io/basic-auth":
+            for var, key in (("SCANGATE_REGISTRY_USERNAME", "username"),
+                             ("SCANGATE_REGISTRY_PASSWORD", "password")):
+                step_env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                    "name": credentials, "key": key}}})
+        if spec.insecure_skip_verify:
+            step_env.append({"name": "SCANGATE_REGISTRY_INSECURE_SKIP_VERIFY", "value": "true"})
+        step_mounts = [m for m in mounts if not m["name"].startswith("vex-")]
+        if malware.db_claim:
+            volumes.append({"name": "clamav-db", "persistentVolumeClaim": {
+                "claimName": malware.db_claim, "readOnly": True}})
+            step_mounts.append({"name": "clamav-db", "mountPath": MALWARE_DB_MOUNT,
+                                "readOnly": True})
+        init.append(malware_container(spec, malware, trivy, step_mounts, step_env))
+        # The malware step has the scan's timeout of its own, before Trivy's.
+        deadline += spec.timeout_seconds
     labels = {SCAN_LABEL: scan_label(spec.scan_name), SCAN_NAMESPACE_LABEL: spec.scan_namespace,
               SCAN_UID_LABEL: spec.scan_uid, "app.kubernetes.io/managed-by": "scangate"}
     return {
@@ -292,7 +388,7 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[s
             "backoffLimit": 0,
             # The scan's own timeout plus time to pull the DB and print the result (as
             # much again for a short scan, at most two minutes).
-            "activeDeadlineSeconds": spec.timeout_seconds + min(spec.timeout_seconds, 120),
+            "activeDeadlineSeconds": deadline,
             "ttlSecondsAfterFinished": trivy.ttl_seconds_after_finished,
             "template": {
                 "metadata": {"labels": labels},
@@ -305,6 +401,7 @@ def build_job(spec: ScanJobSpec, trivy: TrivySettings, namespace: str) -> dict[s
                         "runAsGroup": trivy.run_as_user, "fsGroup": trivy.run_as_user,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    **({"initContainers": init} if init else {}),
                     "containers": [{
                         "name": "trivy",
                         "image": trivy.image,

@@ -34,6 +34,7 @@ from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.framing import FrameError, FrameTooLarge
 from scangate.core.images import ImageRef, InvalidReference, parse_image
+from scangate.core.malware import MalwareError
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.rulestate import RuleState
 from scangate.core.scanstate import (
@@ -54,6 +55,7 @@ from scangate.registry.client import RegistryClient, RegistryError
 from scangate.registry.configured import base_url, registry_client, shared_connections
 from scangate.scanning.job import (
     ATTEMPT_ANNOTATION,
+    MalwareSettings,
     ScanJobSpec,
     TrivySettings,
     build_job,
@@ -65,7 +67,7 @@ log = logging.getLogger("scangate.scanning")
 PLURAL = "imagescans"
 RESULT_FIELDS = ("summary", "fixable", "findings", "findingsTruncated", "vulnerabilityIndex",
                  "vulnerabilityIndexTruncated", "os", "scanner", "scannedAt", "scannedWith",
-                 *BASELINE_FIELDS, *SUPPRESSED_FIELDS)
+                 *BASELINE_FIELDS, *SUPPRESSED_FIELDS, "malware")
 MESSAGE_LIMIT = 4096  # status.message in the CRD
 JOB_GRACE = timedelta(seconds=60)
 """How long a Scanning scan may wait for its Job to be seen before it counts as lost."""
@@ -103,6 +105,13 @@ class ScanReconciler:
             insecure_db_repository=settings.trivy_insecure_db_repository,
             run_as_user=settings.scan_run_as_user, token_secret=settings.trivy_token_secret,
             memory_limit=settings.scan_memory_limit)
+        self.malware = MalwareSettings(
+            image=settings.malware_image, db_url=settings.malware_db_url,
+            db_files=tuple(settings.malware_db_files), db_claim=settings.malware_db_claim,
+            db_max_age=settings.malware_db_max_age,
+            max_layer_bytes=settings.malware_max_layer_bytes,
+            allowed_networks=tuple(settings.allowed_networks),
+            memory_limit=settings.malware_memory_limit)
         self.jobs_namespace = settings.namespace
         """Where scan Jobs run: the operator's namespace, never a tenant's."""
         self.retry_backoff = parse_duration(settings.retry_backoff)
@@ -419,8 +428,12 @@ class ScanReconciler:
                 on_rule_registry and bool(registry.get("insecureSkipTLSVerify"))),
             ca_bundle=registry.get("caBundle") if on_rule_registry else None,
             credentials_type=str(credentials.get("type")) if credentials else None,
-            vex=self.vex_documents())
-        body = build_job(job_spec, self.trivy, self.jobs_namespace)
+            vex=self.vex_documents(),
+            registry_url=base_url(ref, registry.get("url") if rule is not None else None,
+                                  self.settings),
+            insecure_skip_verify=on_rule_registry and bool(
+                registry.get("insecureSkipTLSVerify")))
+        body = build_job(job_spec, self.trivy, self.jobs_namespace, self.malware)
         assert body["metadata"]["name"] == name
         job = await self.kube.create_job(self.jobs_namespace, body)
         created = job is not None
@@ -522,7 +535,9 @@ class ScanReconciler:
             # The same image under the same limit would be killed again: no retry.
             return await self._fail(scan, "OOMKilled", (
                 f"scan pod of Job {job.name} was killed at its memory limit "
-                f"({self.trivy.memory_limit}); raise config.scanMemoryLimit"))
+                f"({self.trivy.memory_limit}); raise config.scanMemoryLimit"
+                + (f" (or config.malwareMemoryLimit, {self.malware.memory_limit}, for its "
+                   f"malware step)" if "malware" in scan.scanners else "")))
         if job.finished == "Failed":
             tail = log_tail(text) or "no output"
             return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")
@@ -542,14 +557,20 @@ class ScanReconciler:
             # The frame was intact, so this is what Trivy printed: trying again would
             # print it again.
             return await self._fail(scan, "InvalidReport", str(e))
+        except MalwareError as e:
+            # The malware step could not look (no or stale signatures, a limit, a timeout):
+            # never a clean result. A mirror may be back for the next attempt.
+            return await self._attempt_failed(scan, e.reason, str(e))
         del text
+        malware_db = result.pop("malwareDB", None)
         finished = datetime.now(UTC)
         done_at = stamp(finished)
         summary = result["summary"]
         await self._set(scan, {
             **result, "phase": Phase.COMPLETED, "completionTime": done_at, "scannedAt": done_at,
             "scannedWith": {"scanners": list(scan.scanners),
-                            "ignoreUnfixed": scan.ignore_unfixed},
+                            "ignoreUnfixed": scan.ignore_unfixed,
+                            **({"malwareDB": malware_db} if malware_db else {})},
             "reason": None, "message": None, "reusedFrom": None}, True, Phase.COMPLETED,
             "scan completed")
         metrics.SCANS.labels("completed").inc()
@@ -557,6 +578,8 @@ class ScanReconciler:
             metrics.SCAN_DURATION.observe((finished - scan.start_time).total_seconds())
         counts = ", ".join(f"{summary[s]} {s}" for s in ("critical", "high", "medium", "low"))
         baseline = f"; {result['baseline']}" if result.get("baseline") else ""
+        if result.get("malware") is not None:
+            baseline += f"; malware: {result['malware']['count']} detections"
         await self.kube.event(_owner(scan), "Normal", "ScanCompleted",
                               f"{counts} ({summary['total']} findings in all){baseline}")
 
