@@ -88,6 +88,8 @@ class Store(Generic[T]):
         """Keys handled since the current listing began (None outside one)."""
         self._waiting: set[Key] = set()
         """Keys listed whose events have not been handled yet."""
+        self._before: set[Key] = set()
+        """Keys held when the current listing began."""
 
     def trim(self, obj: Obj) -> None:
         """Drop from a body, in place, what the projection never reads: the fields
@@ -158,12 +160,16 @@ class Store(Generic[T]):
 
     def listing_started(self) -> None:
         self._seen = set()
+        self._before = set(self.items)
 
     def listed(self, keys: set[Key]) -> None:
-        """The listing is over: what it did not have is gone, and the store is synced once
-        every object it had has been handled."""
-        for key in set(self.items) - keys:
+        """The listing is over: what was held before it began and it did not have is gone,
+        and the store is synced once every object it had has been handled. An object held
+        since it began came from the operator's own write (an ImageScan it created), which
+        the listing's snapshot may predate: it stays, and the watch brings its news."""
+        for key in self._before - keys:
             self.remove(key)
+        self._before = set()
         self._waiting = keys - (self._seen or set())
         self._seen = None
         if not self._waiting:

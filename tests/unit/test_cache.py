@@ -105,6 +105,22 @@ def test_a_relist_removes_what_was_deleted_while_the_watch_was_down() -> None:
     assert ("b", True) in told
 
 
+def test_a_relist_keeps_what_the_operator_created_meanwhile() -> None:
+    """An ImageScan the operator creates while kopf relists is held from the create's
+    answer; the listing's snapshot may predate it. Dropping it would tell the reconciler
+    it was deleted, and its scan Job would be deleted as an orphan."""
+    store, told = _store()
+    store.listing_started()
+    store.event(None, _obj("a", 1))
+    store.listed({("ns", "a")})
+    store.listing_started()
+    store.apply(_obj("new", 5))  # created now, after the list's snapshot
+    store.event(None, _obj("a", 1))
+    store.listed({("ns", "a")})
+    assert _names(store) == ["a", "new"]
+    assert ("new", True) not in told
+
+
 def test_scan_jobs_of_someone_else_are_not_held() -> None:
     cache = Cache(ScanIndex(timedelta(hours=1)))
     job = {**_obj("other", 1, namespace="scangate-system"), "spec": {}, "status": {}}
