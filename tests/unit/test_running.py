@@ -119,6 +119,7 @@ def test_the_index_says_when_an_image_starts_running_in_a_namespace_once() -> No
     assert index.update(_pod("p2", "ns", a, b), False) == [("ns", b)]  # a runs already
     assert index.update(_pod("p3", "other", a), False) == [("other", a)]
     assert sorted(index.where(D1)) == [("ns", a), ("other", a)]
+    assert sorted(index.in_namespace("ns")) == [a, b] and index.in_namespace("x") == []
     assert len(index) == 3
     # an update of the same pod with the same images is no news
     assert index.update(_pod("p2", "ns", a, b), False) == []
@@ -127,10 +128,12 @@ def test_the_index_says_when_an_image_starts_running_in_a_namespace_once() -> No
     assert index.update(_pod("p2", "ns", a, b), True) == []
     assert not index.running("ns", D1) and not index.running("ns", D2)
     assert index.where(D1) == [("other", a)] and index.where(D2) == []
+    assert index.in_namespace("ns") == []
     # a pod whose image changed (an ephemeral container, a digest reported)
     index.update(_pod("p3", "other", b), False)
     assert index.where(D1) == [] and sorted(index.images()) == [("other", b)]
     assert index.update(_pod("p3", "other", b), True) == [] and len(index) == 0
+    assert index.in_namespace("other") == [] and index._by_namespace == index._by_key == {}
 
 
 def test_a_decision_in_one_word_worst_first() -> None:

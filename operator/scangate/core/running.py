@@ -218,6 +218,8 @@ class RunningIndex:
         self._uses: dict[tuple[str, str], int] = {}
         self._by_key: dict[str, dict[str, RunningImage]] = {}
         """image key (digest or reference) -> namespace -> the image."""
+        self._by_namespace: dict[str, dict[str, RunningImage]] = {}
+        """namespace -> image key -> the image (a namespace's labels changed)."""
 
     def update(self, pod: RunningPod, gone: bool) -> list[tuple[str, RunningImage]]:
         """Take a pod's change; the (namespace, image) pairs that started running."""
@@ -234,6 +236,7 @@ class RunningIndex:
             self._uses[use] = self._uses.get(use, 0) + 1
             if self._uses[use] == 1:
                 self._by_key.setdefault(key, {})[pod.namespace] = after[key]
+                self._by_namespace.setdefault(pod.namespace, {})[key] = after[key]
                 started.append((pod.namespace, after[key]))
         return started
 
@@ -244,10 +247,12 @@ class RunningIndex:
             self._uses[use] = left
             return
         self._uses.pop(use, None)
-        held = self._by_key.get(key, {})
-        held.pop(namespace, None)
-        if not held:
-            self._by_key.pop(key, None)
+        for index, outer, inner in ((self._by_key, key, namespace),
+                                    (self._by_namespace, namespace, key)):
+            held = index.get(outer, {})
+            held.pop(inner, None)
+            if not held:
+                index.pop(outer, None)
 
     def running(self, namespace: str, key: str) -> bool:
         return (namespace, key) in self._uses
@@ -260,6 +265,10 @@ class RunningIndex:
     def where(self, key: str) -> list[tuple[str, RunningImage]]:
         """The namespaces where an image (digest or reference) runs."""
         return list(self._by_key.get(key, {}).items())
+
+    def in_namespace(self, namespace: str) -> list[RunningImage]:
+        """The images running in a namespace."""
+        return list(self._by_namespace.get(namespace, {}).values())
 
     def __len__(self) -> int:
         return len(self._uses)

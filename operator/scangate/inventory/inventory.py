@@ -115,9 +115,8 @@ class Inventory:
         self._epoch += 1
         self._changed = True
         if not gone:  # perhaps covered now (its ignore label removed)
-            for namespace, image in self.index.images():
-                if namespace == state.name:
-                    self._waiting[(namespace, image.key)] = image
+            for image in self.index.in_namespace(state.name):
+                self._waiting[(state.name, image.key)] = image
             self._news.set()
 
     def _policy_changed(self, state: PolicyState, gone: bool) -> None:
