@@ -29,6 +29,7 @@ COMBINATIONS = {
     "fail open": ["--set", "config.admissionFailurePolicy=Ignore"],
     "gate answers the API server only": ["--set", "webhook.clientAuth.enabled=true",
                                          "--set", "webhook.clientAuth.caSecret=apiserver-ca"],
+    "malware signature mirror": ["--set", "malwareMirror.enabled=true"],
 }
 
 
@@ -137,6 +138,13 @@ def test_every_rendered_setting_is_one_the_operator_accepts(
     assert settings.max_result_log_bytes == 16 * 1024 * 1024
     assert settings.max_result_bytes == 8 * 1024 * 1024
     assert str(settings.max_running_scans) == env["SCANGATE_MAX_RUNNING_SCANS"]
+    if values == "malware signature mirror":
+        assert settings.malware_db_url == "http://scangate-clamav-mirror.scangate-system/"
+        mirror = next(o for o in objects if o["kind"] == "ConfigMap"
+                      and o["metadata"]["name"] == "scangate-clamav-mirror")
+        assert "ScriptedUpdates no" in mirror["data"]["freshclam.conf"]
+    else:
+        assert settings.malware_db_url is None
 
 
 def test_every_pod_the_chart_makes_runs_confined_and_only_its_ports_are_open(

@@ -77,6 +77,19 @@ def values_schema() -> Schema:
                                        "The DB cache volume."),
                 "resources": resources,
             }, "The Trivy server of ClientServer mode."),
+            "malwareMirror": _object({
+                "enabled": {"type": "boolean"},
+                "databaseMirror": {"type": "string", "minLength": 1,
+                                   "description": "freshclam's DatabaseMirror."},
+                "privateMirror": {"type": "string", "description": "Instead: an upstream "
+                                  "private mirror (freshclam's PrivateMirror)."},
+                "checks": {"type": "integer", "minimum": 1, "maximum": 50},
+                "persistence": _object({"size": {"type": "string"},
+                                        "storageClass": {"type": "string"}},
+                                       "The databases' volume."),
+                "resources": resources,
+            }, "ClamAV's signature databases kept by freshclam and served to the scan Jobs "
+               "(config.malwareDbUrl defaults to it)."),
             "webhook": _object({
                 "existingSecret": {
                     "type": "string", "description": "A kubernetes.io/tls Secret with "

@@ -34,6 +34,7 @@ from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
 from scangate.core.framing import FrameError, FrameTooLarge
 from scangate.core.images import ImageRef, InvalidReference, parse_image
+from scangate.core.malware import SCAN_FAILED as MALWARE_SCAN_FAILED
 from scangate.core.malware import MalwareError
 from scangate.core.results import log_tail, result_from_log
 from scangate.core.rulestate import RuleState
@@ -528,6 +529,13 @@ class ScanReconciler:
                                                self.settings.max_result_log_bytes)
         except LookupError as e:
             return await self._attempt_failed(scan, "PodLost", str(e))
+        except ApiException as e:
+            # A container that never started has no log (400): the malware step, an init
+            # container, ended the pod before Trivy (killed, or crashed).
+            if e.status not in (400, 404) or job.finished != "Failed" or (
+                    "malware" not in scan.scanners):
+                raise
+            text = ""
         except LogTooLarge as e:
             return await self._fail(scan, "ResultTooLarge", f"{e} (MAX_RESULT_LOG_BYTES)",
                                     counted=False)
@@ -538,6 +546,10 @@ class ScanReconciler:
                 f"({self.trivy.memory_limit}); raise config.scanMemoryLimit"
                 + (f" (or config.malwareMemoryLimit, {self.malware.memory_limit}, for its "
                    f"malware step)" if "malware" in scan.scanners else "")))
+        if job.finished == "Failed" and not text and "malware" in scan.scanners:
+            return await self._attempt_failed(scan, MALWARE_SCAN_FAILED, (
+                f"the malware step of Job {job.name} failed before Trivy started (see the "
+                f"scan pod's malware container)"))
         if job.finished == "Failed":
             tail = log_tail(text) or "no output"
             return await self._attempt_failed(scan, "TrivyFailed", f"Trivy failed: {tail}")
