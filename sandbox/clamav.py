@@ -69,16 +69,17 @@ def build_database(directory: Path, version: int = 1) -> Path:
 
 
 @contextmanager
-def mirror(directory: Path) -> Iterator[str]:
-    """A private mirror: `directory` over plain HTTP on loopback, its URL."""
+def mirror(directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A private mirror: `directory` over plain HTTP on `host` (loopback; the real node's
+    bridge address for its pods), its URL."""
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *_: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    server = ThreadingHTTPServer((host, 0), partial(Quiet, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"http://{host}:{server.server_address[1]}/"
     finally:
         server.shutdown()

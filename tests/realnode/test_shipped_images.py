@@ -20,7 +20,10 @@ import yaml
 
 import scans
 from conftest import Kubectl, wait_for
+from sandbox.advisories import load_images
+from sandbox.clamav import DB_NAME, EICAR, EICAR_SIGNATURE, build_database, mirror
 from sandbox.controlplane import REPO, Sandbox, load_env
+from sandbox.images import Pusher, build_image, layer
 from scans import admit, create_scan, jobs, push_variant, sleeper, wait_done
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.realnode]
@@ -288,6 +291,43 @@ def test_the_leader_deleted_the_other_leads_within_15_s_and_every_scan_completes
     assert per_scan == {n: 1 for n in names}, per_scan
     assert all(done[n]["status"]["attempts"] == 1 for n in names)
     print(f"\nleader handover after deleting its pod: {handover:.1f}s")
+
+
+def test_a_malware_scan_runs_the_shipped_clamav_image_in_the_real_scan_pod(
+    env: dict[str, str], k: Kubectl, release: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Scanner malware on the real node: the scan pod's malware step is the image `make
+    image` built from Dockerfile.clamav, fetching the test signatures from a private mirror
+    on the node's bridge, and it finds the EICAR string in a layer."""
+    directory = tmp_path_factory.mktemp("clamav-mirror")
+    build_database(directory)
+    with mirror(directory, env["NODE_IP"]) as url:
+        helm(env, "upgrade", RELEASE, str(CHART), "--reuse-values",
+             "--set", f"config.malwareImage={env['SCANGATE_MALWARE_IMAGE']}",
+             "--set", f"config.malwareDbUrl={url}",
+             "--set-json", f"config.malwareDbFiles={json.dumps([DB_NAME])}",
+             "--wait", "--timeout", "4m")
+        wait_for(lambda: len(ready_pods(k)) == 2 and leader_pod(k), 120,
+                 "the upgraded replicas")
+        ns = f"mal-{uuid.uuid4().hex[:6]}"
+        k("create", "namespace", ns)
+        decl = {**load_images()["clean"], "files": {"etc/scangate-test-id": uuid.uuid4().hex}}
+        pusher = Pusher(f"http://{env['REGISTRY']}")
+        pusher.image("malware/eicar", "1", build_image(
+            decl, extra_layers=[layer({"opt/app/eicar.com": EICAR})]))
+        pusher.close()
+        create_scan(k, ns, "eicar", f"{env['REGISTRY']}/malware/eicar:1",
+                    scanners=["vuln", "malware"])
+        status = wait_done(k, ns, ["eicar"], 300)["eicar"]["status"]
+    assert status["phase"] == "Completed", status
+    assert [(d["path"], d["signature"]) for d in status["malware"]["detections"]] == [
+        ("opt/app/eicar.com", f"{EICAR_SIGNATURE}.String")], status["malware"]
+    pod = get(k, "pods", "-n", NAMESPACE, "-l", f"scangate.dev/imagescan-namespace={ns}")
+    step = pod["items"][0]["status"]["initContainerStatuses"][0]
+    assert step["name"] == "malware" and step["containerID"].startswith("containerd://"), step
+    assert digest_of(step["imageID"]) == env["SCANGATE_MALWARE_IMAGE_DIGEST"], step
+    assert step["state"]["terminated"]["reason"] == "Completed", step
 
 
 def test_a_scan_pod_killed_at_its_memory_limit_ends_its_scan_oomkilled(
