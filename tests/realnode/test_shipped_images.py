@@ -2,9 +2,10 @@
 (containerd and kubelet), installed by the chart as a user installs it.
 
 One real-node sandbox for the module: `make image SANDBOX_DIR=DIR` builds the operator
-image from the Dockerfile and the scan image, pushes both to the sandbox's registry and
-names them in its env file; `helm install` runs the chart with them. Scan Jobs run in the
-operator's namespace (the release's), their pods labelled scangate.dev/imagescan."""
+image from the Dockerfile, the malware image from Dockerfile.clamav and the scan image,
+pushes them to the sandbox's registry and names them in its env file; `helm install` runs
+the chart with them. Scan Jobs run in the operator's namespace (the release's), their pods
+labelled scangate.dev/imagescan."""
 
 from __future__ import annotations
 
@@ -148,11 +149,12 @@ def release(env: dict[str, str], k: Kubectl, tmp_path_factory: pytest.TempPathFa
     return values
 
 
-def test_make_image_pushes_both_images_and_names_them_in_the_env_file(
+def test_make_image_pushes_the_images_and_names_them_in_the_env_file(
     env: dict[str, str], k: Kubectl,
 ) -> None:
     registry = env["REGISTRY"]
     assert env["SCANGATE_IMAGE"].startswith(f"{registry}/scangate/scangate:")
+    assert env["SCANGATE_MALWARE_IMAGE"].startswith(f"{registry}/scangate/scangate-clamav:")
     assert env["SCANGATE_TRIVY_IMAGE"] == f"{registry}/aquasec/trivy:0.76.0"
 
     def config(image: str) -> dict[str, Any]:
@@ -163,6 +165,7 @@ def test_make_image_pushes_both_images_and_names_them_in_the_env_file(
 
     operator = config(env["SCANGATE_IMAGE"])
     assert operator["User"] == "65532:65532" and operator["Entrypoint"] == ["scangate"]
+    assert config(env["SCANGATE_MALWARE_IMAGE"])["User"] == "65532:65532"
     scan = config(env["SCANGATE_TRIVY_IMAGE"])
     assert scan["Entrypoint"] == ["trivy"] and not scan.get("User")  # root, as upstream's
     ns = f"img-{uuid.uuid4().hex[:6]}"
