@@ -166,3 +166,22 @@ def test_a_scan_is_asked_for_only_where_covered_and_no_scan_of_the_digest_exists
                                     phase=phase, digest=D1))
         assert not needs_scan(running, True, scans), phase
         assert needs_scan(RunningImage("r/b:1", D2), True, scans)
+
+
+def test_an_image_by_tag_is_not_asked_for_when_a_scan_names_the_tag() -> None:
+    """A node that reports no digest: the gate's scan of the tag (pinned to the digest it
+    resolved) speaks for it, and removing that scan lets the inventory ask again."""
+    from datetime import timedelta
+
+    from scangate.core.running import needs_scan
+    from scangate.core.scanstate import ScanIndex, ScanState
+
+    scans = ScanIndex(timedelta(hours=24))
+    by_tag = RunningImage("reg.example/team/app:1")
+    scans.upsert_scan(ScanState("ns", "gate", image=f"REG.example:443/team/app:1@{D1}",
+                                phase="Completed", digest=D1))
+    assert not needs_scan(by_tag, True, scans)
+    assert [s.name for s in scans.by_tag("reg.example/team/app:1")] == ["gate"]
+    assert needs_scan(RunningImage("reg.example/team/app:2"), True, scans)  # another tag
+    scans.delete_scan(("ns", "gate"))
+    assert needs_scan(by_tag, True, scans) and scans.by_tag("reg.example/team/app:1") == []

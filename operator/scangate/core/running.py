@@ -297,4 +297,6 @@ def needs_scan(image: RunningImage, covered: bool, scans: ScanIndex) -> bool:
     for once; its scan resolves the tag."""
     if not covered:
         return False
-    return image.digest is None or not scans.by_digest(image.digest)
+    if image.digest is None:  # one of its tag (the gate's, pinned when it resolved it)
+        return not scans.by_tag(image.reference)
+    return not scans.by_digest(image.digest)

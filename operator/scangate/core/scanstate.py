@@ -8,6 +8,7 @@ queued or scanning, never what is stored. Pure: no I/O, no clock of its own.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from typing import Any
 
 from scangate.api.common import SeverityCounts
 from scangate.api.imagescan import ImageScan, ImageScanStatus, Phase
+from scangate.core.images import ImageRef, InvalidReference, parse_image
 
 SEVERITY_KEYS = ("critical", "high", "medium", "low", "unknown")
 RESULT_DETAIL = ("findings", "vulnerabilityIndex", "failedChecks", "secrets",
@@ -41,6 +43,17 @@ def parse_time(value: object) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def tag_of(image: str) -> str | None:
+    """registry/repository:tag of a reference that names a tag (a digest beside it left
+    out), normalised as the gate's pinned references are; None without a tag."""
+    try:
+        ref = parse_image(image)
+    except InvalidReference:
+        return None
+    return str(ImageRef(ref.registry, ref.repository, ref.tag)) if ref.tag else None
 
 
 def scan_key(digest: str, scanners: Iterable[str], ignore_unfixed: bool) -> str:
@@ -369,6 +382,9 @@ class ScanIndex:
     """Completed vulnerability results by digest (admission judges by the newest)."""
     _by_digest: dict[str, dict[str | None, set[Ref]]] = field(default_factory=dict)
     """ImageScans by digest, then by phase."""
+    _by_tag: dict[str, set[Ref]] = field(default_factory=dict)
+    """ImageScans by the tag they name (registry/repository:tag, with or without a digest
+    pinned beside it)."""
     _rescans: dict[Ref, ScanState] = field(default_factory=dict)
     """Settled scans asked to scan again (status.rescanRequest)."""
     _by_rule: dict[Ref, set[str]] = field(default_factory=dict)
@@ -558,6 +574,8 @@ class ScanIndex:
             self._rescans[s.ref] = s
         for digest in s.digests:
             self._by_digest.setdefault(digest, {}).setdefault(s.phase, set()).add(s.ref)
+        if tag := tag_of(s.image):
+            self._by_tag.setdefault(tag, set()).add(s.ref)
         if s.owner:
             self._by_rule.setdefault((s.namespace, s.owner), set()).add(s.name)
         if s.phase == Phase.COMPLETED and s.scanned_at and "vuln" in s.scanners:
@@ -592,6 +610,10 @@ class ScanIndex:
             if not phases:
                 self._by_digest.pop(digest, None)
             _remove(self._vulnerabilities, digest, s.ref)
+        if (tag := tag_of(s.image)) and tag in self._by_tag:
+            self._by_tag[tag].discard(s.ref)
+            if not self._by_tag[tag]:
+                del self._by_tag[tag]
         rule = (s.namespace, s.owner or "")
         if rule in self._by_rule:
             self._by_rule[rule].discard(s.name)
@@ -625,6 +647,11 @@ class ScanIndex:
         """Every ImageScan of a digest (a manifest's, or an index's)."""
         return [self.scans[r] for refs in self._by_digest.get(digest, {}).values()
                 for r in refs]
+
+    def by_tag(self, image: str) -> list[ScanState]:
+        """Every ImageScan of the tag `image` names (pinned to a digest or not)."""
+        tag = tag_of(image)
+        return [self.scans[r] for r in self._by_tag.get(tag, ())] if tag else []
 
     def in_phase(self, digest: str, phases: Iterable[str | None]) -> ScanState | None:
         """An ImageScan of the digest in one of `phases`, if there is one."""

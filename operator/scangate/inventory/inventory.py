@@ -204,14 +204,19 @@ class Inventory:
 
     def _digest(self, namespace: str, image: RunningImage) -> str | None:
         """The image's digest: the node's, else the one its inventory scan resolved the
-        tag to (the node has not reported one)."""
+        tag to, else the newest another scan of the tag did (the gate's, pinned at
+        admission; the node has not reported one)."""
         if image.digest is not None:
             return image.digest
         with contextlib.suppress(InvalidReference):
             own = self.cache.scans.scans.get(
                 self.requests.asked(namespace, parse_image(image.reference), None))
-            return own.digest if own is not None else None
-        return None
+            if own is not None and own.digest:
+                return own.digest
+        resolved = [s for s in self.cache.scans.by_tag(image.reference) if s.digest]
+        newest = max(resolved, key=lambda s: s.queued_at or datetime.min.replace(tzinfo=UTC),
+                     default=None)
+        return newest.digest if newest is not None else None
 
     async def _judge(self, namespace: str, image: RunningImage, policies: list[Policy],
                      wanted: frozenset[str], now: datetime, vex: VexState | None) -> Judged:
