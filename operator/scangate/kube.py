@@ -22,13 +22,9 @@ from kubernetes.client.exceptions import ApiException
 
 from scangate.api import GROUP, VERSION
 from scangate.core.events import EventCorrelator
+from scangate.core.scanstate import stamp
 
 Obj = dict[str, Any]
-
-
-def stamp(moment: datetime) -> str:
-    """A Kubernetes timestamp (RFC 3339, UTC, seconds)."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now() -> str:

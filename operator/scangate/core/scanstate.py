@@ -36,6 +36,11 @@ Ref = tuple[str, str]
 """(namespace, name)"""
 
 
+def stamp(moment: datetime) -> str:
+    """A Kubernetes timestamp (RFC 3339, UTC, seconds): parse_time's inverse."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
@@ -206,7 +211,8 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         start_time=done.start_time, scanned_at=done.scanned_at,
         retry_after=done.retry_after, job_name=done.job_name, job_uid=done.job_uid,
         result_key=result_key, summary=_counts(done.summary), fixable=_counts(done.fixable),
-        ready=(ready.status, _stamp(ready.last_transition_time)) if ready else None,
+        ready=(ready.status, stamp(ready.last_transition_time)
+               if ready.last_transition_time else "") if ready else None,
         completion_time=done.completion_time,
         notified=tuple(sorted((k, v.key) for k, v in (done.notified or {}).items())),
         rescan_request=done.rescan_request, rescan_answered=done.rescan_answered,
@@ -215,11 +221,6 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
 
 def _dicts(value: object) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def _stamp(moment: datetime | None) -> str:
-    """A condition's time as scangate writes it (RFC 3339, UTC, seconds)."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
 
 
 

@@ -47,10 +47,11 @@ from scangate.core.scanstate import (
     ScanState,
     Start,
     project_job,
+    stamp,
 )
 from scangate.core.trivy import BASELINE_FIELDS, SUPPRESSED_FIELDS, ReportError
 from scangate.core.validation import check_image_on_registry
-from scangate.kube import Kube, LogTooLarge, Obj, now, stamp
+from scangate.kube import Kube, LogTooLarge, Obj, now
 from scangate.registry.auth import CredentialsError
 from scangate.registry.client import RegistryClient, RegistryError
 from scangate.registry.configured import base_url, registry_client, shared_connections
