@@ -37,7 +37,7 @@ unit: venv
 test: deps venv testbin lint
 	@log="$${TMPDIR:-/tmp}/scangate-prebuild-$$$$.log"; \
 	( nice -n 10 hack/testbin --node && nice -n 10 hack/image ) > "$$log" 2>&1 & prebuild=$$!; \
-	fast=0; $(BIN)/pytest -v -m "not realnode" || fast=$$?; \
+	fast=0; $(BIN)/pytest -v --durations=30 -m "not realnode" || fast=$$?; \
 	if ! wait $$prebuild; then \
 	  echo "the real node's binaries or the images failed to build:" >&2; cat "$$log" >&2; exit 1; fi; \
 	rm -f "$$log"; \
@@ -48,7 +48,7 @@ test: deps venv testbin lint
 test-realnode: deps venv testbin
 	@[ "$$(id -u)" = 0 ] || { echo "make test-realnode needs root (bridges, mounts, cgroups, buildah)" >&2; exit 1; }
 	hack/testbin --node >/dev/null
-	$(BIN)/pytest -v -m realnode tests/realnode
+	$(BIN)/pytest -v --durations=10 -m realnode tests/realnode
 
 # The operator image (the Dockerfile) and the scan image, with buildah (hack/image);
 # make image SANDBOX_DIR=DIR also pushes them to that sandbox's registry.

@@ -107,7 +107,11 @@ def test_the_gate_answers_500_reviews_a_second_for_a_minute(
            errors=errors, error_kinds=result.get("errors") or [],
            p50_ms=latencies["50th"], p99_ms=latencies["99th"], max_ms=latencies["max"],
            webhook_timeout_s=timeout, throughput=round(result["throughput"], 1))
-    assert result["requests"] == RATE * SECONDS
+    # vegeta's pacer stops at the duration: on a busy 2-core machine its own loop can fall a
+    # few hits behind (CI once sent 29,997 of 30,000, every one answered). What is asserted
+    # of the gate is that every request sent was answered in time; the count only has to
+    # show that the rate was really offered.
+    assert result["requests"] >= RATE * SECONDS * 0.995
     assert errors == 0 and result["success"] == 1, result.get("errors")
     assert latencies["99th"] < timeout * 1000
     assert verdicts() == expected  # and it still judges after the load
