@@ -21,6 +21,10 @@ MAX_HEADER = 8 << 10
 _SPACES = re.compile(r"[ \t]*")
 _TOKEN = re.compile(r'[^ \t,;="<>]*')
 _PLAIN = re.compile(r'[^"\\]*')
+# One link-param up to its value: `; name =` (spaces anywhere). Each part is a single
+# character class or a literal, so it is as linear as the classes above; a quoted value
+# is then read by the scanner (it unescapes), a token by _TOKEN.
+_LINK_PARAM = re.compile(r'[ \t]*;[ \t]*([^ \t,;="<>]*)[ \t]*(=[ \t]*)?')
 
 
 class HeaderError(ValueError):
@@ -136,20 +140,10 @@ def next_link(header: str) -> str | None:
         target = header[s.at + 1:end]
         s.at = end + 1
         rels: list[str] = []
-        while True:
-            s.skip_space()
-            if s.peek() != ";":
-                break
-            s.at += 1
-            s.skip_space()
-            name = s.token().lower()
-            s.skip_space()
-            value = ""
-            if s.peek() == "=":
-                s.at += 1
-                s.skip_space()
-                value = s.value()
-            if name == "rel":
+        while (param := _LINK_PARAM.match(header, s.at)) is not None:
+            s.at = param.end()
+            value = s.value() if param.group(2) else ""
+            if param.group(1).lower() == "rel":
                 rels += value.lower().split()
         if "next" in rels:
             return target
