@@ -36,6 +36,11 @@ INVENTORY_SCANS = Counter(
     "scangate_inventory_scans_total",
     "ImageScans the inventory asked for running images no ImageScan spoke for.", ["result"])
 
+POLICY_REPORT_WRITES = Counter(
+    "scangate_policy_report_writes_total",
+    "PolicyReport writes by the leader, by result: created, updated, deleted, failed "
+    "(tried again at the next pass). An unchanged report is not written.", ["result"])
+
 PUSH_EVENTS = Counter("scangate_push_notifications_total",
                       "Push notifications received, by result: accepted, unauthorized, "
                       "malformed, unavailable, failed.", ["result"])
