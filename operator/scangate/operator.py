@@ -11,6 +11,7 @@ import kopf
 import prometheus_client
 from aiohttp import web
 
+from scangate import metrics
 from scangate.admission import configuration
 from scangate.admission.gate import Gate
 from scangate.admission.server import AdmissionServer, read_review
@@ -158,6 +159,7 @@ async def main(settings: Settings) -> None:
     destinations = Destinations.of(settings.allowed_networks, api_server_endpoints())
     # The Lease on threads of its own: renewals must never wait behind a burst of work.
     leader = LeaderElector(Kube(2), settings.namespace)
+    metrics.LEADER.set_function(lambda: float(leader.is_leader))
     reconciler = ScanReconciler(kube, settings, cache, destinations)
     rules = RuleController(kube, settings, cache, destinations)
     notifier = Notifier(Kube(8), settings, cache, destinations)

@@ -31,6 +31,7 @@ COMBINATIONS = {
                                          "--set", "webhook.clientAuth.caSecret=apiserver-ca"],
     "malware signature mirror": ["--set", "malwareMirror.enabled=true"],
     "wgpolicyk8s.io reports": ["--set", "config.policyReports=wgpolicyk8s.io/v1alpha2"],
+    "grafana dashboard": ["--set", "grafanaDashboard.enabled=true"],
 }
 
 
