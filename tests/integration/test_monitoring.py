@@ -109,6 +109,8 @@ def test_promtool_accepts_the_rules_and_they_fire_on_their_conditions(
                              text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     sel = 'job="scangate-metrics",namespace="scangate-system"'
+    annotations = {r["alert"]: r["annotations"] for g in rule["spec"]["groups"]
+                   for r in g["rules"]}
     cases = {
         "rule_files": [str(rules)], "evaluation_interval": "1m",
         "tests": [{
@@ -127,14 +129,22 @@ def test_promtool_accepts_the_rules_and_they_fire_on_their_conditions(
             ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": "ScangateLeaderMissing", "exp_alerts": [
-                    {"exp_labels": {"severity": "critical"}}]},
+                    {"exp_labels": {"severity": "critical"},
+                     "exp_annotations": annotations["ScangateLeaderMissing"]}]},
                 {"eval_time": "30m", "alertname": "ScangateRunningImageRefused",
                  "exp_alerts": []},
                 {"eval_time": "45m", "alertname": "ScangateRunningImageRefused",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning",
-                                                "namespace": "team-a"}}]},
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": "team-a"},
+                                 "exp_annotations": {
+                     **annotations["ScangateRunningImageRefused"],
+                     "summary": "A running image in team-a would now be refused.",
+                     "description": "2 images running in team-a fail an Enforce ScanPolicy; "
+                                    "`scangate status --running -n team-a` names them."}}]},
                 {"eval_time": "50m", "alertname": "ScangateQueueNotDraining",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning"}}]},
+                 "exp_alerts": [{"exp_labels": {"severity": "warning"}, "exp_annotations": {
+                     **annotations["ScangateQueueNotDraining"],
+                     "description": "5 ImageScans or more have waited in phase Queued the "
+                                    "whole time and no scan finished."}}]},
             ]}],
     }
     tests = tmp_path / "tests.yaml"
