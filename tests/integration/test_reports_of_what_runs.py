@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import Kubectl, wait_for
-from scans import Policy, metric, operator_log, push_variant, sleeper
+from scans import Policy, log_since, metric, operator_log, push_variant, sleeper
 
 pytestmark = pytest.mark.sandbox
 REPO = Path(__file__).resolve().parents[2]
@@ -101,3 +102,12 @@ def test_what_runs_is_reported_fail_and_pass_per_policy_and_a_fix_turns_it_to_pa
         n: [x["result"] for x in rs] for n, rs in r.items()} == {
         "good": ["pass"], "bad": ["pass"]} and r, 180, "the fixed workload to pass")
     assert fixed["bad"][0]["rule"] == clean
+
+    # A change that changes no result (a label of the namespace: looked at again) does not
+    # write the report again, within more than a pass (POLICY_REPORT_INTERVAL 10 s). The
+    # API server would keep the resourceVersion of a write that changes nothing: the
+    # operator's log says what it wrote.
+    offset = operator_log(sandbox_env).stat().st_size
+    kubectl("label", "namespace", namespace, "touched=yes")
+    time.sleep(11)
+    assert f"PolicyReport of {namespace} " not in log_since(sandbox_env, offset)

@@ -225,6 +225,8 @@ class PolicyReports:
                                                self.kind.plural, namespace, REPORT_NAME)
                 del self._written[namespace]
                 metrics.POLICY_REPORT_WRITES.labels("deleted").inc()
+                log.info("PolicyReport of %s deleted (nothing runs there it covers)",
+                         namespace)
             return
         report = await self._build(namespace, pods, policies, vex)
         content = content_of(report)
@@ -247,9 +249,8 @@ class PolicyReports:
         self._written[namespace] = Written(
             content, str((obj.get("metadata") or {}).get("resourceVersion") or ""))
         metrics.POLICY_REPORT_WRITES.labels(result).inc()
-        log.info("PolicyReport written", extra={
-            "namespace": namespace, "results": len(report["results"]),
-            "summary": report["summary"]})
+        log.info("PolicyReport of %s %s", namespace, result, extra={
+            "results": len(report["results"]), "summary": report["summary"]})
 
     async def _build(self, namespace: str, pods: dict[str, RunningPod],
                      policies: list[Policy], vex: VexState | None) -> Obj:
