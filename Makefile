@@ -23,6 +23,7 @@ deps:
 
 testbin: deps
 	hack/testbin
+	hack/promtool >/dev/null
 
 lint: venv
 	$(BIN)/ruff check operator tests bench sandbox

@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     runs is scanned at this pace, not all at once; the images over it wait their turn."""
     inventory_scan_burst: int = Field(default=20, ge=1)
     """ImageScans the inventory may create at once after a quiet spell."""
+    policy_reports: Literal["", "openreports.io/v1alpha1", "wgpolicyk8s.io/v1alpha2"] = \
+        "openreports.io/v1alpha1"
+    """The API of the PolicyReports the leader writes, one per namespace, of what runs there
+    against each ScanPolicy; empty: none. Its CRD is installed by its own project (Open
+    Reports, or the wg-policy prototypes that Kyverno ships); while it is missing the
+    feature stays off, said once in the log."""
+    policy_report_interval: float = Field(default=10.0, ge=0.5, le=3600)
+    """Seconds between rewrites of the PolicyReports (at most; a report is written only
+    when its content changed)."""
     admission_client_ca_file: Path | None = None
     """CA bundle (PEM) that the API server's client certificate must chain to: when set,
     the gate answers /validate and /mutate only to callers presenting such a certificate

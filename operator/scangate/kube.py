@@ -89,6 +89,7 @@ class Kube:
         self.admission = client.AdmissionregistrationV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
+        self.extensions = client.ApiextensionsV1Api(api)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="kube")
         self._events = EventCorrelator()
 
@@ -162,6 +163,43 @@ class Kube:
             self.custom.patch_cluster_custom_object_status, GROUP, VERSION, plural, name,
             {"status": status}, _content_type="application/merge-patch+json")
         return obj
+
+    # -- other projects' resources (PolicyReports) -----------------------------------
+
+    async def crd_exists(self, name: str) -> bool:
+        """Whether a CustomResourceDefinition of that name is installed."""
+        return await self._get(self.extensions.read_custom_resource_definition,
+                               name) is not None
+
+    async def list_foreign(self, group: str, version: str, plural: str, selector: str
+                           ) -> list[Obj]:
+        """Every object of a namespaced kind, in all namespaces, with the labels given."""
+        found: Obj = await self._json(self.custom.list_cluster_custom_object, group,
+                                      version, plural, label_selector=selector)
+        return list(found.get("items") or [])
+
+    async def get_foreign(self, group: str, version: str, plural: str, namespace: str,
+                          name: str) -> Obj | None:
+        return await self._get(self.custom.get_namespaced_custom_object, group, version,
+                               namespace, plural, name)
+
+    async def create_foreign(self, group: str, version: str, plural: str, namespace: str,
+                             body: Obj) -> Obj | None:
+        """Create an object of another project's kind; None if the name is taken."""
+        return await self._create(self.custom.create_namespaced_custom_object, group,
+                                  version, namespace, plural, body)
+
+    async def replace_foreign(self, group: str, version: str, plural: str, namespace: str,
+                              name: str, body: Obj) -> Obj:
+        """Replace one (its metadata.resourceVersion makes it conditional)."""
+        obj: Obj = await self._json(self.custom.replace_namespaced_custom_object, group,
+                                    version, namespace, plural, name, body)
+        return obj
+
+    async def delete_foreign(self, group: str, version: str, plural: str, namespace: str,
+                             name: str) -> None:
+        await self._delete(self.custom.delete_namespaced_custom_object, group, version,
+                           namespace, plural, name)
 
     # -- core ----------------------------------------------------------------------
 

@@ -27,6 +27,10 @@ RUNNING_JOBS = Gauge("scangate_scan_jobs_running", "Scan Jobs that have not fini
 REGISTRY_REQUESTS = Counter("scangate_registry_requests_total",
                             "Registry operations by registry and result.", ["registry", "result"])
 
+LEADER = Gauge("scangate_leader",
+               "1 on the replica that holds the Lease scangate-leader (dispatches scans, runs "
+               "ScanRules, notifies, counts what runs, writes PolicyReports), else 0.")
+
 RUNNING_IMAGES = Gauge(
     "scangate_running_images",
     "Distinct images running in each namespace by what the ScanPolicies would do with them "
@@ -35,6 +39,11 @@ RUNNING_IMAGES = Gauge(
 INVENTORY_SCANS = Counter(
     "scangate_inventory_scans_total",
     "ImageScans the inventory asked for running images no ImageScan spoke for.", ["result"])
+
+POLICY_REPORT_WRITES = Counter(
+    "scangate_policy_report_writes_total",
+    "PolicyReport writes by the leader, by result: created, updated, deleted, failed "
+    "(tried again at the next pass). An unchanged report is not written.", ["result"])
 
 PUSH_EVENTS = Counter("scangate_push_notifications_total",
                       "Push notifications received, by result: accepted, unauthorized, "

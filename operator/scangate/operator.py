@@ -11,6 +11,7 @@ import kopf
 import prometheus_client
 from aiohttp import web
 
+from scangate import metrics
 from scangate.admission import configuration
 from scangate.admission.gate import Gate
 from scangate.admission.server import AdmissionServer, read_review
@@ -24,6 +25,7 @@ from scangate.kube import Kube, api_server_endpoints, load_config
 from scangate.leader import LeaderElector
 from scangate.logs import setup_logging
 from scangate.notify.notifier import Notifier
+from scangate.policyreports.writer import PolicyReports
 from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
@@ -157,12 +159,14 @@ async def main(settings: Settings) -> None:
     destinations = Destinations.of(settings.allowed_networks, api_server_endpoints())
     # The Lease on threads of its own: renewals must never wait behind a burst of work.
     leader = LeaderElector(Kube(2), settings.namespace)
+    metrics.LEADER.set_function(lambda: float(leader.is_leader))
     reconciler = ScanReconciler(kube, settings, cache, destinations)
     rules = RuleController(kube, settings, cache, destinations)
     notifier = Notifier(Kube(8), settings, cache, destinations)
     inventory = Inventory(Kube(8), settings, cache)
+    reports = PolicyReports(Kube(4), settings, cache)
     reconciler.active = rules.active = notifier.active = inventory.active = \
-        lambda: leader.is_leader
+        reports.active = lambda: leader.is_leader
     memo = kopf.Memo(cache=cache, rules=rules,
                      reviewer=validation.Reviewer(cache, settings.namespace))
     if settings.metrics_port and not settings.metrics_secure:
@@ -180,10 +184,10 @@ async def main(settings: Settings) -> None:
         # Scan Jobs and their pods: in the operator's namespace only (see handlers.watches).
         kopf.operator(registry=watches.SCAN_JOBS, namespaces=[settings.namespace],
                       identity=leader.me, settings=namespaced_settings(), memo=memo),  # type: ignore[arg-type]
-        leader.run(), reconciler.run(), rules.run(), inventory.run()]
+        leader.run(), reconciler.run(), rules.run(), inventory.run(), reports.run()]
     vex = VexDocuments(cache, settings)
     reconciler.vex_documents = vex.wanted
-    inventory.vex = vex.state
+    inventory.vex = reports.vex = vex.state
     if settings.admission_port:
         gate = Gate(Kube(8), settings, cache, destinations)
         gate.active = lambda: leader.is_leader

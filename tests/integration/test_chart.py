@@ -30,6 +30,8 @@ COMBINATIONS = {
     "gate answers the API server only": ["--set", "webhook.clientAuth.enabled=true",
                                          "--set", "webhook.clientAuth.caSecret=apiserver-ca"],
     "malware signature mirror": ["--set", "malwareMirror.enabled=true"],
+    "wgpolicyk8s.io reports": ["--set", "config.policyReports=wgpolicyk8s.io/v1alpha2"],
+    "grafana dashboard": ["--set", "grafanaDashboard.enabled=true"],
 }
 
 
@@ -178,3 +180,20 @@ def test_every_pod_the_chart_makes_runs_confined_and_only_its_ports_are_open(
     rules = next(o for o in restricted if o["kind"] == "NetworkPolicy"
                  and o["metadata"]["name"] == "scangate")["spec"]["ingress"]
     assert rules[1]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+
+
+@pytest.mark.parametrize(("chosen", "rule"), [
+    ([], ("openreports.io", "reports")),
+    (["--set", "config.policyReports=wgpolicyk8s.io/v1alpha2"],
+     ("wgpolicyk8s.io", "policyreports")),
+    (["--set", "config.policyReports="], None),
+], ids=["openreports.io", "wgpolicyk8s.io", "off"])
+def test_the_operator_may_write_only_the_report_api_chosen(
+    sandbox_env: dict[str, str], chosen: list[str], rule: tuple[str, str] | None,
+) -> None:
+    role = next(o for o in render(sandbox_env, "scangate-system", *chosen)
+                if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "scangate")
+    reports = [(r["apiGroups"], r["resources"], r["verbs"]) for r in role["rules"]
+               if {"openreports.io", "wgpolicyk8s.io"} & set(r["apiGroups"])]
+    assert reports == ([([rule[0]], [rule[1]], ["get", "list", "create", "update", "delete"])]
+                       if rule else [])

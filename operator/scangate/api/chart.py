@@ -118,6 +118,20 @@ def values_schema() -> Schema:
                 "interval": {"type": "string"},
                 "labels": {"type": "object"},
             }, "A Prometheus Operator ServiceMonitor for /metrics."),
+            "prometheusRule": _object({
+                "enabled": {"type": "boolean"},
+                "labels": {"type": "object"},
+                "selector": {"type": "string", "description": "Label matchers of "
+                             "scangate's series; empty: the ServiceMonitor's job."},
+                "runbookBaseUrl": {"type": "string", "minLength": 1,
+                                   "description": "Where README.md is read: each alert's "
+                                   "runbook_url is a section of it."},
+            }, "Alert rules (a Prometheus Operator PrometheusRule)."),
+            "grafanaDashboard": _object({
+                "enabled": {"type": "boolean"},
+                "labels": {"type": "object"},
+                "annotations": {"type": "object"},
+            }, "A Grafana dashboard in a ConfigMap for Grafana's dashboard sidecar."),
             "resources": resources,
             "nodeSelector": {"type": "object"},
             "tolerations": {"type": "array"},

@@ -1,0 +1,1 @@
+"""PolicyReports of what runs (scangate.policyreports.writer)."""
