@@ -24,6 +24,7 @@ from scangate.kube import Kube, api_server_endpoints, load_config
 from scangate.leader import LeaderElector
 from scangate.logs import setup_logging
 from scangate.notify.notifier import Notifier
+from scangate.scanning.dbwatch import DBWatch
 from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
@@ -161,8 +162,9 @@ async def main(settings: Settings) -> None:
     rules = RuleController(kube, settings, cache, destinations)
     notifier = Notifier(Kube(8), settings, cache, destinations)
     inventory = Inventory(Kube(8), settings, cache)
+    dbwatch = DBWatch(settings, cache)
     reconciler.active = rules.active = notifier.active = inventory.active = \
-        lambda: leader.is_leader
+        dbwatch.active = lambda: leader.is_leader
     memo = kopf.Memo(cache=cache, rules=rules,
                      reviewer=validation.Reviewer(cache, settings.namespace))
     if settings.metrics_port and not settings.metrics_secure:
@@ -180,7 +182,7 @@ async def main(settings: Settings) -> None:
         # Scan Jobs and their pods: in the operator's namespace only (see handlers.watches).
         kopf.operator(registry=watches.SCAN_JOBS, namespaces=[settings.namespace],
                       identity=leader.me, settings=namespaced_settings(), memo=memo),  # type: ignore[arg-type]
-        leader.run(), reconciler.run(), rules.run(), inventory.run()]
+        leader.run(), reconciler.run(), rules.run(), inventory.run(), dbwatch.run()]
     vex = VexDocuments(cache, settings)
     reconciler.vex_documents = vex.wanted
     inventory.vex = vex.state

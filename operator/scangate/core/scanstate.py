@@ -133,6 +133,16 @@ class ScanState:
     """status.rescanRequest: each new value asks for a rescan (a push, a tag moved)."""
     rescan_answered: str | None = None
     """status.rescanAnswered: the request the last lookup of the tag answered."""
+    db_updated_at: datetime | None = None
+    """status.scannedWith.dbUpdatedAt: the vulnerability DB the result was made with (None:
+    not said, a result made before scangate recorded it, or no vulnerability scan)."""
+
+    def made_before(self, db: datetime | None) -> bool:
+        """Whether the result was made with a vulnerability DB older than `db` (the one
+        the operator knows now). A result that does not say is not judged by its DB: it
+        ages out by the rescan interval (an upgrade does not rescan everything at once)."""
+        return (db is not None and self.db_updated_at is not None and "vuln" in self.scanners
+                and self.db_updated_at < db)
 
     @property
     def rescan_requested(self) -> bool:
@@ -216,6 +226,7 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         completion_time=done.completion_time,
         notified=tuple(sorted((k, v.key) for k, v in (done.notified or {}).items())),
         rescan_request=done.rescan_request, rescan_answered=done.rescan_answered,
+        db_updated_at=done.scanned_with.db_updated_at if done.scanned_with else None,
     )
 
 
@@ -408,6 +419,10 @@ class ScanIndex:
     """UIDs of ImageScans deleted, the newest DELETED_REMEMBERED (insertion-ordered)."""
     totals: dict[str, list[int]] = field(default_factory=dict)
     """Finding counts by namespace over the latest results: critical..unknown, total."""
+    known_db: datetime | None = None
+    """The newest vulnerability DB the operator knows of (its UpdatedAt; set by
+    scangate.scanning.dbwatch): a result made with an older one is rescanned, and is not
+    reused for another scan of its digest."""
 
     # -- events --------------------------------------------------------------------
 
@@ -584,7 +599,8 @@ class ScanIndex:
                 _add(self._vulnerabilities, digest, s.ref, s.scanned_at)
         if s.phase == Phase.COMPLETED and s.result_key and s.scanned_at:
             _add(self._results, s.result_key, s.ref, s.scanned_at)
-            if s.key != s.result_key:  # its options were edited: scan with the new ones
+            if s.key != s.result_key or s.made_before(self.known_db):
+                # Its options were edited, or a newer DB is out: scan again now.
                 self.requeue_at(s, s.scanned_at)
             elif old is None or (old.phase, old.scanned_at) != (s.phase, s.scanned_at):
                 self.requeue_at(s, s.scanned_at + self.rescan_interval)
@@ -687,12 +703,35 @@ class ScanIndex:
         return [self.scans[(namespace, n)] for n in self._by_rule.get((namespace, rule), ())]
 
     def fresh_result(self, key: str, now: datetime) -> ScanState | None:
-        """The newest result of `key` made within the rescan interval."""
+        """The newest result of `key` made within the rescan interval, and not with a
+        vulnerability DB older than the one known."""
         newest = self._results.get(key, Newest()).newest()
         if newest is None:
             return None
         ref, made = newest
-        return self.scans[ref] if now - made < self.rescan_interval else None
+        fresh = self.scans[ref]
+        return fresh if now - made < self.rescan_interval and not fresh.made_before(
+            self.known_db) else None
+
+    def new_db(self, updated_at: datetime, first: Iterable[str] = ()) -> int:
+        """A vulnerability DB made at `updated_at` is out: every completed result made with
+        an older one is rescanned through the queue (plan's Requeue, within its limits),
+        those of the digests in `first` (what runs) ahead of the rest. The number of
+        results to rescan; 0 when the DB is not newer than the one known."""
+        if self.known_db is not None and updated_at <= self.known_db:
+            return 0
+        self.known_db = updated_at
+        ahead = set(first)
+        stale = [s for s in self.scans.values()
+                 if s.phase == Phase.COMPLETED and s.scanned_at and s.made_before(updated_at)]
+        # Due at once, what runs first: the heap pops the earliest time first, so plan
+        # requeues these in that order, and the queue starts them in the order requeued.
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        for s in stale:
+            assert s.scanned_at is not None
+            due = epoch if not ahead.isdisjoint(s.digests) else epoch + timedelta(seconds=1)
+            heapq.heappush(self._expiry, (due, s.ref, s.scanned_at))
+        return len(stale)
 
     def due_pending(self, now: datetime) -> list[ScanState]:
         """Pending scans whose digest is to be resolved now."""

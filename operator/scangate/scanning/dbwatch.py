@@ -1,0 +1,112 @@
+"""Noticing a new vulnerability DB: the Trivy server's `GET /version` every
+TRIVY_DB_CHECK_INTERVAL (ClientServer mode).
+
+When the server's DB (its `VulnerabilityDB.UpdatedAt`) is newer than the one known, the
+scan index learns it (ScanIndex.new_db): every result made with an older DB is requeued
+through the one scan queue (its Job limit, its dedup by digest), those of the digests
+running Pods run first; no result of an older DB is reused meanwhile; and admission
+knows which results are stale (ScanPolicy staleResults). Every replica asks (a gate
+replica needs the DB it judges staleness by), only the leader's requeues act: the scan
+reconciler runs on the leader alone.
+
+The server answers with what a Trivy server is, not a tenant: still, the answer is
+bounded in size and read through db_stamps (a stamp that is not a time says nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import httpx
+
+from scangate import metrics
+from scangate.cache import Cache
+from scangate.config import Settings
+from scangate.core.durations import parse_duration
+from scangate.core.results import db_stamps
+from scangate.core.scanstate import parse_time
+
+log = logging.getLogger("scangate.dbwatch")
+MAX_ANSWER_BYTES = 64 * 1024
+"""A /version answer is a few hundred bytes; a larger one is not read."""
+TIMEOUT_SECONDS = 10.0
+
+
+class DBCheckError(Exception):
+    """The server's DB could not be told."""
+
+
+def server_db(answer: bytes) -> datetime:
+    """The DB's UpdatedAt in a Trivy server's /version answer."""
+    if len(answer) > MAX_ANSWER_BYTES:
+        raise DBCheckError(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
+    try:
+        version = json.loads(answer)
+    except (ValueError, RecursionError):
+        raise DBCheckError("the answer is not JSON") from None
+    stamps = db_stamps(version.get("VulnerabilityDB") if isinstance(version, dict) else None)
+    updated = parse_time(stamps.get("dbUpdatedAt"))
+    if updated is None:
+        raise DBCheckError("the answer names no VulnerabilityDB.UpdatedAt")
+    return updated
+
+
+class DBWatch:
+    def __init__(self, settings: Settings, cache: Cache) -> None:
+        self.settings, self.cache = settings, cache
+        self.interval = parse_duration(settings.trivy_db_check_interval).total_seconds()
+        self.url = settings.trivy_server_url.rstrip("/") + "/version"
+        self.active: Callable[[], bool] = lambda: True
+        """Whether this replica leads (scangate.leader): only its requeues are acted on."""
+        self.checked = asyncio.Event()
+        """Set after each look (tests and the bench wait on it)."""
+
+    async def run(self) -> None:
+        if self.settings.trivy_mode != "ClientServer" or self.interval <= 0:
+            await asyncio.Event().wait()  # nothing to watch; the operator runs on
+        # Results are compared with the DB once they are all known.
+        await self.cache.imagescans.synced.wait()
+        async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS, follow_redirects=False) as http:
+            while True:
+                try:
+                    await self.check(http)
+                except Exception as e:  # looked at again next time
+                    metrics.DB_CHECKS.labels("failed").inc()
+                    log.warning("could not tell the Trivy server's vulnerability DB "
+                                "(%s): %s", self.url, e)
+                self.checked.set()
+                await asyncio.sleep(self.interval)
+
+    async def check(self, http: httpx.AsyncClient) -> None:
+        async with http.stream("GET", self.url) as response:
+            if response.status_code != 200:
+                raise DBCheckError(f"HTTP {response.status_code}")
+            answer = b""
+            async for chunk in response.aiter_bytes():
+                answer += chunk
+                if len(answer) > MAX_ANSWER_BYTES:
+                    break
+        self.learn(server_db(answer))
+
+    def learn(self, updated: datetime) -> int:
+        """The server serves a DB made at `updated`: rescan what an older one made."""
+        known = self.cache.scans.known_db
+        running = {image.digest for pod in self.cache.running_pods.items.values()
+                   for image in pod.images if image.digest}
+        stale = self.cache.scans.new_db(updated, first=running)
+        metrics.VULNERABILITY_DB.set(updated.timestamp())
+        if known is not None and updated <= known:
+            metrics.DB_CHECKS.labels("same").inc()
+            return 0
+        metrics.DB_CHECKS.labels("new").inc()
+        if self.active():
+            metrics.DB_RESCANS.inc(stale)
+        log.info("vulnerability DB %s (the operator knew %s): %d results made with an older "
+                 "DB are scanned again, those of running images first", updated.isoformat(),
+                 known.isoformat() if known else "none", stale,
+                 extra={"dbUpdatedAt": updated.isoformat(), "rescans": stale})
+        return stale
