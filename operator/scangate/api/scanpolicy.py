@@ -131,6 +131,11 @@ class ScanPolicySpec(Model):
     """Results older than this count as unscanned, e.g. 24h or 7d."""
     failed_scan: Literal["Deny", "Allow"] = "Deny"
     """What to do with an image whose scan failed."""
+    stale_results: Literal["Allow", "Warn", "Deny"] = "Allow"
+    """What a result made with a vulnerability DB older than the one the operator knows
+    (the Trivy server's; status.scannedWith.dbUpdatedAt) is worth while its rescan runs:
+    Allow judges it as it is, Warn also warns (at most the policy's action), Deny refuses
+    it as the policy's action says. A result that does not name its DB is judged as it is."""
     misconfig: Misconfig | None = None
     """Thresholds and refused check IDs for the image's configuration checks (scanner
     misconfig)."""

@@ -63,6 +63,8 @@ class Judged:
     scan: tuple[Ref, int] | None
     epoch: int
     verdict: str
+    db: datetime | None = None
+    """The newest vulnerability DB known when it was judged (a policy's staleResults)."""
 
 
 class Inventory:
@@ -224,11 +226,14 @@ class Inventory:
         state = self.results.speaking(digest, wanted) if digest is not None else None
         scan = (state.ref, state.version) if state is not None else None
         held = self._judged.get((namespace, image.key))
-        if held is not None and held.scan == scan and held.epoch == self._epoch:
+        known_db = self.cache.scans.known_db
+        if (held is not None and held.scan == scan and held.epoch == self._epoch
+                and held.db == known_db):
             return held
         result = await self.results.result(digest, wanted) if digest is not None else None
         labels = self.cache.namespaces.items.get(("", namespace))
         decision = decide(policies, {image.reference: result}, namespace,
                           labels.labels if labels is not None else {}, {}, now,
-                          scans_namespace=namespace, vex=vex)
-        return Judged(scan, self._epoch, verdict_of(decision))
+                          scans_namespace=namespace, vex=vex,
+                          known_db=known_db)
+        return Judged(scan, self._epoch, verdict_of(decision), known_db)
