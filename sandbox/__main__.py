@@ -12,8 +12,10 @@ from sandbox.controlplane import Sandbox
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/sandbox", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "images"],
-                        help="start, stop, or list the named test images (JSON)")
+    parser.add_argument("command", choices=["up", "down", "images", "db-update"],
+                        help="start, stop, list the named test images (JSON), or publish "
+                             "the next vulnerability DB (one more real advisory) and have "
+                             "the Trivy server load it")
     parser.add_argument("--dir", required=True, type=Path, help="state, logs and env go here")
     parser.add_argument("--operator", action="store_true",
                         help="also install the CRDs and run the operator from the checkout")
@@ -27,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     sandbox = Sandbox(args.dir.resolve(), node=args.node)
     if args.command == "images":
         print((sandbox.dir / "images.json").read_text())
+        return 0
+    if args.command == "db-update":
+        try:
+            updated = Sandbox.attach(args.dir.resolve()).db_update()
+        except (RuntimeError, TimeoutError) as e:
+            print(f"hack/sandbox db-update failed: {e}", file=sys.stderr)
+            return 1
+        print(f"the Trivy server serves the DB of {updated}")
         return 0
     if args.command == "down":
         sandbox.down()

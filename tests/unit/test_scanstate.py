@@ -122,19 +122,28 @@ def test_a_new_db_requeues_every_result_made_with_an_older_one_running_first() -
     unsaid = done("unsaid", "sha256:8")  # made before results said their DB
     idx = index(*results, current, unsaid)
     assert idx.plan(NOW, 1) == []
-    assert idx.new_db(NEW_DB, first=["sha256:2", "sha256:3"]) == 4
+    assert idx.new_db(NEW_DB, NOW, first=["sha256:2", "sha256:3"]) == 4
     requeued = [a.scan.name for a in idx.plan(NOW, 1)]
     assert all(isinstance(a, Requeue) for a in idx.plan(NOW, 1)) and len(requeued) == 4
     assert set(requeued[:2]) == {"r2", "r3"} and set(requeued[2:]) == {"r0", "r1"}
-    # The same DB again (the next poll) asks for nothing more; nor does an older one.
-    assert idx.new_db(NEW_DB) == 0 and idx.new_db(OLD_DB) == 0
+    # The same DB again (the next poll) asks for nothing more.
+    assert idx.new_db(NEW_DB, NOW) == 0
     assert idx.plan(NOW, 1) == []
+
+
+def test_a_db_rolled_back_rescans_nothing_and_results_of_the_newer_one_are_not_reused() -> None:
+    idx = index(done("newer", db_updated_at=NEW_DB, age=timedelta(minutes=5)))
+    idx.new_db(NEW_DB, NOW)
+    assert idx.new_db(OLD_DB, NOW) == 0 and idx.plan(NOW, 1) == []
+    asking = scan("asking")
+    idx.upsert_scan(asking)
+    assert idx.plan(NOW, 1) == [Start(asking)]
 
 
 def test_a_result_made_with_an_older_db_is_not_reused() -> None:
     old = done("old", db_updated_at=OLD_DB, age=timedelta(minutes=5))
     idx = index(old)
-    idx.new_db(NEW_DB)
+    idx.new_db(NEW_DB, NOW)
     asking = scan("asking")
     idx.upsert_scan(asking)
     actions = idx.plan(NOW, 1)
@@ -147,10 +156,21 @@ def test_a_result_made_with_an_older_db_is_not_reused() -> None:
 def test_a_result_of_an_old_db_seen_after_the_new_db_is_known_is_requeued() -> None:
     """A restarted operator may learn of the DB before it has listed every result."""
     idx = index()
-    idx.new_db(NEW_DB)
-    late = done("late", db_updated_at=OLD_DB, age=timedelta(minutes=5))
-    idx.upsert_scan(late)
-    assert idx.plan(NOW, 1) == [Requeue(late)]
+    idx.new_db(NEW_DB, NOW - timedelta(minutes=10))
+    listed = done("listed", db_updated_at=OLD_DB, age=timedelta(minutes=15))
+    idx.upsert_scan(listed)
+    assert idx.plan(NOW, 1) == [Requeue(listed)]
+
+
+def test_a_result_made_with_an_older_db_after_the_new_one_was_known_waits() -> None:
+    """Its scanner had not loaded the new DB yet (another server replica): rescanned
+    later, not in a loop."""
+    idx = index()
+    idx.new_db(NEW_DB, NOW - timedelta(minutes=10))
+    lagging = done("lagging", db_updated_at=OLD_DB, age=timedelta(minutes=1))
+    idx.upsert_scan(lagging)
+    assert idx.plan(NOW, 1) == []
+    assert idx.plan(NOW + timedelta(minutes=9), 1) == [Requeue(lagging)]
 
 
 def test_retry_after_holds_a_queued_scan_back() -> None:

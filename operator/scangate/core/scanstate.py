@@ -371,6 +371,9 @@ def _remove(index: dict[str, Newest], key: str, ref: Ref) -> None:
             del index[key]
 
 
+DB_LAG_RETRY = timedelta(minutes=10)
+"""How long a result made with an older DB than the one known, after it was known, waits
+before its next rescan (the scanner it came from had not loaded the new DB yet)."""
 DELETED_REMEMBERED = 10_000
 """Deleted ImageScans remembered by UID, so that a write answered late cannot revive one."""
 
@@ -420,9 +423,11 @@ class ScanIndex:
     totals: dict[str, list[int]] = field(default_factory=dict)
     """Finding counts by namespace over the latest results: critical..unknown, total."""
     known_db: datetime | None = None
-    """The newest vulnerability DB the operator knows of (its UpdatedAt; set by
-    scangate.scanning.dbwatch): a result made with an older one is rescanned, and is not
-    reused for another scan of its digest."""
+    """The vulnerability DB the scanner serves now, as the operator last saw it (its
+    UpdatedAt; set by scangate.scanning.dbwatch): a result made with an older one is
+    rescanned, and only a result made with this one is reused for another scan."""
+    _known_since: datetime | None = None
+    """When the operator learned of known_db."""
 
     # -- events --------------------------------------------------------------------
 
@@ -599,9 +604,14 @@ class ScanIndex:
                 _add(self._vulnerabilities, digest, s.ref, s.scanned_at)
         if s.phase == Phase.COMPLETED and s.result_key and s.scanned_at:
             _add(self._results, s.result_key, s.ref, s.scanned_at)
-            if s.key != s.result_key or s.made_before(self.known_db):
-                # Its options were edited, or a newer DB is out: scan again now.
+            if s.key != s.result_key:  # its options were edited: scan with the new ones
                 self.requeue_at(s, s.scanned_at)
+            elif s.made_before(self.known_db):
+                # A newer DB is out: scan again now. A result made after the operator
+                # learned of it, with an older one, is a scanner that has not loaded it
+                # yet (another server replica): again later, not in a loop.
+                late = self._known_since is not None and s.scanned_at > self._known_since
+                self.requeue_at(s, s.scanned_at + (DB_LAG_RETRY if late else timedelta(0)))
             elif old is None or (old.phase, old.scanned_at) != (s.phase, s.scanned_at):
                 self.requeue_at(s, s.scanned_at + self.rescan_interval)
         if s.summary is not None:
@@ -710,17 +720,25 @@ class ScanIndex:
             return None
         ref, made = newest
         fresh = self.scans[ref]
-        return fresh if now - made < self.rescan_interval and not fresh.made_before(
-            self.known_db) else None
+        return fresh if now - made < self.rescan_interval and self.made_with_known_db(
+            fresh) else None
 
-    def new_db(self, updated_at: datetime, first: Iterable[str] = ()) -> int:
-        """A vulnerability DB made at `updated_at` is out: every completed result made with
-        an older one is rescanned through the queue (plan's Requeue, within its limits),
-        those of the digests in `first` (what runs) ahead of the rest. The number of
-        results to rescan; 0 when the DB is not newer than the one known."""
-        if self.known_db is not None and updated_at <= self.known_db:
+    def made_with_known_db(self, s: ScanState) -> bool:
+        """Whether a result may stand for its digest as far as its DB goes: made with the
+        DB known (or either is unknown). One made with another DB, older or newer (the
+        scanner's DB was rolled back), is not reused."""
+        return self.known_db is None or s.db_updated_at is None or (
+            s.db_updated_at == self.known_db) or "vuln" not in s.scanners
+
+    def new_db(self, updated_at: datetime, now: datetime, first: Iterable[str] = ()) -> int:
+        """The scanner serves a vulnerability DB made at `updated_at` (seen at `now`):
+        when it is another than the one known, every completed result made with an older
+        one is rescanned through the queue (plan's Requeue, within its limits), those of
+        the digests in `first` (what runs) ahead of the rest. The number of results to
+        rescan (0 for the DB known, or one rolled back to)."""
+        if updated_at == self.known_db:
             return 0
-        self.known_db = updated_at
+        self.known_db, self._known_since = updated_at, now
         ahead = set(first)
         stale = [s for s in self.scans.values()
                  if s.phase == Phase.COMPLETED and s.scanned_at and s.made_before(updated_at)]

@@ -1,11 +1,12 @@
 """Noticing a new vulnerability DB: the Trivy server's `GET /version` every
 TRIVY_DB_CHECK_INTERVAL (ClientServer mode).
 
-When the server's DB (its `VulnerabilityDB.UpdatedAt`) is newer than the one known, the
-scan index learns it (ScanIndex.new_db): every result made with an older DB is requeued
-through the one scan queue (its Job limit, its dedup by digest), those of the digests
-running Pods run first; no result of an older DB is reused meanwhile; and admission
-knows which results are stale (ScanPolicy staleResults). Every replica asks (a gate
+When the server's DB (its `VulnerabilityDB.UpdatedAt`) is another than the one known,
+the scan index learns it (ScanIndex.new_db): every result made with an older DB is
+requeued through the one scan queue (its Job limit, its dedup by digest), those of the
+digests running Pods run first; only results of the server's DB are reused; and
+admission knows which results are stale (ScanPolicy staleResults). A DB rolled back to
+an older one rescans nothing (no result is older than it). Every replica asks (a gate
 replica needs the DB it judges staleness by), only the leader's requeues act: the scan
 reconciler runs on the leader alone.
 
@@ -19,7 +20,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import httpx
 
@@ -97,9 +98,9 @@ class DBWatch:
         known = self.cache.scans.known_db
         running = {image.digest for pod in self.cache.running_pods.items.values()
                    for image in pod.images if image.digest}
-        stale = self.cache.scans.new_db(updated, first=running)
+        stale = self.cache.scans.new_db(updated, datetime.now(UTC), first=running)
         metrics.VULNERABILITY_DB.set(updated.timestamp())
-        if known is not None and updated <= known:
+        if updated == known:
             metrics.DB_CHECKS.labels("same").inc()
             return 0
         metrics.DB_CHECKS.labels("new").inc()
