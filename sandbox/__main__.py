@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", choices=["emulated", "real"], default="emulated",
                         help="the emulated node agent (default) or a real node: containerd, "
                              "kubelet, kube-scheduler, kube-proxy (root; sandbox.realnode)")
+    parser.add_argument("--restore", action="store_true",
+                        help="db-update: publish the first DB again (what `up` published)")
     args = parser.parse_args(argv)
     if args.operator and args.node == "real":
         parser.error("--operator runs the checkout's operator beside the emulated node; on a "
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "db-update":
         try:
-            updated = Sandbox.attach(args.dir.resolve()).db_update()
+            updated = Sandbox.attach(args.dir.resolve()).db_update(restore=args.restore)
         except (RuntimeError, TimeoutError) as e:
             print(f"hack/sandbox db-update failed: {e}", file=sys.stderr)
             return 1

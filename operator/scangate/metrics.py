@@ -30,6 +30,9 @@ DB_CHECKS = Counter("scangate_vulnerability_db_checks_total",
                     "Looks at the Trivy server's DB by result: same, new, failed.", ["result"])
 DB_RESCANS = Counter("scangate_vulnerability_db_rescans_total",
                      "Results asked to scan again because a newer vulnerability DB came out.")
+NEWLY_VULNERABLE = Counter(
+    "scangate_newly_vulnerable_total",
+    "Running images an Enforce policy admitted and refuses after a rescan with a newer DB.")
 RUNNING_JOBS = Gauge("scangate_scan_jobs_running", "Scan Jobs that have not finished.")
 REGISTRY_REQUESTS = Counter("scangate_registry_requests_total",
                             "Registry operations by registry and result.", ["registry", "result"])

@@ -154,8 +154,9 @@ class ScanPolicySpec(Model):
     enforces), but the policy does not require malware scans. Deny and Warn make the policy
     need results of the malware scanner."""
     notifications: list[Notification] | None = Field(default=None, max_length=16)
-    """Receivers of this policy's Blocked events; their Secrets live in the operator's
-    namespace (a ScanPolicy has none of its own)."""
+    """Receivers of this policy's Blocked events (and, subscribed to NewlyVulnerable, of
+    running images it admitted and refuses after a rescan with a newer vulnerability DB);
+    their Secrets live in the operator's namespace (a ScanPolicy has none of its own)."""
     break_glass: BreakGlass = Field(default_factory=BreakGlass, json_schema_extra={"default": {}})
     """Emergency override."""
     pin_digests: bool = False
