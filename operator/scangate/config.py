@@ -143,11 +143,12 @@ class Settings(BaseSettings):
     trivy_server_url: str = "http://scangate-trivy.scangate-system:4954"
     """The Trivy server of ClientServer mode."""
     trivy_db_check_interval: Duration = "5m"
-    """How often the operator asks the Trivy server which vulnerability DB it serves
-    (`GET /version`, ClientServer mode; 0s: never). When its UpdatedAt is newer than the
-    one the operator knew, every result made with an older DB is scanned again through
-    the queue, those of running images first; the server's layer cache spares pulling
-    the layers again."""
+    """How often the operator looks at which vulnerability DB scans use (0s: never): the
+    Trivy server's `GET /version` in ClientServer mode; in Standalone mode the DB
+    repository's manifest digest, and the new DB's metadata.json when it changes. When
+    its UpdatedAt is another, every result made with an older DB is scanned again through
+    the queue, those of running images first (in ClientServer mode the server's layer
+    cache spares pulling the layers again)."""
     trivy_token_secret: str | None = None
     """A Secret in the operator's namespace whose `token` the Trivy server requires
     (ClientServer). Scan Jobs run in that namespace and read it there: it never leaves."""

@@ -25,9 +25,10 @@ SCAN_DURATION = Histogram("scangate_scan_duration_seconds", "Time from Job start
 QUEUE_DEPTH = Gauge("scangate_scan_queue_depth", "ImageScans waiting in phase Queued.")
 VULNERABILITY_DB = Gauge(
     "scangate_vulnerability_db_updated_timestamp_seconds",
-    "UpdatedAt of the newest vulnerability DB the operator knows (the Trivy server's).")
+    "UpdatedAt of the vulnerability DB scans use, as last seen.")
 DB_CHECKS = Counter("scangate_vulnerability_db_checks_total",
-                    "Looks at the Trivy server's DB by result: same, new, failed.", ["result"])
+                    "Looks at the DB scans use (the Trivy server's, or the DB repository's) "
+                    "by result: same, new, failed.", ["result"])
 DB_RESCANS = Counter("scangate_vulnerability_db_rescans_total",
                      "Results asked to scan again because a newer vulnerability DB came out.")
 NEWLY_VULNERABLE = Counter(

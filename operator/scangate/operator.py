@@ -162,7 +162,7 @@ async def main(settings: Settings) -> None:
     rules = RuleController(kube, settings, cache, destinations)
     notifier = Notifier(Kube(8), settings, cache, destinations)
     inventory = Inventory(Kube(8), settings, cache)
-    dbwatch = DBWatch(settings, cache)
+    dbwatch = DBWatch(settings, cache, destinations)
     reconciler.active = rules.active = notifier.active = inventory.active = \
         dbwatch.active = lambda: leader.is_leader
     memo = kopf.Memo(cache=cache, rules=rules,

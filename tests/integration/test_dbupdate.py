@@ -5,10 +5,12 @@ again (the Trivy server's layer cache)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -19,6 +21,10 @@ from test_notify import Received, secret, serve
 from conftest import Kubectl, wait_for
 from sandbox.advisories import UPDATE_BUILT_AT, expected_findings, load_advisories, load_update
 from sandbox.controlplane import Sandbox
+from scangate.cache import Cache
+from scangate.config import Settings
+from scangate.core.scanstate import ScanIndex
+from scangate.scanning.dbwatch import DBWatch
 from scans import Policy, counts, metric, push_variant, scans, sleeper
 
 pytestmark = pytest.mark.sandbox
@@ -133,3 +139,25 @@ def test_a_new_db_refuses_a_running_image_and_tells_its_receivers_once_without_p
             assert pulled == [], pulled
         finally:
             kubectl.run("delete", "secret", name, "-n", "scangate-system", check=False)
+
+
+def test_standalone_mode_reads_the_db_repository_s_newest_db_once_per_digest(
+    sandbox: Sandbox, sandbox_env: dict[str, str],
+) -> None:
+    """Without a server to ask, the DB watch reads the DB repository (what the next
+    Standalone Job downloads): its manifest each time, its archive's metadata.json only
+    when the digest changed."""
+    settings = Settings(  # type: ignore[call-arg]
+        trivy_mode="Standalone", trivy_db_repository=sandbox_env["TRIVY_DB_REPOSITORY"],
+        insecure_registries=[sandbox_env["REGISTRY"]], allowed_networks=["127.0.0.0/8"])
+    cache = Cache(ScanIndex(timedelta(hours=24)))
+    watch = DBWatch(settings, cache)
+    served = httpx.get(f"{sandbox_env['TRIVY_SERVER']}/version", timeout=10).json()
+    offset = (sandbox.dir / "logs" / "registry.log").stat().st_size
+    asyncio.run(watch.check_repository())
+    assert cache.scans.known_db is not None
+    assert cache.scans.known_db.strftime("%Y-%m-%dT%H:%M:%SZ") == served[
+        "VulnerabilityDB"]["UpdatedAt"]
+    asyncio.run(watch.check_repository())
+    fetched = [d for repository, d in blob_gets(sandbox, offset) if repository == "trivy-db"]
+    assert len(fetched) == 1, fetched  # the second look was the manifest's alone

@@ -1,5 +1,7 @@
-"""Noticing a new vulnerability DB: the Trivy server's `GET /version` every
-TRIVY_DB_CHECK_INTERVAL (ClientServer mode).
+"""Noticing a new vulnerability DB every TRIVY_DB_CHECK_INTERVAL: in ClientServer mode the
+Trivy server's `GET /version`; in Standalone mode the DB repository's manifest digest
+(a HEAD), and, when it changes, the new DB's metadata.json, read from its archive as it
+streams (the archive is not kept).
 
 When the server's DB (its `VulnerabilityDB.UpdatedAt`) is another than the one known,
 the scan index learns it (ScanIndex.new_db): every result made with an older DB is
@@ -27,14 +29,22 @@ import httpx
 from scangate import metrics
 from scangate.cache import Cache
 from scangate.config import Settings
+from scangate.core.dbmetadata import MetadataReader
+from scangate.core.destinations import Destinations
 from scangate.core.durations import parse_duration
+from scangate.core.images import parse_image
 from scangate.core.results import db_stamps
 from scangate.core.scanstate import parse_time
+from scangate.registry.configured import base_url, registry_client
 
 log = logging.getLogger("scangate.dbwatch")
 MAX_ANSWER_BYTES = 64 * 1024
 """A /version answer is a few hundred bytes; a larger one is not read."""
 TIMEOUT_SECONDS = 10.0
+DEFAULT_DB_REPOSITORY = "mirror.gcr.io/aquasec/trivy-db:2"
+"""Trivy's own first DB repository: where Standalone Jobs download the DB without
+TRIVY_DB_REPOSITORY."""
+DB_DOWNLOAD_SECONDS = 600.0
 
 
 class DBCheckError(Exception):
@@ -57,8 +67,13 @@ def server_db(answer: bytes) -> datetime:
 
 
 class DBWatch:
-    def __init__(self, settings: Settings, cache: Cache) -> None:
+    def __init__(self, settings: Settings, cache: Cache,
+                 destinations: Destinations | None = None) -> None:
         self.settings, self.cache = settings, cache
+        self.destinations = destinations or Destinations.of(settings.allowed_networks, [])
+        self._repository_digest: str | None = None
+        self._repository_db: datetime | None = None
+        """Standalone: the DB repository's manifest digest last read, and its DB."""
         self.interval = parse_duration(settings.trivy_db_check_interval).total_seconds()
         self.url = settings.trivy_server_url.rstrip("/") + "/version"
         self.active: Callable[[], bool] = lambda: True
@@ -67,18 +82,22 @@ class DBWatch:
         """Set after each look (tests and the bench wait on it)."""
 
     async def run(self) -> None:
-        if self.settings.trivy_mode != "ClientServer" or self.interval <= 0:
+        if self.interval <= 0:
             await asyncio.Event().wait()  # nothing to watch; the operator runs on
         # Results are compared with the DB once they are all known.
         await self.cache.imagescans.synced.wait()
         async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS, follow_redirects=False) as http:
             while True:
                 try:
-                    await self.check(http)
+                    if self.settings.trivy_mode == "ClientServer":
+                        await self.check(http)
+                    else:
+                        await self.check_repository()
                 except Exception as e:  # looked at again next time
                     metrics.DB_CHECKS.labels("failed").inc()
-                    log.warning("could not tell the Trivy server's vulnerability DB "
-                                "(%s): %s", self.url, e)
+                    log.warning("could not tell the vulnerability DB (%s): %s",
+                                self.url if self.settings.trivy_mode == "ClientServer"
+                                else self.repository, e)
                 self.checked.set()
                 await asyncio.sleep(self.interval)
 
@@ -92,6 +111,37 @@ class DBWatch:
                 if len(answer) > MAX_ANSWER_BYTES:
                     break
         self.learn(server_db(answer))
+
+    @property
+    def repository(self) -> str:
+        return self.settings.trivy_db_repository or DEFAULT_DB_REPOSITORY
+
+    async def check_repository(self) -> None:
+        """Standalone: the DB the repository serves now (what the next Job downloads)."""
+        ref = parse_image(self.repository)
+        url = base_url(ref, None, self.settings)
+        registry = {"insecureSkipTLSVerify": self.settings.trivy_insecure_db_repository}
+        async with registry_client(url, registry, None, ref.registry, self.settings,
+                                   self.destinations) as client:
+            digest = (await client.resolve(ref)).digest
+            if digest != self._repository_digest or self._repository_db is None:
+                layers = await client.layers(ref.repository, digest)
+                if not layers:
+                    raise DBCheckError(f"the DB artifact {digest} has no layer")
+                reader = MetadataReader()
+
+                async def read(response: httpx.Response) -> None:
+                    async for chunk in response.aiter_bytes():
+                        reader.feed(chunk)
+                        if reader.metadata is not None:
+                            return  # the rest of the archive is not needed
+
+                await client.blob(ref.repository, layers[0][0], read, DB_DOWNLOAD_SECONDS)
+                updated = parse_time(db_stamps(reader.metadata).get("dbUpdatedAt"))
+                if updated is None:
+                    raise DBCheckError(f"the DB artifact {digest} names no UpdatedAt")
+                self._repository_digest, self._repository_db = digest, updated
+        self.learn(self._repository_db)
 
     def learn(self, updated: datetime) -> int:
         """The server serves a DB made at `updated`: rescan what an older one made."""
