@@ -50,3 +50,16 @@ def test_a_newer_db_rescans_older_results_once() -> None:
     assert cache.scans.known_db == NEW
     assert [a.scan.name for a in cache.scans.plan(NOW, 1)] == ["a"]
     assert watch.learn(NEW) == 0
+
+
+def test_only_the_leader_requeues_and_a_new_leader_does_at_its_first_look() -> None:
+    cache = Cache(ScanIndex(timedelta(hours=24)))
+    cache.scans.upsert_scan(done("a", "sha256:a", OLD))
+    watch = DBWatch(Settings(), cache)  # type: ignore[call-arg]
+    leading = False
+    watch.active = lambda: leading
+    assert watch.learn(NEW) == 0 and cache.scans.known_db == NEW  # held to it all the same
+    assert cache.scans.plan(NOW, 1) == []  # nothing piled up on a replica that does not plan
+    leading = True
+    assert watch.learn(NEW) == 1
+    assert [a.scan.name for a in cache.scans.plan(NOW, 1)] == ["a"]

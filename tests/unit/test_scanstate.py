@@ -122,19 +122,20 @@ def test_a_new_db_requeues_every_result_made_with_an_older_one_running_first() -
     unsaid = done("unsaid", "sha256:8")  # made before results said their DB
     idx = index(*results, current, unsaid)
     assert idx.plan(NOW, 1) == []
-    assert idx.new_db(NEW_DB, NOW, first=["sha256:2", "sha256:3"]) == 4
+    assert idx.new_db(NEW_DB, NOW)
+    assert idx.requeue_older(first=["sha256:2", "sha256:3"]) == 4
     requeued = [a.scan.name for a in idx.plan(NOW, 1)]
     assert all(isinstance(a, Requeue) for a in idx.plan(NOW, 1)) and len(requeued) == 4
     assert set(requeued[:2]) == {"r2", "r3"} and set(requeued[2:]) == {"r0", "r1"}
-    # The same DB again (the next poll) asks for nothing more.
-    assert idx.new_db(NEW_DB, NOW) == 0
+    # The same DB again (the next poll) is no news.
+    assert not idx.new_db(NEW_DB, NOW)
     assert idx.plan(NOW, 1) == []
 
 
 def test_a_db_rolled_back_rescans_nothing_and_results_of_the_newer_one_are_not_reused() -> None:
     idx = index(done("newer", db_updated_at=NEW_DB, age=timedelta(minutes=5)))
     idx.new_db(NEW_DB, NOW)
-    assert idx.new_db(OLD_DB, NOW) == 0 and idx.plan(NOW, 1) == []
+    assert idx.new_db(OLD_DB, NOW) and idx.requeue_older() == 0 and idx.plan(NOW, 1) == []
     asking = scan("asking")
     idx.upsert_scan(asking)
     assert idx.plan(NOW, 1) == [Start(asking)]

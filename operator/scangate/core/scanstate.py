@@ -730,18 +730,24 @@ class ScanIndex:
         return self.known_db is None or s.db_updated_at is None or (
             s.db_updated_at == self.known_db) or "vuln" not in s.scanners
 
-    def new_db(self, updated_at: datetime, now: datetime, first: Iterable[str] = ()) -> int:
+    def new_db(self, updated_at: datetime, now: datetime) -> bool:
         """The scanner serves a vulnerability DB made at `updated_at` (seen at `now`):
-        when it is another than the one known, every completed result made with an older
-        one is rescanned through the queue (plan's Requeue, within its limits), those of
-        the digests in `first` (what runs) ahead of the rest. The number of results to
-        rescan (0 for the DB known, or one rolled back to)."""
+        whether it is another than the one known (a newer one, or one rolled back to).
+        Results are held to it from now on (reuse, staleResults, results seen later);
+        those held already are requeued by requeue_older, on the leader only."""
         if updated_at == self.known_db:
-            return 0
+            return False
         self.known_db, self._known_since = updated_at, now
+        return True
+
+    def requeue_older(self, first: Iterable[str] = ()) -> int:
+        """Requeue every completed result made with an older DB than the one known,
+        through the queue (plan's Requeue, within its limits), those of the digests in
+        `first` (what runs) ahead of the rest: how many. The leader's, once per DB: a
+        replica that does not plan would only pile them up."""
         ahead = set(first)
         stale = [s for s in self.scans.values()
-                 if s.phase == Phase.COMPLETED and s.scanned_at and s.made_before(updated_at)]
+                 if s.phase == Phase.COMPLETED and s.scanned_at and s.made_before(self.known_db)]
         # Due at once, what runs first: the heap pops the earliest time first, so plan
         # requeues these in that order, and the queue starts them in the order requeued.
         epoch = datetime(1970, 1, 1, tzinfo=UTC)

@@ -3,14 +3,15 @@ Trivy server's `GET /version`; in Standalone mode the DB repository's manifest d
 (a HEAD), and, when it changes, the new DB's metadata.json, read from its archive as it
 streams (the archive is not kept).
 
-When the server's DB (its `VulnerabilityDB.UpdatedAt`) is another than the one known,
-the scan index learns it (ScanIndex.new_db): every result made with an older DB is
-requeued through the one scan queue (its Job limit, its dedup by digest), those of the
-digests running Pods run first; only results of the server's DB are reused; and
-admission knows which results are stale (ScanPolicy staleResults). A DB rolled back to
-an older one rescans nothing (no result is older than it). Every replica asks (a gate
-replica needs the DB it judges staleness by), only the leader's requeues act: the scan
-reconciler runs on the leader alone.
+When the DB's `UpdatedAt` is another than the one known, the scan index learns it
+(ScanIndex.new_db) and the leader requeues every result made with an older DB
+(ScanIndex.requeue_older) through the one scan queue (its Job limit, its dedup by
+digest), those of the digests running Pods first; only results of the DB known are
+reused; and admission knows which results are stale (ScanPolicy staleResults). A DB
+rolled back to an older one rescans nothing (no result is older than it). Every replica
+asks (a gate replica needs the DB it judges staleness by); only the leader requeues,
+once per DB (and at its first look after it gains the lead): the scan reconciler runs
+on it alone.
 
 The server answers with what a Trivy server is, not a tenant: still, the answer is
 bounded in size and read through db_stamps (a stamp that is not a time says nothing).
@@ -74,6 +75,8 @@ class DBWatch:
         self._repository_digest: str | None = None
         self._repository_db: datetime | None = None
         """Standalone: the DB repository's manifest digest last read, and its DB."""
+        self._requeued_for: datetime | None = None
+        """The DB whose older results this replica, leading, last requeued."""
         self.interval = parse_duration(settings.trivy_db_check_interval).total_seconds()
         self.url = settings.trivy_server_url.rstrip("/") + "/version"
         self.active: Callable[[], bool] = lambda: True
@@ -144,20 +147,25 @@ class DBWatch:
         self.learn(self._repository_db)
 
     def learn(self, updated: datetime) -> int:
-        """The server serves a DB made at `updated`: rescan what an older one made."""
+        """The scanner uses a DB made at `updated`: hold results to it, and (the leader,
+        once per DB, also after it gains the lead) rescan what an older one made."""
         known = self.cache.scans.known_db
+        changed = self.cache.scans.new_db(updated, datetime.now(UTC))
+        metrics.VULNERABILITY_DB.set(updated.timestamp())
+        metrics.DB_CHECKS.labels("new" if changed else "same").inc()
+        if changed:
+            log.info("vulnerability DB %s (the operator knew %s)", updated.isoformat(),
+                     known.isoformat() if known else "none",
+                     extra={"dbUpdatedAt": updated.isoformat()})
+        if not self.active() or self._requeued_for == updated:
+            return 0
+        self._requeued_for = updated
         running = {image.digest for pod in self.cache.running_pods.items.values()
                    for image in pod.images if image.digest}
-        stale = self.cache.scans.new_db(updated, datetime.now(UTC), first=running)
-        metrics.VULNERABILITY_DB.set(updated.timestamp())
-        if updated == known:
-            metrics.DB_CHECKS.labels("same").inc()
-            return 0
-        metrics.DB_CHECKS.labels("new").inc()
-        if self.active():
-            metrics.DB_RESCANS.inc(stale)
-        log.info("vulnerability DB %s (the operator knew %s): %d results made with an older "
-                 "DB are scanned again, those of running images first", updated.isoformat(),
-                 known.isoformat() if known else "none", stale,
-                 extra={"dbUpdatedAt": updated.isoformat(), "rescans": stale})
+        stale = self.cache.scans.requeue_older(first=running)
+        metrics.DB_RESCANS.inc(stale)
+        if stale:
+            log.info("%d results made with a DB older than %s are scanned again, those of "
+                     "running images first", stale, updated.isoformat(),
+                     extra={"dbUpdatedAt": updated.isoformat(), "rescans": stale})
         return stale
