@@ -25,7 +25,7 @@ from scangate.cache import Cache
 from scangate.config import Settings
 from scangate.core.scanstate import ScanIndex
 from scangate.scanning.dbwatch import DBWatch
-from scans import Policy, counts, metric, push_variant, scans, sleeper
+from scans import Policy, admit, counts, metric, push_variant, scans, sleeper
 
 pytestmark = pytest.mark.sandbox
 UPDATED_AT = UPDATE_BUILT_AT.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -70,35 +70,42 @@ def test_a_new_db_refuses_a_running_image_and_tells_its_receivers_once_without_p
     added = next(f for f in after if f["id"] == ADDED)
     assert counts(after)["medium"] == before["medium"] + 1  # the advisory is the image's
     start = (sandbox.dir / "logs" / "registry.log").stat().st_size
-    for name, image in {"app": app, "clean": clean}.items():
-        kubectl.apply(sleeper(name, image), namespace)
 
     def scanned() -> dict[str, dict[str, Any]] | None:
         found = {s["spec"]["image"].partition("@")[0]: s for s in scans(
             kubectl, namespace).values() if (s.get("status") or {}).get("phase") == "Completed"}
         return found if {app, clean} <= set(found) else None
 
-    first = wait_for(scanned, 180, "the running images' scans")[app]["status"]
-    assert first["scannedWith"]["dbUpdatedAt"] == "2026-11-01T00:00:00Z"
-    assert ADDED not in {f["id"] for f in first["findings"]}
-    # The first scan fetched the app's own layer (a fresh variant's): the log counts it.
-    own = layers(sandbox_env, app) | layers(sandbox_env, clean)
-    assert own & {d for _, d in blob_gets(sandbox, start)}
-    # Today's counts pass: at the medium threshold, not over it.
     hook = Received()
     name = f"news-{uuid.uuid4().hex[:6]}"
     with serve(hook, False) as hook_url:
         secret(kubectl, "scangate-system", name, url=f"{hook_url}/news")
         try:
+            # Today's counts pass: at the medium threshold, not over it. What is not
+            # scanned yet is admitted with a warning, so that the inventory's count goes
+            # from Unscanned to Admitted once it has judged the results.
             policy(action="Enforce", thresholds={"high": before["high"],
                                                  "medium": before["medium"]},
+                   unscanned="Warn",
                    notifications=[{"name": "news", "type": "webhook",
                                    "events": ["Blocked", "NewlyVulnerable"],
                                    "urlSecretRef": {"name": name}}])
+            for workload, image in {"app": app, "clean": clean}.items():
+                # Admitted with the policy's warning: the operator holds the policy (the
+                # gate and the inventory read one cache), so no verdict without it counts.
+                admitted, said = admit(kubectl, sleeper(workload, image), namespace)
+                assert admitted and "not scanned yet" in said, said
+            first = wait_for(scanned, 180, "the running images' scans")[app]["status"]
+            assert first["scannedWith"]["dbUpdatedAt"] == "2026-11-01T00:00:00Z"
+            assert ADDED not in {f["id"] for f in first["findings"]}
+            # The first scan fetched the app's own layer (a fresh variant's): the log
+            # counts it.
+            own = layers(sandbox_env, app) | layers(sandbox_env, clean)
+            assert own & {d for _, d in blob_gets(sandbox, start)}
             wait_for(lambda: status_running(sandbox_env, "-n", namespace).returncode == 0, 60,
                      "what runs to be admitted under the first DB")
-            # ...and the operator's inventory has judged it so (it recounts every 15 s):
-            # what a newer DB refuses is news only against a verdict it had.
+            # ...and the operator's inventory has judged the results so (it recounts
+            # every 15 s): what a newer DB refuses is news only against a verdict it had.
             wait_for(lambda: metric(sandbox_env, "scangate_running_images",
                                     f'namespace="{namespace}",verdict="Admitted"') == 2, 60,
                      "the inventory's verdicts under the first DB")
