@@ -12,14 +12,18 @@ from sandbox.controlplane import Sandbox
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/sandbox", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "images"],
-                        help="start, stop, or list the named test images (JSON)")
+    parser.add_argument("command", choices=["up", "down", "images", "db-update"],
+                        help="start, stop, list the named test images (JSON), or publish "
+                             "the next vulnerability DB (one more real advisory) and have "
+                             "the Trivy server load it")
     parser.add_argument("--dir", required=True, type=Path, help="state, logs and env go here")
     parser.add_argument("--operator", action="store_true",
                         help="also install the CRDs and run the operator from the checkout")
     parser.add_argument("--node", choices=["emulated", "real"], default="emulated",
                         help="the emulated node agent (default) or a real node: containerd, "
                              "kubelet, kube-scheduler, kube-proxy (root; sandbox.realnode)")
+    parser.add_argument("--restore", action="store_true",
+                        help="db-update: publish the first DB again (what `up` published)")
     args = parser.parse_args(argv)
     if args.operator and args.node == "real":
         parser.error("--operator runs the checkout's operator beside the emulated node; on a "
@@ -27,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     sandbox = Sandbox(args.dir.resolve(), node=args.node)
     if args.command == "images":
         print((sandbox.dir / "images.json").read_text())
+        return 0
+    if args.command == "db-update":
+        try:
+            updated = Sandbox.attach(args.dir.resolve()).db_update(restore=args.restore)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"hack/sandbox db-update failed: {e}", file=sys.stderr)
+            return 1
+        print(f"the Trivy server serves the DB of {updated}")
         return 0
     if args.command == "down":
         sandbox.down()

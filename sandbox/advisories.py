@@ -33,6 +33,9 @@ SEVERITY_NUMBER = {"UNKNOWN": 0, "LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4
 STATUS_AFFECTED = 2
 # When the DB says it was built: fixed, so that the same list gives the same DB.
 BUILT_AT = datetime(2026, 11, 1, tzinfo=UTC)
+UPDATE_BUILT_AT = datetime(2026, 11, 2, tzinfo=UTC)
+"""When the DB `hack/sandbox db-update` publishes says it was built (advisories.yaml and
+advisories-update.yaml)."""
 
 OS_SOURCES = {
     "debian": ("debian", "Debian Security Tracker",
@@ -48,6 +51,12 @@ VERSION_CLASS = {"debian": DebianVersion, "ubuntu": DebianVersion, "alpine": Alp
 def load_advisories() -> list[Decl]:
     advisories: list[Decl] = yaml.safe_load((DATA / "advisories.yaml").read_text())
     return advisories
+
+
+def load_update() -> list[Decl]:
+    """The advisories the sandbox's next DB adds (hack/sandbox db-update)."""
+    added: list[Decl] = yaml.safe_load((DATA / "advisories-update.yaml").read_text())
+    return added
 
 
 def load_images() -> dict[str, Decl]:
@@ -100,16 +109,19 @@ def _trivy_constraint(text: str) -> str:
     return ", ".join(part.strip().replace(" ", "") for part in text.split(","))
 
 
-def build_db(out_dir: Path) -> Path:
-    """Write trivy.db, metadata.json and db.tar.gz (deterministic tar) into out_dir."""
+def build_db(out_dir: Path, advisories: list[Decl] | None = None,
+             built_at: datetime = BUILT_AT) -> Path:
+    """Write trivy.db, metadata.json and db.tar.gz (deterministic tar) into out_dir: of
+    `advisories` (default: advisories.yaml), saying it was built at `built_at`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = subprocess.run([str(REPO / "hack" / "trivydb" / "build")], check=True,
                             capture_output=True, text=True).stdout.strip()
     entries_file = out_dir / "entries.json"
-    entries_file.write_text(json.dumps(db_entries(load_advisories()), indent=1))
+    entries_file.write_text(json.dumps(db_entries(
+        load_advisories() if advisories is None else advisories), indent=1))
     db = out_dir / "trivy.db"
     subprocess.run([writer, "-in", str(entries_file), "-out", str(db)], check=True)
-    stamp = BUILT_AT.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = built_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     metadata = {"Version": 2, "NextUpdate": "2099-01-01T00:00:00Z", "UpdatedAt": stamp,
                 "DownloadedAt": stamp}
     (out_dir / "metadata.json").write_text(json.dumps(metadata))
@@ -118,7 +130,7 @@ def build_db(out_dir: Path) -> Path:
         for name in ("trivy.db", "metadata.json"):
             data = (out_dir / name).read_bytes()
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, int(BUILT_AT.timestamp())
+            info.size, info.mode, info.mtime = len(data), 0o644, int(built_at.timestamp())
             tar.addfile(info, io.BytesIO(data))
     archive = out_dir / "db.tar.gz"
     archive.write_bytes(gzip.compress(buffer.getvalue(), mtime=0))

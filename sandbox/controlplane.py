@@ -25,7 +25,15 @@ from pathlib import Path
 
 import httpx
 
-from sandbox.advisories import build_db, expected_findings, load_images
+from sandbox.advisories import (
+    BUILT_AT,
+    UPDATE_BUILT_AT,
+    build_db,
+    expected_findings,
+    load_advisories,
+    load_images,
+    load_update,
+)
 from sandbox.distribution import Registry
 from sandbox.images import Pusher, build_image, platforms
 from sandbox.pki import CertificateAuthority, KeyPair, client_context, service_account_keys
@@ -396,6 +404,37 @@ class Sandbox:
                          "TRIVY_DB_REPOSITORY": db_repository, "TRIVY_SERVER": trivy_url,
                          "TRIVY_TOKEN": token, "TRIVY_INSECURE": "true"})
 
+    def db_update(self, timeout: float = 60.0, restore: bool = False) -> str:
+        """Publish the sandbox's next vulnerability DB (advisories.yaml and
+        advisories-update.yaml, built at UPDATE_BUILT_AT) to its DB repository, and have the
+        Trivy server load it: restarted, on the same port, with its DB (not its layer
+        cache) removed, as a server's own hourly update would do in a cluster. `restore`:
+        the first DB again (what `up` published). Returns the DB's UpdatedAt as the
+        server's /version reports it."""
+        built_at = BUILT_AT if restore else UPDATE_BUILT_AT
+        archive = build_db(self.dir / f"trivydb-{built_at:%Y%m%d}", [
+            *load_advisories(), *([] if restore else load_update())], built_at)
+        pusher = Pusher(f"http://{self.env['REGISTRY']}")
+        try:
+            pusher.trivy_db("trivy-db", "2", archive.read_bytes())
+        finally:
+            pusher.close()
+        command = self.stop_process("trivy-server")
+        shutil.rmtree(self.dir / "trivy-server" / "db", ignore_errors=True)
+        self.start_process("trivy-server", command)
+        wanted = built_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        version = f"{self.env['TRIVY_SERVER']}/version"
+
+        def loaded() -> bool:
+            try:
+                answer = httpx.get(version, timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            return bool((answer.get("VulnerabilityDB") or {}).get("UpdatedAt") == wanted)
+
+        self._until(loaded, timeout, "trivy server with the new DB")
+        return wanted
+
     # -- the operator from the checkout ----------------------------------------------
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
@@ -501,6 +540,8 @@ class Sandbox:
             "--trivy-db-repository", self.env["TRIVY_DB_REPOSITORY"],
             "--trivy-insecure-db-repository", "--trivy-token-secret", "scangate-trivy-token",
             "--retry-backoff", "1s",
+            # A DB the sandbox publishes (db_update) is noticed within seconds.
+            "--trivy-db-check-interval", "2s",
             # Tests scrape /metrics in the clear on loopback; test_metrics_security turns
             # the default (HTTPS, authorised tokens) back on with --metrics-secure.
             "--no-metrics-secure",

@@ -30,7 +30,13 @@ from scangate.core.policystate import (
     project_policy,
 )
 from scangate.core.rulestate import RuleState, project_rule
-from scangate.core.running import RunningPod, is_running, project_running_pod, slim_pod
+from scangate.core.running import (
+    NewlyVulnerable,
+    RunningPod,
+    is_running,
+    project_running_pod,
+    slim_pod,
+)
 from scangate.core.scanstate import (
     RESULT_DETAIL,
     SCAN_LABEL,
@@ -236,6 +242,8 @@ class Cache:
     running_pods: Store[RunningPod] = field(init=False)
     """Every running Pod of the cluster, as its workload and images (the inventory's)."""
     refusals: Topic[Refusal] = field(init=False)
+    newly_vulnerable: Topic[NewlyVulnerable] = field(init=False)
+    """Running images a newer vulnerability DB made refused (the inventory's news)."""
 
     def __post_init__(self) -> None:
         index = self.scans
@@ -255,3 +263,4 @@ class Cache:
         self.running_pods = Store("running-pods", project_running_pod, wanted=is_running,
                                   slim=slim_pod)
         self.refusals = Topic("refusals")
+        self.newly_vulnerable = Topic("newly-vulnerable")

@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     """ClientServer: Jobs ask a Trivy server; Standalone: each Job downloads the DB."""
     trivy_server_url: str = "http://scangate-trivy.scangate-system:4954"
     """The Trivy server of ClientServer mode."""
+    trivy_db_check_interval: Duration = "5m"
+    """How often the operator looks at which vulnerability DB scans use (0s: never): the
+    Trivy server's `GET /version` in ClientServer mode; in Standalone mode the DB
+    repository's manifest digest, and the new DB's metadata.json when it changes. When
+    its UpdatedAt is another, every result made with an older DB is scanned again through
+    the queue, those of running images first (in ClientServer mode the server's layer
+    cache spares pulling the layers again)."""
     trivy_token_secret: str | None = None
     """A Secret in the operator's namespace whose `token` the Trivy server requires
     (ClientServer). Scan Jobs run in that namespace and read it there: it never leaves."""

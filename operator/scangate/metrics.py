@@ -23,6 +23,17 @@ RULES_TOO_LARGE = Counter(
 SCAN_DURATION = Histogram("scangate_scan_duration_seconds", "Time from Job start to result.",
                           buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800))
 QUEUE_DEPTH = Gauge("scangate_scan_queue_depth", "ImageScans waiting in phase Queued.")
+VULNERABILITY_DB = Gauge(
+    "scangate_vulnerability_db_updated_timestamp_seconds",
+    "UpdatedAt of the vulnerability DB scans use, as last seen.")
+DB_CHECKS = Counter("scangate_vulnerability_db_checks_total",
+                    "Looks at the DB scans use (the Trivy server's, or the DB repository's) "
+                    "by result: same, new, failed.", ["result"])
+DB_RESCANS = Counter("scangate_vulnerability_db_rescans_total",
+                     "Results asked to scan again because a newer vulnerability DB came out.")
+NEWLY_VULNERABLE = Counter(
+    "scangate_newly_vulnerable_total",
+    "Running images an Enforce policy admitted and refuses after a rescan with a newer DB.")
 RUNNING_JOBS = Gauge("scangate_scan_jobs_running", "Scan Jobs that have not finished.")
 REGISTRY_REQUESTS = Counter("scangate_registry_requests_total",
                             "Registry operations by registry and result.", ["registry", "result"])

@@ -26,6 +26,7 @@ from scangate.leader import LeaderElector
 from scangate.logs import setup_logging
 from scangate.notify.notifier import Notifier
 from scangate.policyreports.writer import PolicyReports
+from scangate.scanning.dbwatch import DBWatch
 from scangate.scanning.push import PushReceiver
 from scangate.scanning.reconciler import ScanReconciler
 from scangate.scanning.rules import RuleController
@@ -165,8 +166,9 @@ async def main(settings: Settings) -> None:
     notifier = Notifier(Kube(8), settings, cache, destinations)
     inventory = Inventory(Kube(8), settings, cache)
     reports = PolicyReports(Kube(4), settings, cache)
+    dbwatch = DBWatch(settings, cache, destinations)
     reconciler.active = rules.active = notifier.active = inventory.active = \
-        reports.active = lambda: leader.is_leader
+        reports.active = dbwatch.active = lambda: leader.is_leader
     memo = kopf.Memo(cache=cache, rules=rules,
                      reviewer=validation.Reviewer(cache, settings.namespace))
     if settings.metrics_port and not settings.metrics_secure:
@@ -184,7 +186,8 @@ async def main(settings: Settings) -> None:
         # Scan Jobs and their pods: in the operator's namespace only (see handlers.watches).
         kopf.operator(registry=watches.SCAN_JOBS, namespaces=[settings.namespace],
                       identity=leader.me, settings=namespaced_settings(), memo=memo),  # type: ignore[arg-type]
-        leader.run(), reconciler.run(), rules.run(), inventory.run(), reports.run()]
+        leader.run(), reconciler.run(), rules.run(), inventory.run(), reports.run(),
+        dbwatch.run()]
     vex = VexDocuments(cache, settings)
     reconciler.vex_documents = vex.wanted
     inventory.vex = reports.vex = vex.state

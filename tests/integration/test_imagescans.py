@@ -67,6 +67,10 @@ def test_every_named_image_scans_to_its_expected_summary(
     # server's, as its report says.
     scanner = done["clean-amd64"]["status"]["scanner"]
     assert scanner["dbUpdatedAt"] == "2026-11-01T00:00:00Z"
+    # ...and the result says which DB it was made with, as the DB's metadata says.
+    assert {k: v for k, v in done["clean-amd64"]["status"]["scannedWith"].items()
+            if k.startswith("db")} == {"dbUpdatedAt": "2026-11-01T00:00:00Z",
+                                       "dbNextUpdate": "2099-01-01T00:00:00Z"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", scanner["version"])
     # The scan pods ran hardened.
     pod_spec = jobs(kubectl, namespace)[0]["spec"]["template"]["spec"]

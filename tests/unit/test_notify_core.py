@@ -434,3 +434,26 @@ def test_retry_delays_double_up_to_the_cap() -> None:
     assert retry_delay(0) == 1.0 and retry_delay(10_000) == 300.0
     assert retry_delay(3, first=0.5, cap=1.5) == 1.5
     assert MAX_ATTEMPTS == 8
+
+
+NEWLY = replace(BLOCKED, event="NewlyVulnerable", key="newly-vulnerable/prod/sha256:ab12/x/p",
+                reason="NewlyVulnerable", message="refused since the DB of 2026-11-02",
+                worst=(finding("CVE-2023-45803", "MEDIUM", "urllib3", "1.26.12",
+                               "2.0.7, 1.26.18"),),
+                workloads=("Deployment/app", "CronJob/report"))
+
+
+def test_a_newly_vulnerable_message_names_the_workloads_and_the_new_findings() -> None:
+    body = json.loads(webhook_payload(NEWLY))
+    assert body["event"] == "NewlyVulnerable"
+    assert body["workloads"] == ["Deployment/app", "CronJob/report"]
+    assert body["worst"] == [{"id": "CVE-2023-45803", "severity": "MEDIUM",
+                              "package": "urllib3", "installedVersion": "1.26.12",
+                              "fixedVersion": "2.0.7, 1.26.18"}]
+    assert "workloads" not in json.loads(webhook_payload(BLOCKED))  # other bodies unchanged
+    text = dingtalk_message(NEWLY)["markdown"]["text"]
+    assert "**Workloads:** Deployment/app, CronJob/report" in text
+    assert "**New findings:**" in text and "fixed in 2.0.7, 1.26.18" in text
+    many = replace(NEWLY, workloads=tuple(f"Deployment/d{i}" for i in range(25)))
+    assert "and 5 more" in dingtalk_message(many)["markdown"]["text"]
+    assert len(json.loads(webhook_payload(many))["workloads"]) == 20

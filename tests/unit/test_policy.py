@@ -623,3 +623,53 @@ def test_an_image_named_by_its_index_digest_is_judged_by_the_result_of_its_platf
     assert by_index.kind is Kind.VULNERABLE
     other = judge(strict, result, f"{IMAGE}@sha256:{'ef' * 32}", NOW)
     assert other.kind is Kind.UNSCANNED  # never one digest judged by another's result
+
+
+# -- staleResults ------------------------------------------------------------------------
+
+OLD_DB, NEW_DB = "2026-03-01T00:00:00Z", datetime(2026, 3, 10, 6, tzinfo=UTC)
+
+
+def made_with(db: str | None, *vulns: dict[str, Any]) -> ImageResult:
+    used = {"scanners": ["vuln"], **({"dbUpdatedAt": db} if db else {})}
+    return result(*vulns, scannedWith=used)
+
+
+@pytest.mark.parametrize(("setting", "action", "kind", "effect"), [
+    ("Allow", "Enforce", Kind.PASSED, Effect.ALLOW),
+    ("Warn", "Enforce", Kind.STALE_RESULT, Effect.WARN),
+    ("Warn", "Audit", Kind.STALE_RESULT, Effect.AUDIT),
+    ("Deny", "Enforce", Kind.STALE_RESULT, Effect.ENFORCE),
+    ("Deny", "Warn", Kind.STALE_RESULT, Effect.WARN),
+])
+def test_a_result_of_an_older_db_is_worth_what_stale_results_says(
+        setting: str, action: str, kind: Kind, effect: Effect) -> None:
+    p = policy(action=action, thresholds={"critical": 0}, staleResults=setting)
+    verdict = judge(p, made_with(OLD_DB), IMAGE, NOW, known_db=NEW_DB)
+    assert (verdict.kind, verdict.effect) == (kind, effect)
+    if kind is Kind.STALE_RESULT:
+        assert "2026-03-01 00:00" in verdict.message and "2026-03-10 06:00" in verdict.message
+        assert f"staleResults: {setting}" in verdict.message
+
+
+def test_a_current_result_or_one_that_does_not_name_its_db_is_judged_as_it_is() -> None:
+    p = policy(thresholds={"critical": 0}, staleResults="Deny")
+    current = made_with("2026-03-10T06:00:00Z")
+    assert judge(p, current, IMAGE, NOW, known_db=NEW_DB).kind is Kind.PASSED
+    assert judge(p, made_with(None), IMAGE, NOW, known_db=NEW_DB).kind is Kind.PASSED
+    assert judge(p, made_with(OLD_DB), IMAGE, NOW, known_db=None).kind is Kind.PASSED
+    assert judge(p, made_with("not a time"), IMAGE, NOW, known_db=NEW_DB).kind is Kind.PASSED
+
+
+def test_findings_that_refuse_are_not_hidden_by_a_stale_warning() -> None:
+    p = policy(thresholds={"critical": 0}, staleResults="Warn")
+    verdict = judge(p, made_with(OLD_DB, *CRITICALS), IMAGE, NOW, known_db=NEW_DB)
+    assert (verdict.kind, verdict.effect) == (Kind.VULNERABLE, Effect.ENFORCE)
+
+
+def test_decide_refuses_a_stale_result_under_deny() -> None:
+    decision = decide([policy(staleResults="Deny")], {IMAGE: made_with(OLD_DB)}, "prod", {},
+                      {}, NOW, known_db=NEW_DB)
+    assert not decision.allowed and decision.violations[0].kind is Kind.STALE_RESULT
+    assert decide([policy(staleResults="Deny")], {IMAGE: made_with(OLD_DB)}, "prod", {}, {},
+                  NOW).allowed  # the operator knows no DB: nothing is stale

@@ -4,17 +4,22 @@ images run where."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+from scangate.core.policy import ImageResult, decide, parse_policy
 from scangate.core.running import (
     MAX_POD_IMAGES,
     RunningImage,
     RunningIndex,
     RunningPod,
+    Settled,
     Workload,
     digest_of,
     is_running,
+    newly_refused,
     project_running_pod,
+    verdict_of,
     workload_of,
 )
 
@@ -185,3 +190,56 @@ def test_an_image_by_tag_is_not_asked_for_when_a_scan_names_the_tag() -> None:
     assert needs_scan(RunningImage("reg.example/team/app:2"), True, scans)  # another tag
     scans.delete_scan(("ns", "gate"))
     assert needs_scan(by_tag, True, scans) and scans.by_tag("reg.example/team/app:1") == []
+
+
+# -- Newly vulnerable --------------------------------------------------------------------
+
+OLD_DB, NEW_DB = "2026-11-01T00:00:00Z", "2026-11-02T00:00:00Z"
+POLICY: dict[str, Any] = {"apiVersion": "scangate.dev/v1alpha1", "kind": "ScanPolicy",
+                          "metadata": {"name": "gate"},
+                          "spec": {"action": "Enforce", "thresholds": {"medium": 1}}}
+
+
+def result(db: str | None, *ids: str) -> ImageResult:
+    findings = [{"id": i, "severity": "MEDIUM", "package": "urllib3",
+                 "installedVersion": "1.26.12", "fixedVersion": "1.26.18" if i != "X" else ""}
+                for i in ids]
+    return ImageResult.from_status({
+        "phase": "Completed", "digest": D1, "findings": findings,
+        "summary": {"medium": len(ids), "total": len(ids)},
+        "scannedWith": {"scanners": ["vuln"], **({"dbUpdatedAt": db} if db else {})}})
+
+
+def judged(r: ImageResult, policy: dict[str, Any] = POLICY) -> tuple[str, Any]:
+    decision = decide([parse_policy(policy)], {"r/app:1": r}, "team-a", {}, {},
+                      datetime(2026, 11, 3, tzinfo=UTC))
+    return verdict_of(decision), decision
+
+
+def test_an_image_admitted_then_refused_under_a_newer_db_is_news_naming_the_new_findings(
+) -> None:
+    before_result = result(OLD_DB, "CVE-1")
+    verdict, _ = judged(before_result)
+    before = Settled.of(verdict, before_result)
+    assert before.verdict == "Admitted"
+    after = result(NEW_DB, "CVE-1", "CVE-2")
+    _, decision = judged(after)
+    assert newly_refused(before, decision, after) == (("gate",), ({
+        "id": "CVE-2", "severity": "MEDIUM", "package": "urllib3",
+        "installedVersion": "1.26.12", "fixedVersion": "1.26.18"},))
+
+
+def test_a_refusal_that_no_newer_db_made_is_not_this_news() -> None:
+    admitted = Settled.of("Admitted", result(OLD_DB, "CVE-1"))
+    refused_now = result(OLD_DB, "CVE-1", "CVE-2")  # a rescan of the same DB (a rebuilt tag)
+    assert newly_refused(admitted, judged(refused_now)[1], refused_now) is None
+    unsaid = result(None, "CVE-1", "CVE-2")
+    assert newly_refused(admitted, judged(unsaid)[1], unsaid) is None
+    newer = result(NEW_DB, "CVE-1", "CVE-2")
+    assert newly_refused(None, judged(newer)[1], newer) is None  # a first verdict
+    refused_before = Settled.of("Refused", result(OLD_DB, "CVE-1", "CVE-3"))
+    assert newly_refused(refused_before, judged(newer)[1], newer) is None
+    still_admitted = result(NEW_DB, "CVE-1")
+    assert newly_refused(admitted, judged(still_admitted)[1], still_admitted) is None
+    audit = {**POLICY, "spec": {**POLICY["spec"], "action": "Audit"}}
+    assert newly_refused(admitted, judged(newer, audit)[1], newer) is None  # not refused

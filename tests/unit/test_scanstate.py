@@ -113,6 +113,67 @@ def test_a_fresh_result_is_not_requeued_before_its_time() -> None:
     assert idx.plan(NOW + timedelta(hours=2), 1) == [Requeue(fresh)]
 
 
+OLD_DB, NEW_DB = NOW - 2 * DAY, NOW - timedelta(hours=6)
+
+
+def test_a_new_db_requeues_every_result_made_with_an_older_one_running_first() -> None:
+    results = [done(f"r{i}", f"sha256:{i}", db_updated_at=OLD_DB) for i in range(4)]
+    current = done("current", "sha256:9", db_updated_at=NEW_DB)
+    unsaid = done("unsaid", "sha256:8")  # made before results said their DB
+    idx = index(*results, current, unsaid)
+    assert idx.plan(NOW, 1) == []
+    assert idx.new_db(NEW_DB, NOW)
+    assert idx.requeue_older(first=["sha256:2", "sha256:3"]) == 4
+    requeued = [a.scan.name for a in idx.plan(NOW, 1)]
+    assert all(isinstance(a, Requeue) for a in idx.plan(NOW, 1)) and len(requeued) == 4
+    assert set(requeued[:2]) == {"r2", "r3"} and set(requeued[2:]) == {"r0", "r1"}
+    # The same DB again (the next poll) is no news.
+    assert not idx.new_db(NEW_DB, NOW)
+    assert idx.plan(NOW, 1) == []
+
+
+def test_a_db_rolled_back_rescans_nothing_and_results_of_the_newer_one_are_not_reused() -> None:
+    idx = index(done("newer", db_updated_at=NEW_DB, age=timedelta(minutes=5)))
+    idx.new_db(NEW_DB, NOW)
+    assert idx.new_db(OLD_DB, NOW) and idx.requeue_older() == 0 and idx.plan(NOW, 1) == []
+    asking = scan("asking")
+    idx.upsert_scan(asking)
+    assert idx.plan(NOW, 1) == [Start(asking)]
+
+
+def test_a_result_made_with_an_older_db_is_not_reused() -> None:
+    old = done("old", db_updated_at=OLD_DB, age=timedelta(minutes=5))
+    idx = index(old)
+    idx.new_db(NEW_DB, NOW)
+    asking = scan("asking")
+    idx.upsert_scan(asking)
+    actions = idx.plan(NOW, 1)
+    assert Start(asking) in actions and not any(isinstance(a, Reuse) for a in actions)
+    # Once a result of the new DB is in, it is reused.
+    idx.upsert_scan(done("new", db_updated_at=NEW_DB, age=timedelta(0)))
+    assert Reuse(asking, idx.scans[("ns", "new")]) in idx.plan(NOW, 0)
+
+
+def test_a_result_of_an_old_db_seen_after_the_new_db_is_known_is_requeued() -> None:
+    """A restarted operator may learn of the DB before it has listed every result."""
+    idx = index()
+    idx.new_db(NEW_DB, NOW - timedelta(minutes=10))
+    listed = done("listed", db_updated_at=OLD_DB, age=timedelta(minutes=15))
+    idx.upsert_scan(listed)
+    assert idx.plan(NOW, 1) == [Requeue(listed)]
+
+
+def test_a_result_made_with_an_older_db_after_the_new_one_was_known_waits() -> None:
+    """Its scanner had not loaded the new DB yet (another server replica): rescanned
+    later, not in a loop."""
+    idx = index()
+    idx.new_db(NEW_DB, NOW - timedelta(minutes=10))
+    lagging = done("lagging", db_updated_at=OLD_DB, age=timedelta(minutes=1))
+    idx.upsert_scan(lagging)
+    assert idx.plan(NOW, 1) == []
+    assert idx.plan(NOW + timedelta(minutes=9), 1) == [Requeue(lagging)]
+
+
 def test_retry_after_holds_a_queued_scan_back() -> None:
     later = scan("later", retry_after=NOW + timedelta(minutes=1))
     idx = index(later)
@@ -316,7 +377,8 @@ def test_projection_keeps_what_is_needed_read_through_the_api_type() -> None:
         "status": {"phase": "Completed", "digest": "sha256:1", "scannedAt": "2026-11-28T11:30:00Z",
                    "summary": {"critical": 1, "high": 2, "medium": 3, "low": 4, "unknown": 5,
                                "total": 15},
-                   "scannedWith": {"scanners": ["vuln"], "ignoreUnfixed": False},
+                   "scannedWith": {"scanners": ["vuln"], "ignoreUnfixed": False,
+                                   "dbUpdatedAt": "2026-11-28T06:00:00Z"},
                    "conditions": [{"type": "Ready", "status": "True",
                                    "lastTransitionTime": "2026-11-28T11:30:00Z"}],
                    "findings": [{"id": "CVE-1"}] * 100},
@@ -327,6 +389,7 @@ def test_projection_keeps_what_is_needed_read_through_the_api_type() -> None:
     assert s.key == scan_key("sha256:1", ["secret", "vuln"], True)
     assert s.result_key == scan_key("sha256:1", ["vuln"], False)  # what the result was made with
     assert s.ready == ("True", "2026-11-28T11:30:00Z")
+    assert s.db_updated_at == datetime(2026, 11, 28, 6, tzinfo=UTC)
     assert not hasattr(s, "findings")
     # Read through the API type: what it cannot read is refused, naming the field (the
     # cache leaves the object out and counts it).

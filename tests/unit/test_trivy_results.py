@@ -11,7 +11,7 @@ import pytest
 
 from scangate.core import framing
 from scangate.core.framing import FrameError
-from scangate.core.results import log_tail, result_from_log
+from scangate.core.results import db_stamps, log_tail, result_from_log
 from scangate.core.trivy import ReportError, bound_findings, parse_report, summarize
 
 
@@ -132,10 +132,33 @@ def test_result_from_log() -> None:
     result = result_from_log(log, 65536)
     assert result["scanner"] == {"name": "trivy", "version": "0.76.0",
                                  "dbUpdatedAt": "2026-11-01T00:00:00Z"}
+    assert result["vulnerabilityDB"] == {"dbUpdatedAt": "2026-11-01T00:00:00Z"}
     assert result["os"] == {"family": "debian", "name": "12.5", "eosl": False}
     assert result["summary"]["total"] == 5
     with pytest.raises(ReportError):
         result_from_log("no frames here\n", 65536)
+
+
+def test_the_db_a_result_was_made_with_is_the_servers_in_client_server_mode() -> None:
+    """A client's report names its server's DB (Trivy.Server.VulnerabilityDB): its
+    UpdatedAt and NextUpdate become status.scannedWith's dbUpdatedAt / dbNextUpdate."""
+    served = report(OS_RESULT)
+    served["Trivy"] = {"Version": "0.76.0", "Server": {"Version": "0.76.0", "VulnerabilityDB": {
+        "Version": 2, "UpdatedAt": "2026-11-02T06:13:29.123456789Z",
+        "NextUpdate": "2026-11-02T12:13:29.123456789Z"}}}
+    local = {"Version": "0.76.0", "VulnerabilityDB": {"UpdatedAt": "2020-01-01T00:00:00Z"}}
+    log = framing.encode("version", json.dumps(local).encode()) + \
+        framing.encode("report", json.dumps(served).encode())
+    result = result_from_log(log, 65536)
+    assert result["vulnerabilityDB"] == {"dbUpdatedAt": "2026-11-02T06:13:29Z",
+                                         "dbNextUpdate": "2026-11-02T12:13:29Z"}
+
+
+def test_db_stamps_leave_out_what_is_not_a_time() -> None:
+    assert db_stamps({"UpdatedAt": "yesterday", "NextUpdate": 7}) == {}
+    assert db_stamps(["UpdatedAt"]) == {}
+    assert db_stamps({"UpdatedAt": "2026-11-01T00:00:00"}) == {
+        "dbUpdatedAt": "2026-11-01T00:00:00Z"}
 
 
 def test_log_tail_skips_frames() -> None:

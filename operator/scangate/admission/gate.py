@@ -228,7 +228,8 @@ class Gate:
         judge = partial(decide, policies, results, namespace,
                         (self.namespace_labels(namespace) or {}), meta.get("annotations") or {},
                         now, scans_namespace=namespace,
-                        vex=self.vex() if self.vex is not None else None)
+                        vex=self.vex() if self.vex is not None else None,
+                        known_db=self.cache.scans.known_db)
         decision = judge()
         if decision.break_glass_wanted:  # only then: other reviews never pay for it
             decision = judge(break_glass=await self._break_glass_grants(

@@ -188,6 +188,13 @@ class ScannedWith(Model):
     malware_db: str | None = Field(default=None, alias="malwareDB", max_length=512)
     """Scanner malware: ClamAV's version and its signature databases' versions, e.g.
     "ClamAV 1.4.6 daily:27450 main:62"."""
+    db_updated_at: datetime | None = Field(default=None, alias="dbUpdatedAt")
+    """The vulnerability DB the result was made with: its UpdatedAt as Trivy reports it
+    (the Trivy server's DB in ClientServer mode, the scan Job's own in Standalone). A
+    result whose DB is older than the one the operator knows is stale (ScanPolicy
+    staleResults), and is rescanned."""
+    db_next_update: datetime | None = Field(default=None, alias="dbNextUpdate")
+    """That DB's NextUpdate as Trivy reports it: when its publisher meant to replace it."""
 
 
 class Notified(Model):

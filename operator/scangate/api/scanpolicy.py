@@ -131,6 +131,11 @@ class ScanPolicySpec(Model):
     """Results older than this count as unscanned, e.g. 24h or 7d."""
     failed_scan: Literal["Deny", "Allow"] = "Deny"
     """What to do with an image whose scan failed."""
+    stale_results: Literal["Allow", "Warn", "Deny"] = "Allow"
+    """What a result made with a vulnerability DB older than the one the operator knows
+    (the Trivy server's; status.scannedWith.dbUpdatedAt) is worth while its rescan runs:
+    Allow judges it as it is, Warn also warns (at most the policy's action), Deny refuses
+    it as the policy's action says. A result that does not name its DB is judged as it is."""
     misconfig: Misconfig | None = None
     """Thresholds and refused check IDs for the image's configuration checks (scanner
     misconfig)."""
@@ -149,8 +154,9 @@ class ScanPolicySpec(Model):
     enforces), but the policy does not require malware scans. Deny and Warn make the policy
     need results of the malware scanner."""
     notifications: list[Notification] | None = Field(default=None, max_length=16)
-    """Receivers of this policy's Blocked events; their Secrets live in the operator's
-    namespace (a ScanPolicy has none of its own)."""
+    """Receivers of this policy's Blocked events (and, subscribed to NewlyVulnerable, of
+    running images it admitted and refuses after a rescan with a newer vulnerability DB);
+    their Secrets live in the operator's namespace (a ScanPolicy has none of its own)."""
     break_glass: BreakGlass = Field(default_factory=BreakGlass, json_schema_extra={"default": {}})
     """Emergency override."""
     pin_digests: bool = False

@@ -102,6 +102,9 @@ class NotificationEvent(StrEnum):
     SCAN_COMPLETED = "ScanCompleted"
     SCAN_FAILED = "ScanFailed"
     BLOCKED = "Blocked"
+    NEWLY_VULNERABLE = "NewlyVulnerable"
+    """A running image an Enforce policy admitted is refused after a rescan with a newer
+    vulnerability DB: the workloads that run it and the new findings."""
 
 
 class Notification(Model):
@@ -120,7 +123,7 @@ class Notification(Model):
     """PEM certificates to trust for an HTTPS webhook receiver."""
     events: list[NotificationEvent] = Field(
         default_factory=lambda: [NotificationEvent.SCAN_COMPLETED, NotificationEvent.SCAN_FAILED],
-        min_length=1, max_length=3,
+        min_length=1, max_length=4,
         json_schema_extra={"default": ["ScanCompleted", "ScanFailed"]},
     )
     """Which events are sent."""

@@ -26,7 +26,9 @@ compact, keys sorted); the signature covers exactly these bytes:
 
 - apiVersion, kind: the payload's schema. Within scangate.dev/v1 fields are only ever
   added; a field removed or changed in meaning comes with a new apiVersion.
-- event: ScanCompleted, ScanFailed or Blocked (admission refused a workload).
+- event: ScanCompleted, ScanFailed, Blocked (admission refused a workload) or
+  NewlyVulnerable (a running image an Enforce policy admitted is refused after a rescan
+  with a newer vulnerability DB).
 - idempotencyKey: the same for every delivery of one event (retries, restarts): a
   receiver that has seen it can ignore the repeat.
 - source: what the receiver belongs to: {"kind": "ScanRule", "name": "<namespace>/<name>"}
@@ -41,6 +43,8 @@ compact, keys sorted); the signature covers exactly these bytes:
   no fix yet.
 - reason, message: why a scan failed or a workload was refused (may be set, and then
   informational, for other events).
+- workloads (NewlyVulnerable only): the workloads running the image, "Kind/name" in
+  `namespace`; worst then lists the findings the new DB added, with their fixed versions.
 
 Headers: Content-Type: application/json; X-Scangate-Event: the event;
 X-Scangate-Idempotency-Key: the key (printable ASCII); and, when the receiver has a
@@ -65,7 +69,7 @@ from typing import Any, Literal
 from scangate.core.trivy import SEVERITIES, normalise_severity
 
 PAYLOAD_API_VERSION = "scangate.dev/v1"
-EVENT_TYPES = ("ScanCompleted", "ScanFailed", "Blocked")
+EVENT_TYPES = ("ScanCompleted", "ScanFailed", "Blocked", "NewlyVulnerable")
 DEFAULT_EVENTS = ("ScanCompleted", "ScanFailed")
 """Events a notification hears when its spec lists none (the CRD's default)."""
 COUNT_KEYS = (*(s.lower() for s in SEVERITIES), "total")
@@ -87,7 +91,9 @@ MAX_ATTEMPTS = 8
 defaults, about two minutes of trying."""
 
 _HEADINGS = {"ScanCompleted": "Scan completed", "ScanFailed": "Scan failed",
-             "Blocked": "Workload blocked"}
+             "Blocked": "Workload blocked", "NewlyVulnerable": "Running image newly vulnerable"}
+WORKLOADS = 20
+"""Workloads named per NewlyVulnerable event (the rest counted)."""
 # CommonMark's escapable characters that could make a link, an image, HTML or emphasis
 # out of text that comes from an image (package names, tags) or a workload.
 _MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]()<>#!|"})
@@ -125,6 +131,8 @@ class ScanEvent:
     """Malicious files ClamAV found (None: no malware scan)."""
     malware: tuple[Mapping[str, str], ...] = ()
     """The first detections: layer, path, signature."""
+    workloads: tuple[str, ...] = ()
+    """NewlyVulnerable: the workloads running the image ("Kind/name" in namespace)."""
 
 
 # -- DingTalk ------------------------------------------------------------------------------
@@ -155,13 +163,19 @@ def dingtalk_message(event: ScanEvent) -> dict[str, Any]:
         parts.append(f"**Digest:** {_md(event.digest, 100)}")
     if event.namespace:
         parts.append(f"**Namespace:** {_md(event.namespace, 63)}")
+    if event.workloads:
+        more = len(event.workloads) - WORKLOADS
+        parts.append("**Workloads:** " + ", ".join(
+            _md(w, 300) for w in event.workloads[:WORKLOADS]) + (
+            f" and {more} more" if more > 0 else ""))
     if counts:
         parts.append(f"**Findings:** {_count_text(counts)}")
     if fixable:
         parts.append(f"**Fixable:** {_count_text(fixable)}")
     worst = [_finding_line(f) for f in event.worst[:WORST]]
     if worst:
-        parts.append("**Worst findings:**\n\n" + "\n".join(worst))
+        label = "New findings" if event.event == "NewlyVulnerable" else "Worst findings"
+        parts.append(f"**{label}:**\n\n" + "\n".join(worst))
     if event.malware_count is not None:
         found = "; ".join(f"{_md(d.get('signature', ''), 96)} in "
                           f"{_md(d.get('path') or 'the layer blob', 200)}"
@@ -272,6 +286,8 @@ def webhook_payload(event: ScanEvent) -> bytes:
         "reason": event.reason,
         "message": event.message[:4096] if event.message else event.message,
     }
+    if event.event == "NewlyVulnerable":  # only there: other bodies unchanged
+        body["workloads"] = [w[:300] for w in event.workloads[:WORKLOADS]]
     if event.malware_count is not None:  # only with a malware scan: other bodies unchanged
         body["malware"] = {"count": event.malware_count, "detections": [
             {k: str(d.get(k, ""))[:1024] for k in ("layer", "path", "signature")}

@@ -87,6 +87,8 @@ class Kind(StrEnum):
     SCAN_FAILED = "ScanFailed"
     INVALID_REFERENCE = "InvalidReference"
     """The reference could not be parsed: nothing can be known of the image."""
+    STALE_RESULT = "StaleResult"
+    """The result was made with a vulnerability DB older than the one known (staleResults)."""
 
 
 FINDING_KINDS = frozenset({Kind.VULNERABLE, Kind.MISCONFIGURED, Kind.SECRETS_FOUND,
@@ -296,6 +298,8 @@ class ImageResult:
     """Malicious files ClamAV found (None: the malware scanner did not run)."""
     malware: tuple[MalwareHit, ...] = ()
     """The detections kept in status."""
+    db_updated_at: datetime | None = None
+    """The vulnerability DB the result was made with (status.scannedWith.dbUpdatedAt)."""
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> ImageResult:
@@ -335,6 +339,8 @@ class ImageResult:
             for raw in (found.get("detections") or () if isinstance(found, Mapping) else ())
             if isinstance(raw, Mapping) and _text(raw.get("signature")))
         return cls(
+            db_updated_at=parse_time(used.get("dbUpdatedAt")) if isinstance(used, Mapping)
+            else None,
             malware_count=_count(found.get("count")) if isinstance(found, Mapping) else None,
             malware=malware,
             findings_truncated=status.get("findingsTruncated") is True,
@@ -478,11 +484,13 @@ def _break_glass_hint(policy: Policy) -> str:
 
 
 def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime, *,
-          scans_namespace: str | None = None, vex: VexState | None = None) -> Verdict:
+          scans_namespace: str | None = None, vex: VexState | None = None,
+          known_db: datetime | None = None) -> Verdict:
     """The policy's verdict on one image (a normalised reference) and its stored result.
 
     `scans_namespace` is where the image's ImageScans are watched, for the hint in the
-    message of an unscanned image.
+    message of an unscanned image. `known_db`: the UpdatedAt of the newest vulnerability
+    DB the operator knows (None: unknown), for the policy's staleResults.
     """
     now = _utc(now)
     wanted = image.partition("@")[2] or None
@@ -496,7 +504,35 @@ def judge(policy: Policy, result: ImageResult | None, image: str, now: datetime,
         return _judge_invalid(policy, verdict, result)
     if result.phase == Phase.FAILED:
         return _judge_failed(policy, verdict, result)
-    return _judge_findings(policy, verdict, result, now, vex)
+    judged = _judge_findings(policy, verdict, result, now, vex)
+    return _judge_stale(policy, judged, result, known_db)
+
+
+def _judge_stale(policy: Policy, verdict: Verdict, result: ImageResult,
+                 known_db: datetime | None) -> Verdict:
+    """staleResults: a result made with an older DB than the one known warns or refuses,
+    unless its findings already do as much."""
+    setting = policy.spec.stale_results
+    made = result.db_updated_at
+    if setting == "Allow" or known_db is None or made is None or _utc(made) >= _utc(known_db):
+        return verdict
+    effect = policy.effect if setting == "Deny" else min(policy.effect, Effect.WARN)
+    if verdict.effect >= effect:
+        return verdict
+    treats = "denies" if setting == "Deny" else "warns about"
+    message = (f"The result of {_subject(verdict.image, verdict.digest)} was made with the "
+               f"vulnerability DB of {_utc(made):%Y-%m-%d %H:%M} UTC; a newer one "
+               f"({_utc(known_db):%Y-%m-%d %H:%M} UTC) is out and the image is being scanned "
+               f"with it. ScanPolicy {policy.name} ({policy.spec.action}) {treats} results "
+               f"made with an older DB (staleResults: {setting}): "
+               f"see `scangate status {verdict.image}`"
+               f"{', then try again' if effect is Effect.ENFORCE else ''}"
+               f"{_break_glass_hint(policy) if effect is Effect.ENFORCE else ''}.")
+    return replace(verdict, kind=Kind.STALE_RESULT, effect=effect, counts=(),
+                   message=_clip(message, VERDICT_MESSAGE_LIMIT),
+                   summary=_clip(f"ScanPolicy {policy.name}: {verdict.image}: result made "
+                                 f"with an older vulnerability DB, rescan under way",
+                                 WARNING_LIMIT))
 
 
 def _why_unscanned(policy: Policy, result: ImageResult | None, wanted: str | None,
@@ -890,7 +926,7 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
            namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str],
            now: datetime, *, scans_namespace: str | None = None,
            break_glass: Mapping[str, BreakGlassGrant] | None = None,
-           vex: VexState | None = None) -> Decision:
+           vex: VexState | None = None, known_db: datetime | None = None) -> Decision:
     """Judge every image (normalised reference -> its result, None if it has none) under
     every policy that applies in `namespace` (whose labels are `labels`); `annotations`
     are the workload's, for break-glass. The strictest result wins.
@@ -898,7 +934,8 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
     Break-glass overrides a policy only where `break_glass` grants it for that policy;
     where it has no answer and one would change the outcome, the decision names the
     policies to ask about (`break_glass_wanted`). `vex`: the VEX documents as they are now
-    (scangate.core.vex); without it, no suppression made at scan time is trusted."""
+    (scangate.core.vex); without it, no suppression made at scan time is trusted.
+    `known_db`: the newest vulnerability DB known (staleResults)."""
     reason = _clip((annotations.get(BREAK_GLASS_ANNOTATION) or "").strip(), 200)
     grants = break_glass or {}
     failing: list[Verdict] = []
@@ -911,7 +948,7 @@ def decide(policies: Sequence[Policy], images: Mapping[str, ImageResult | None],
         for policy in ordered:
             if not applies(policy, namespace, labels, None if invalid else image):
                 continue
-            verdict = judge(policy, result, image, now, vex=vex,
+            verdict = judge(policy, result, image, now, vex=vex, known_db=known_db,
                             scans_namespace=scans_namespace or namespace)
             if verdict.needs_scan:
                 if image not in needs_scan:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from datetime import UTC
 from typing import Any
 
 from scangate.core import malware
 from scangate.core.framing import BEGIN, END, MAX_FRAME_BYTES, decode
+from scangate.core.scanstate import parse_time, stamp
 from scangate.core.trivy import ReportError, os_info, parse_report, parse_version, summarize
 
 
@@ -47,10 +49,30 @@ def result_from_log(log: str, budget_bytes: int, max_bytes: int = MAX_FRAME_BYTE
     if db_updated_at:
         scanner["dbUpdatedAt"] = db_updated_at
     result["scanner"] = scanner
+    db = (server if server and server.db_updated_at else local)
+    result[DB_KEY] = db_stamps(db.vulnerability_db if db else None)
     os_ = os_info(report)
     if os_:
         result["os"] = os_
     return result
+
+
+DB_KEY = "vulnerabilityDB"
+"""The key of result_from_log's output holding the DB's stamps, for status.scannedWith."""
+
+
+def db_stamps(metadata: object) -> dict[str, str]:
+    """dbUpdatedAt / dbNextUpdate (RFC 3339, UTC, seconds) of a Trivy DB's metadata as
+    Trivy reports it (`VulnerabilityDB` of `trivy version` or of a server's `/version`,
+    or the DB's metadata.json); a stamp that is not a time is left out."""
+    out: dict[str, str] = {}
+    if not isinstance(metadata, dict):
+        return out
+    for field, key in (("UpdatedAt", "dbUpdatedAt"), ("NextUpdate", "dbNextUpdate")):
+        moment = parse_time(metadata.get(field))
+        if moment is not None:
+            out[key] = stamp(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    return out
 
 
 def log_tail(log: str, lines: int = 5, max_chars: int = 1024) -> str:

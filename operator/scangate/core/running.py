@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from scangate.core.images import ImageRef, InvalidReference, parse_image
-from scangate.core.policy import Decision
+from scangate.core.policy import Decision, Effect, ImageResult
 from scangate.core.scanstate import ScanIndex
 
 Obj = dict[str, Any]
@@ -300,3 +301,79 @@ def needs_scan(image: RunningImage, covered: bool, scans: ScanIndex) -> bool:
     if image.digest is None:  # one of its tag (the gate's, pinned when it resolved it)
         return not scans.by_tag(image.reference)
     return not scans.by_digest(image.digest)
+
+
+# -- Newly vulnerable --------------------------------------------------------------------
+
+WORKLOAD_API_VERSIONS = {"Deployment": "apps/v1", "StatefulSet": "apps/v1",
+                         "DaemonSet": "apps/v1", "ReplicaSet": "apps/v1", "Job": "batch/v1",
+                         "CronJob": "batch/v1", "Pod": "v1", "ReplicationController": "v1"}
+"""The API group of each workload kind an Event can be recorded on."""
+NEW_FINDINGS = 20
+"""New findings named per image."""
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A running image's last verdict with a result (not while a scan is under way), and
+    what that result was: the DB it was made with and its findings' IDs."""
+
+    verdict: str
+    db_updated_at: datetime | None
+    ids: frozenset[str]
+
+    @classmethod
+    def of(cls, verdict: str, result: ImageResult | None) -> Settled:
+        return cls(verdict, result.db_updated_at if result else None,
+                   frozenset(f.id.upper() for f in result.findings) if result else frozenset())
+
+
+@dataclass(frozen=True)
+class NewlyVulnerable:
+    """A running image that an Enforce policy admitted and refuses after a rescan with a
+    newer vulnerability DB: news for receivers (scangate.notify) and the workloads."""
+
+    namespace: str
+    image: str
+    digest: str | None
+    workloads: tuple[Workload, ...]
+    policies: tuple[str, ...]
+    """The Enforce policies that refuse it now."""
+    findings: tuple[dict[str, str], ...]
+    """The findings the earlier result did not have: id, severity, package,
+    installedVersion, fixedVersion ("" without a fix)."""
+    db_updated_at: datetime
+
+    @property
+    def message(self) -> str:
+        found = "; ".join(
+            f"{f['id']} ({f['severity']}) in {f['package']} {f['installedVersion']}"
+            f"{', fixed in ' + f['fixedVersion'] if f['fixedVersion'] else ', no fix yet'}"
+            for f in self.findings[:5])
+        more = len(self.findings) - 5
+        return (f"{self.image} is refused by ScanPolicy {', '.join(self.policies)} since the "
+                f"vulnerability DB of {self.db_updated_at:%Y-%m-%d %H:%M} UTC; it was "
+                f"admitted before. New findings: {found or 'none kept in status'}"
+                f"{f' and {more} more' if more > 0 else ''}. Running in "
+                f"{', '.join(str(w) for w in self.workloads[:5])}"
+                f"{' …' if len(self.workloads) > 5 else ''} (namespace {self.namespace}).")
+
+
+def newly_refused(before: Settled | None, decision: Decision, result: ImageResult | None
+                  ) -> tuple[tuple[str, ...], tuple[dict[str, str], ...]] | None:
+    """(refusing Enforce policies, new findings) when a running image admitted (or only
+    warned about) by its last result is refused by a result made with a newer DB; None
+    otherwise (a refusal for another reason, such as a policy's change, is not this news;
+    nor is a first verdict, which has no before)."""
+    if before is None or before.verdict not in ("Admitted", "Warned") or decision.allowed:
+        return None
+    if (result is None or result.db_updated_at is None or before.db_updated_at is None
+            or result.db_updated_at <= before.db_updated_at):
+        return None
+    policies = tuple(sorted({v.policy for v in decision.violations
+                             if v.effect is Effect.ENFORCE and not v.overridden}))
+    new = tuple({"id": f.id, "severity": f.severity, "package": f.package,
+                 "installedVersion": f.installed_version or "",
+                 "fixedVersion": f.fixed_version or ""}
+                for f in result.findings if f.id.upper() not in before.ids)[:NEW_FINDINGS]
+    return policies, new

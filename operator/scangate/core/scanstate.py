@@ -133,6 +133,16 @@ class ScanState:
     """status.rescanRequest: each new value asks for a rescan (a push, a tag moved)."""
     rescan_answered: str | None = None
     """status.rescanAnswered: the request the last lookup of the tag answered."""
+    db_updated_at: datetime | None = None
+    """status.scannedWith.dbUpdatedAt: the vulnerability DB the result was made with (None:
+    not said, a result made before scangate recorded it, or no vulnerability scan)."""
+
+    def made_before(self, db: datetime | None) -> bool:
+        """Whether the result was made with a vulnerability DB older than `db` (the one
+        the operator knows now). A result that does not say is not judged by its DB: it
+        ages out by the rescan interval (an upgrade does not rescan everything at once)."""
+        return (db is not None and self.db_updated_at is not None and "vuln" in self.scanners
+                and self.db_updated_at < db)
 
     @property
     def rescan_requested(self) -> bool:
@@ -216,6 +226,7 @@ def project_scan(obj: dict[str, Any]) -> ScanState:
         completion_time=done.completion_time,
         notified=tuple(sorted((k, v.key) for k, v in (done.notified or {}).items())),
         rescan_request=done.rescan_request, rescan_answered=done.rescan_answered,
+        db_updated_at=done.scanned_with.db_updated_at if done.scanned_with else None,
     )
 
 
@@ -360,6 +371,9 @@ def _remove(index: dict[str, Newest], key: str, ref: Ref) -> None:
             del index[key]
 
 
+DB_LAG_RETRY = timedelta(minutes=10)
+"""How long a result made with an older DB than the one known, after it was known, waits
+before its next rescan (the scanner it came from had not loaded the new DB yet)."""
 DELETED_REMEMBERED = 10_000
 """Deleted ImageScans remembered by UID, so that a write answered late cannot revive one."""
 
@@ -408,6 +422,12 @@ class ScanIndex:
     """UIDs of ImageScans deleted, the newest DELETED_REMEMBERED (insertion-ordered)."""
     totals: dict[str, list[int]] = field(default_factory=dict)
     """Finding counts by namespace over the latest results: critical..unknown, total."""
+    known_db: datetime | None = None
+    """The vulnerability DB the scanner serves now, as the operator last saw it (its
+    UpdatedAt; set by scangate.scanning.dbwatch): a result made with an older one is
+    rescanned, and only a result made with this one is reused for another scan."""
+    _known_since: datetime | None = None
+    """When the operator learned of known_db."""
 
     # -- events --------------------------------------------------------------------
 
@@ -586,6 +606,12 @@ class ScanIndex:
             _add(self._results, s.result_key, s.ref, s.scanned_at)
             if s.key != s.result_key:  # its options were edited: scan with the new ones
                 self.requeue_at(s, s.scanned_at)
+            elif s.made_before(self.known_db):
+                # A newer DB is out: scan again now. A result made after the operator
+                # learned of it, with an older one, is a scanner that has not loaded it
+                # yet (another server replica): again later, not in a loop.
+                late = self._known_since is not None and s.scanned_at > self._known_since
+                self.requeue_at(s, s.scanned_at + (DB_LAG_RETRY if late else timedelta(0)))
             elif old is None or (old.phase, old.scanned_at) != (s.phase, s.scanned_at):
                 self.requeue_at(s, s.scanned_at + self.rescan_interval)
         if s.summary is not None:
@@ -687,12 +713,49 @@ class ScanIndex:
         return [self.scans[(namespace, n)] for n in self._by_rule.get((namespace, rule), ())]
 
     def fresh_result(self, key: str, now: datetime) -> ScanState | None:
-        """The newest result of `key` made within the rescan interval."""
+        """The newest result of `key` made within the rescan interval, and not with a
+        vulnerability DB older than the one known."""
         newest = self._results.get(key, Newest()).newest()
         if newest is None:
             return None
         ref, made = newest
-        return self.scans[ref] if now - made < self.rescan_interval else None
+        fresh = self.scans[ref]
+        return fresh if now - made < self.rescan_interval and self.made_with_known_db(
+            fresh) else None
+
+    def made_with_known_db(self, s: ScanState) -> bool:
+        """Whether a result may stand for its digest as far as its DB goes: made with the
+        DB known (or either is unknown). One made with another DB, older or newer (the
+        scanner's DB was rolled back), is not reused."""
+        return self.known_db is None or s.db_updated_at is None or (
+            s.db_updated_at == self.known_db) or "vuln" not in s.scanners
+
+    def new_db(self, updated_at: datetime, now: datetime) -> bool:
+        """The scanner serves a vulnerability DB made at `updated_at` (seen at `now`):
+        whether it is another than the one known (a newer one, or one rolled back to).
+        Results are held to it from now on (reuse, staleResults, results seen later);
+        those held already are requeued by requeue_older, on the leader only."""
+        if updated_at == self.known_db:
+            return False
+        self.known_db, self._known_since = updated_at, now
+        return True
+
+    def requeue_older(self, first: Iterable[str] = ()) -> int:
+        """Requeue every completed result made with an older DB than the one known,
+        through the queue (plan's Requeue, within its limits), those of the digests in
+        `first` (what runs) ahead of the rest: how many. The leader's, once per DB: a
+        replica that does not plan would only pile them up."""
+        ahead = set(first)
+        stale = [s for s in self.scans.values()
+                 if s.phase == Phase.COMPLETED and s.scanned_at and s.made_before(self.known_db)]
+        # Due at once, what runs first: the heap pops the earliest time first, so plan
+        # requeues these in that order, and the queue starts them in the order requeued.
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        for s in stale:
+            assert s.scanned_at is not None
+            due = epoch if not ahead.isdisjoint(s.digests) else epoch + timedelta(seconds=1)
+            heapq.heappush(self._expiry, (due, s.ref, s.scanned_at))
+        return len(stale)
 
     def due_pending(self, now: datetime) -> list[ScanState]:
         """Pending scans whose digest is to be resolved now."""

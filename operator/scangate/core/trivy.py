@@ -168,6 +168,11 @@ class VersionInfo(_Trivy):
         value = (self.vulnerability_db or {}).get("UpdatedAt")
         return str(value) if value else None
 
+    @property
+    def db_next_update(self) -> str | None:
+        value = (self.vulnerability_db or {}).get("NextUpdate")
+        return str(value) if value else None
+
 
 class TrivyInfo(_Trivy):
     """The report's own note of the scanner; in client/server mode, also the server's DB."""

@@ -36,16 +36,20 @@ from scangate.core.images import InvalidReference, parse_image
 from scangate.core.policy import Policy, decide
 from scangate.core.policystate import NamespaceState, PolicyState
 from scangate.core.running import (
+    WORKLOAD_API_VERSIONS,
+    NewlyVulnerable,
     RunningImage,
     RunningIndex,
     RunningPod,
+    Settled,
     needs_scan,
+    newly_refused,
     verdict_of,
 )
-from scangate.core.scanstate import Ref, ScanState
+from scangate.core.scanstate import Ref, ScanState, tag_of
 from scangate.core.vex import VexState
 from scangate.kube import Kube
-from scangate.scanrequests import Asked, ScanRequests, ScanResults
+from scangate.scanrequests import IN_FLIGHT_PHASES, Asked, ScanRequests, ScanResults
 
 log = logging.getLogger("scangate.inventory")
 JUDGE_EVERY = 15.0
@@ -63,11 +67,17 @@ class Judged:
     scan: tuple[Ref, int] | None
     epoch: int
     verdict: str
+    db: datetime | None = None
+    """The newest vulnerability DB known when it was judged (a policy's staleResults)."""
+    settled: Settled | None = None
+    """The verdict with the result it judged (None while a scan is under way)."""
+    news: tuple[tuple[str, ...], tuple[dict[str, str], ...]] | None = None
+    """(policies, new findings): this verdict turned the image newly vulnerable."""
 
 
 class Inventory:
     def __init__(self, kube: Kube, settings: Settings, cache: Cache) -> None:
-        self.settings, self.cache = settings, cache
+        self.settings, self.cache, self.kube = settings, cache, kube
         self.index = RunningIndex()
         self.requests = ScanRequests(kube, cache.scans, Trigger.INVENTORY,
                                      settings.inventory_scan_rate,
@@ -84,6 +94,13 @@ class Inventory:
         self._epoch = 0
         """Raised when the policies or namespaces change: every verdict is judged again."""
         self._judged: dict[tuple[str, str], Judged] = {}
+        self._settled: dict[tuple[str, str], Settled] = {}
+        """The last verdict of each running image made with a result (kept through its
+        rescans: a scan under way counts as unscanned)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._counted_db: datetime | None = None
+        """The vulnerability DB known at the last count (a new one: verdicts may change,
+        under a policy's staleResults)."""
         cache.running_pods.subscribe(self._pod_changed)
         cache.imagescans.subscribe(self._scan_changed)
         cache.namespaces.subscribe(self._namespace_changed)
@@ -100,7 +117,8 @@ class Inventory:
         self._changed = True
 
     def _scan_changed(self, scan: ScanState, gone: bool) -> None:
-        for digest in scan.digests:
+        # An image runs by digest, or by tag where the node reports no digest.
+        for digest in (*scan.digests, *filter(None, [tag_of(scan.image)])):
             running = self.index.where(digest)
             if not running:
                 continue
@@ -174,9 +192,9 @@ class Inventory:
                 self._judged.clear()
                 self._changed = True
                 continue
-            if not self._changed:
+            if not self._changed and self._counted_db == self.cache.scans.known_db:
                 continue
-            self._changed = False
+            self._changed, self._counted_db = False, self.cache.scans.known_db
             try:
                 await self._recount()
             except Exception:  # counted again at the next change
@@ -194,10 +212,16 @@ class Inventory:
         for namespace, image in list(self.index.images()):
             if not self.covered(namespace):
                 continue
-            judged[(namespace, image.key)] = held = await self._judge(
-                namespace, image, policies, wanted, now, vex)
+            key = (namespace, image.key)
+            judged[key] = held = await self._judge(namespace, image, policies, wanted, now,
+                                                   vex, self._settled.get(key))
             counts[(namespace, held.verdict)] += 1
+            if held.news is not None and self._judged.get(key) is not held:
+                self._newly_vulnerable(namespace, image, held)
         self._judged = judged
+        self._settled = {key: held.settled or self._settled[key]
+                         for key, held in judged.items()
+                         if held.settled is not None or key in self._settled}
         metrics.RUNNING_IMAGES.clear()
         for (namespace, verdict), count in counts.items():
             metrics.RUNNING_IMAGES.labels(namespace, verdict).set(count)
@@ -219,16 +243,58 @@ class Inventory:
         return newest.digest if newest is not None else None
 
     async def _judge(self, namespace: str, image: RunningImage, policies: list[Policy],
-                     wanted: frozenset[str], now: datetime, vex: VexState | None) -> Judged:
+                     wanted: frozenset[str], now: datetime, vex: VexState | None,
+                     before: Settled | None = None) -> Judged:
         digest = self._digest(namespace, image)
         state = self.results.speaking(digest, wanted) if digest is not None else None
         scan = (state.ref, state.version) if state is not None else None
         held = self._judged.get((namespace, image.key))
-        if held is not None and held.scan == scan and held.epoch == self._epoch:
+        known_db = self.cache.scans.known_db
+        if (held is not None and held.scan == scan and held.epoch == self._epoch
+                and held.db == known_db):
             return held
         result = await self.results.result(digest, wanted) if digest is not None else None
         labels = self.cache.namespaces.items.get(("", namespace))
         decision = decide(policies, {image.reference: result}, namespace,
                           labels.labels if labels is not None else {}, {}, now,
-                          scans_namespace=namespace, vex=vex)
-        return Judged(scan, self._epoch, verdict_of(decision))
+                          scans_namespace=namespace, vex=vex,
+                          known_db=known_db)
+        verdict = verdict_of(decision)
+        settled = (Settled.of(verdict, result) if result is not None and result.phase not in
+                   IN_FLIGHT_PHASES else None)
+        news = newly_refused(before, decision, result) if settled is not None else None
+        return Judged(scan, self._epoch, verdict, known_db, settled, news)
+
+    def _newly_vulnerable(self, namespace: str, image: RunningImage, held: Judged) -> None:
+        """Tell the receivers (through the cache: scangate.notify) and record an Event on
+        each workload that runs the image."""
+        assert held.news is not None and held.settled is not None
+        policies, findings = held.news
+        workloads = tuple(sorted({pod.workload for pod in self.index.pods.values()
+                                  if pod.namespace == namespace
+                                  and any(i.key == image.key for i in pod.images)}))
+        news = NewlyVulnerable(namespace, image.reference, image.digest, workloads, policies,
+                               findings, held.settled.db_updated_at or datetime.now(UTC))
+        metrics.NEWLY_VULNERABLE.inc()
+        log.warning("a running image is newly vulnerable: %s", news.message,
+                    extra={"namespace": namespace, "image": image.reference})
+        self.cache.newly_vulnerable.publish(news)
+        for workload in workloads:
+            api_version = WORKLOAD_API_VERSIONS.get(workload.kind)
+            if api_version is None:  # a kind whose API group is not known: no Event
+                continue
+            # The workload's uid is not in the Pod's projection (and the operator may not
+            # read workloads): `kubectl events --for <kind>/<name>` finds it by name.
+            task = asyncio.create_task(self._event(
+                {"apiVersion": api_version, "kind": workload.kind,
+                 "metadata": {"name": workload.name, "namespace": namespace, "uid": ""}},
+                news.message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _event(self, workload: dict[str, object], message: str) -> None:
+        try:
+            await self.kube.event(workload, "Warning", "NewlyVulnerable", message)
+        except Exception as e:  # a courtesy: the receivers have been told
+            log.warning("could not record a NewlyVulnerable Event on %s: %s",
+                        workload.get("kind"), e)

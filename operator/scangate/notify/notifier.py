@@ -58,6 +58,7 @@ from scangate.core.notify import (
 from scangate.core.policy import ImageResult, Verdict
 from scangate.core.rules import matching_rules, registry_host
 from scangate.core.rulestate import RuleState
+from scangate.core.running import NewlyVulnerable
 from scangate.core.scanstate import ScanState, parse_time
 from scangate.kube import Kube, Obj, now
 from scangate.outbound import Resolver, pinned_client
@@ -140,6 +141,7 @@ class Notifier:
         cache.scanrules.subscribe(self._rule)
         cache.imagescans.subscribe(lambda scan, gone: None if gone else self.scan_changed(scan))
         cache.refusals.subscribe(self.blocked)
+        cache.newly_vulnerable.subscribe(self.newly_vulnerable)
 
     def _rule(self, rule: RuleState, gone: bool) -> None:
         """A ScanRule changed or went: its receivers follow. What fails is the rule's."""
@@ -292,6 +294,40 @@ class Notifier:
                 continue
             state = self.receivers.setdefault(receiver, ReceiverState(spec))
             if len(state.queue) < QUEUE_LIMIT:
+                state.queue.append(Pending(event))
+                self._start(receiver, state)
+
+    def newly_vulnerable(self, news: NewlyVulnerable) -> None:
+        """A running image became refused under a newer DB (the inventory): tell the
+        refusing policies' receivers and those of the rules covering the image that
+        subscribe to NewlyVulnerable, once each (the inventory publishes it once)."""
+        if not self.active():
+            return
+        stamp = datetime.now(UTC)
+        policy_notifications = {
+            p.name: [n.dump() for n in p.policy.spec.notifications or []]
+            for p in self.cache.scanpolicies.items.values()
+            if p.policy is not None and p.policy.spec.notifications}
+        db = news.db_updated_at.isoformat()
+        targets = [(Receiver("ScanPolicy", self.settings.namespace, policy, str(n.get("name"))),
+                    n, policy) for policy in news.policies
+                   for n in policy_notifications.get(policy) or []]
+        for rule_ns, rule, notifications in self.covering(news.image):
+            targets += [(Receiver("ScanRule", rule_ns, rule, str(n.get("name"))), n,
+                         f"{rule_ns}/{rule}") for n in notifications]
+        for receiver, spec, source in targets:
+            if "NewlyVulnerable" not in (spec.get("events") or []):
+                continue
+            event = ScanEvent(
+                event="NewlyVulnerable", key=f"newly-vulnerable/{news.namespace}/"
+                f"{news.digest or news.image}/{db}/{source}", source_kind=receiver.kind,
+                source=source, image=news.image, digest=news.digest, namespace=news.namespace,
+                counts=None, fixable=None, worst=news.findings, time=stamp,
+                reason="NewlyVulnerable", message=news.message,
+                workloads=tuple(str(w) for w in news.workloads))
+            state = self.receivers.setdefault(receiver, ReceiverState(spec))
+            if len(state.queue) < QUEUE_LIMIT and event.key not in state.queued:
+                state.queued.add(event.key)
                 state.queue.append(Pending(event))
                 self._start(receiver, state)
 

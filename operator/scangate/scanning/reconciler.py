@@ -36,7 +36,7 @@ from scangate.core.framing import FrameError, FrameTooLarge
 from scangate.core.images import ImageRef, InvalidReference, parse_image
 from scangate.core.malware import SCAN_FAILED as MALWARE_SCAN_FAILED
 from scangate.core.malware import MalwareError
-from scangate.core.results import log_tail, result_from_log
+from scangate.core.results import DB_KEY, log_tail, result_from_log
 from scangate.core.rulestate import RuleState
 from scangate.core.scanstate import (
     SCAN_UID_LABEL,
@@ -576,6 +576,7 @@ class ScanReconciler:
             return await self._attempt_failed(scan, e.reason, str(e))
         del text
         malware_db = result.pop("malwareDB", None)
+        vulnerability_db = result.pop(DB_KEY, {})
         finished = datetime.now(UTC)
         done_at = stamp(finished)
         summary = result["summary"]
@@ -583,7 +584,8 @@ class ScanReconciler:
             **result, "phase": Phase.COMPLETED, "completionTime": done_at, "scannedAt": done_at,
             "scannedWith": {"scanners": list(scan.scanners),
                             "ignoreUnfixed": scan.ignore_unfixed,
-                            **({"malwareDB": malware_db} if malware_db else {})},
+                            **({"malwareDB": malware_db} if malware_db else {}),
+                            **vulnerability_db},
             "reason": None, "message": None, "reusedFrom": None}, True, Phase.COMPLETED,
             "scan completed")
         metrics.SCANS.labels("completed").inc()
