@@ -67,7 +67,8 @@ def test_every_alert_names_exported_metrics_and_has_a_runbook(
     assert {a["alert"] for a in alerts} >= {
         "ScangateDown", "ScangateAdmissionErrors", "ScangateScansFailing",
         "ScangateScansStuck", "ScangateQueueNotDraining", "ScangateLeaderMissing",
-        "ScangateRunningImageRefused"}
+        "ScangateRunningImageRefused", "ScangateVulnerabilityDBStale",
+        "ScangateVulnerabilityDBChecksFailing", "ScangateNewlyVulnerable"}
     for alert in alerts:
         names = named(alert["expr"])
         assert names and names <= known, (alert["alert"], names - known)
@@ -126,6 +127,9 @@ def test_promtool_accepts_the_rules_and_they_fire_on_their_conditions(
                 {"series": f"scangate_scan_queue_depth{{{sel}}}", "values": "5x60"},
                 {"series": f"scangate_scans_total{{{sel},result=\"completed\"}}",
                  "values": "3x60"},
+                # The DB was updated two days and a second before the test's time 0.
+                {"series": f"scangate_vulnerability_db_updated_timestamp_seconds{{{sel}}}",
+                 "values": "-172801x120"},
             ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": "ScangateLeaderMissing", "exp_alerts": [
@@ -140,6 +144,11 @@ def test_promtool_accepts_the_rules_and_they_fire_on_their_conditions(
                      "summary": "A running image in team-a would now be refused.",
                      "description": "2 images running in team-a fail an Enforce ScanPolicy; "
                                     "`scangate status --running -n team-a` names them."}}]},
+                {"eval_time": "30m", "alertname": "ScangateVulnerabilityDBStale",
+                 "exp_alerts": []},
+                {"eval_time": "90m", "alertname": "ScangateVulnerabilityDBStale",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning"},
+                                 "exp_annotations": annotations["ScangateVulnerabilityDBStale"]}]},
                 {"eval_time": "50m", "alertname": "ScangateQueueNotDraining",
                  "exp_alerts": [{"exp_labels": {"severity": "warning"}, "exp_annotations": {
                      **annotations["ScangateQueueNotDraining"],
